@@ -1,0 +1,137 @@
+from pathlib import Path
+
+import pytest
+
+from ufo.config import default_path, load_config
+from ufo.errors import ConfigError
+
+from conftest import TINY, write_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["demo", "ufo_vit_b", "ufo_vit_l"])
+def test_shipped_configs_load(name):
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    assert all(len(cfg.path_of(t)) == cfg.model.depth for t in cfg.tasks)
+    if name == "demo":
+        assert len(cfg.tasks) == 3
+        assert {t.kind for t in cfg.tasks.values()} == {"classification", "retrieval"}
+
+
+def test_paper_configs_have_the_four_ufo_tasks():
+    for name, depth, width in [("ufo_vit_b", 12, 768), ("ufo_vit_l", 24, 1024)]:
+        cfg = load_config(REPO / "configs" / f"{name}.yaml")
+        assert set(cfg.tasks) == {"face", "person", "vehicle", "product"}
+        assert (cfg.model.depth, cfg.model.embed_dim, cfg.model.patch_size) == (depth, width, 16)
+
+
+def test_dotted_overrides_reach_nested_keys(tiny_config_file):
+    cfg = load_config(tiny_config_file, ["model.depth=6", "tasks.face.weight=2",
+                                         "tasks.face.path=SSSTTT", "tasks.person.path=SSSSSS",
+                                         "tasks.digits.path=tttttt", "export.formats=[onnx]"])
+    assert cfg.model.depth == 6
+    assert cfg.tasks["face"].weight == 2.0
+    assert cfg.path_of("digits") == "TTTTTT"
+    assert cfg.export.formats == ("onnx",)
+
+
+def test_default_path_is_filled_in(tmp_path):
+    data = {"model": {"depth": 5}, "tasks": {"a": {"kind": "classification", "num_classes": 3}}}
+    cfg = load_config(write_yaml(tmp_path / "c.yaml", data))
+    assert cfg.path_of("a") == default_path(5) == "SSSTT"
+
+
+def test_config_is_frozen(tiny_cfg):
+    with pytest.raises(Exception):
+        tiny_cfg.model.depth = 3
+
+
+def error_of(path, overrides=()):
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_unknown_key_names_file_and_key_and_suggests(tmp_path):
+    data = {**TINY, "model": {**TINY["model"], "dpeth": 3}}
+    message = error_of(write_yaml(tmp_path / "bad.yaml", data))
+    assert message.startswith(f"{tmp_path / 'bad.yaml'}: model.dpeth: unknown key")
+    assert "model.depth" in message
+
+
+def test_unknown_task_key(tmp_path):
+    data = {**TINY, "tasks": {**TINY["tasks"], "digits": {**TINY["tasks"]["digits"], "num_clases": 3}}}
+    message = error_of(write_yaml(tmp_path / "bad.yaml", data))
+    assert "tasks.digits.num_clases: unknown key" in message and "num_classes" in message
+
+
+def test_unknown_key_from_override_says_so(tiny_config_file):
+    message = error_of(tiny_config_file, ["train.sead=1"])
+    assert "train.sead: unknown key" in message and "--set train.sead=1" in message
+
+
+def test_wrong_type(tiny_config_file):
+    message = error_of(tiny_config_file, ["model.depth=deep"])
+    assert f"{tiny_config_file}: model.depth:" in message and "'deep'" in message
+
+
+def test_path_of_wrong_length(tmp_path):
+    data = {**TINY, "tasks": {**TINY["tasks"], "face": {**TINY["tasks"]["face"], "path": "SST"}}}
+    message = error_of(write_yaml(tmp_path / "bad.yaml", data))
+    assert message == (f"{tmp_path / 'bad.yaml'}: tasks.face.path: path 'SST' has 3 blocks "
+                       "but model.depth is 4")
+
+
+def test_depth_override_against_configured_paths(tiny_config_file):
+    message = error_of(tiny_config_file, ["model.depth=6"])
+    assert "tasks.face.path" in message and "model.depth is 6" in message
+
+
+def test_path_with_bad_letters(tiny_config_file):
+    assert "tasks.face.path" in error_of(tiny_config_file, ["tasks.face.path=SXTT"])
+
+
+def test_head_dim_must_divide(tiny_config_file):
+    message = error_of(tiny_config_file, ["model.num_heads=3"])
+    assert "model.num_heads" in message and "embed_dim 32" in message
+
+
+def test_patch_must_divide_image(tiny_config_file):
+    assert "model.patch_size" in error_of(tiny_config_file, ["model.patch_size=5"])
+
+
+def test_embedding_dim_only_for_retrieval(tiny_config_file):
+    assert "tasks.digits.embedding_dim" in error_of(tiny_config_file, ["tasks.digits.embedding_dim=8"])
+
+
+def test_task_without_kind(tiny_config_file):
+    message = error_of(tiny_config_file, ["tasks.extra.num_classes=3"])
+    assert "tasks.extra.kind: required key is missing" in message
+
+
+def test_bad_task_name(tiny_config_file):
+    message = error_of(tiny_config_file, ["tasks.Bad-Name.kind=classification", "tasks.Bad-Name.num_classes=2",
+                                          "tasks.Bad-Name.path=SSSS"])
+    assert "tasks.Bad-Name" in message
+
+
+def test_bad_yaml_names_line(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("model:\n  depth: 4\n tasks: [\n")
+    message = error_of(bad)
+    assert message.startswith(f"{bad}: not valid YAML at line")
+
+
+def test_missing_file(tmp_path):
+    assert error_of(tmp_path / "nope.yaml") == f"{tmp_path / 'nope.yaml'}: no such config file"
+
+
+def test_override_without_equals(tiny_config_file):
+    assert "expected KEY=VALUE" in error_of(tiny_config_file, ["model.depth"])
+
+
+def test_override_into_a_value(tiny_config_file):
+    assert "model.depth is a value" in error_of(tiny_config_file, ["model.depth.x=1"])

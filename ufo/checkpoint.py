@@ -1,0 +1,158 @@
+"""Supernet checkpoints: the initial one that `ufo init` writes, and one reader for all of them.
+
+`ufo init` writes a single safetensors file whose metadata holds the format tag, the resolved
+config and the ufo version. `read_checkpoint` turns any supernet checkpoint into (config,
+consolidated state dict, step); `ufo export` and training start from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+import ufo
+from ufo.config import UfoConfig, config_from_dict
+from ufo.errors import CheckpointError
+from ufo.model import SupernetViT, supernet_state_from_vit, vit_args
+
+FORMAT = "ufo-supernet"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    config: UfoConfig
+    state_dict: dict[str, torch.Tensor]
+    step: int
+    ufo_version: str
+
+
+def init_supernet(cfg: UfoConfig, from_timm: str | Path | None = None) -> SupernetViT:
+    """A freshly initialised supernet (seeded by `train.seed`), optionally from a plain timm ViT file."""
+    torch.manual_seed(cfg.train.seed)
+    model = SupernetViT.from_config(cfg)
+    if from_timm is not None:
+        load_vit_weights(model, cfg, Path(from_timm))
+    return model
+
+
+def load_vit_weights(model: SupernetViT, cfg: UfoConfig, file: Path) -> None:
+    """Load a plain timm ViT state dict into the supernet: shared parts by name, every FFN from the MLP."""
+    vit_state = read_state_dict_file(file)
+    # timm's own filter adapts foreign layouts and resamples patch and position embeddings
+    geometry = VisionTransformer(**vit_args(cfg.model), num_classes=0, weight_init="skip")
+    try:
+        vit_state = checkpoint_filter_fn(vit_state, geometry)
+    except Exception as e:  # shapes that cannot be adapted
+        raise CheckpointError(f"{file}: cannot adapt this ViT to the config's model: {e}") from None
+    mapped = supernet_state_from_vit(vit_state, model)
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith("heads.")}
+    missing = [k for k in expected if k not in mapped]
+    if missing:
+        raise CheckpointError(f"{file}: not a ViT of this config's architecture: it lacks {missing[0]}"
+                              + (f" and {len(missing) - 1} more keys" if len(missing) > 1 else ""))
+    for key, tensor in expected.items():
+        if mapped[key].shape != tensor.shape:
+            raise CheckpointError(f"{file}: {key} has shape {tuple(mapped[key].shape)} but the config's "
+                                  f"model needs {tuple(tensor.shape)} (check model.embed_dim, depth, mlp_ratio)")
+    model.load_state_dict({k: mapped[k].to(expected[k].dtype) for k in expected}, strict=False)
+
+
+def read_state_dict_file(file: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors file or a torch file (.pth/.pt/.bin), read without pickle code."""
+    if not file.is_file():
+        raise CheckpointError(f"{file}: no such weights file")
+    try:
+        if file.suffix == ".safetensors":
+            state = load_file(file)
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{file}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    for wrapper in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{file}: not a state dict of tensors")
+    return state
+
+
+def save_supernet(model: SupernetViT, cfg: UfoConfig, out: str | Path, step: int = 0,
+                  overwrite: bool = False) -> Path:
+    """Write the supernet as one safetensors file, atomically (temp file, fsync, rename)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out}: exists; pass --overwrite to replace it")
+    if out.is_dir():
+        raise CheckpointError(f"{out}: is a directory; name a file such as {out / 'supernet.safetensors'}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": FORMAT, "ufo_version": ufo.__version__, "step": str(step),
+                "config": json.dumps(cfg.to_dict())}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        save_file(state, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, readable_mode())  # safetensors creates 0600 files; checkpoints are shared
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def readable_mode() -> int:
+    """The mode an ordinary new file gets here (0666 less the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read any supernet checkpoint as its config and consolidated state dict."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a ufo supernet checkpoint "
+                              "(expected the .safetensors file that `ufo init` writes)")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            state = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({str(e).splitlines()[0]})") from None
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a ufo supernet checkpoint (no '{FORMAT}' metadata); "
+                              "write one with `ufo init`")
+    try:
+        raw = json.loads(metadata["config"])
+        step = int(metadata.get("step", 0))
+    except (KeyError, ValueError):
+        raise CheckpointError(f"{path}: its embedded config is damaged") from None
+    cfg = config_from_dict(raw, source=f"{path} (embedded config)")
+    return Checkpoint(path, cfg, state, step, metadata.get("ufo_version", "unknown"))
+
+
+def load_supernet(ckpt: Checkpoint) -> SupernetViT:
+    """Rebuild the supernet of a checkpoint with its weights."""
+    model = SupernetViT.from_config(ckpt.config)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in ckpt.state_dict]
+    unexpected = [k for k in ckpt.state_dict if k not in expected]
+    if missing or unexpected:
+        what = f"lacks {missing[0]}" if missing else f"has an unknown tensor {unexpected[0]}"
+        raise CheckpointError(f"{ckpt.path}: does not match its own config: it {what}")
+    for key, tensor in expected.items():
+        if ckpt.state_dict[key].shape != tensor.shape:
+            raise CheckpointError(f"{ckpt.path}: {key} has shape {tuple(ckpt.state_dict[key].shape)}, "
+                                  f"its config needs {tuple(tensor.shape)}")
+    model.load_state_dict(ckpt.state_dict, strict=True)
+    return model

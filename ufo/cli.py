@@ -1,0 +1,143 @@
+"""The `ufo` command: parses arguments and calls one function of the Python API per command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ufo.errors import UfoError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except UfoError as e:
+        print(f"ufo {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ufo {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    import ufo
+
+    parser = argparse.ArgumentParser(prog="ufo", description="Train UFO multi-task ViT supernets and "
+                                     "export deployable single-task timm subnets.")
+    parser.add_argument("--version", action="version", version=f"ufo {ufo.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def config_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", type=Path, help="YAML config file (see configs/)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value by its dotted key, e.g. --set model.depth=6 (repeatable)")
+
+    p = commands.add_parser("init", help="write an initialised supernet checkpoint")
+    config_args(p)
+    p.add_argument("--out", type=Path, required=True, help="checkpoint file to write (.safetensors)")
+    p.add_argument("--from-timm", type=Path, metavar="FILE",
+                   help="initialise from a plain timm ViT state dict (.safetensors/.pth); every FFN takes its MLP")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+    p.set_defaults(run=_init)
+
+    p = commands.add_parser("info", help="print the parameter table of a config's supernet and subnets")
+    config_args(p)
+    p.add_argument("--show-config", action="store_true", help="also print the resolved config")
+    p.set_defaults(run=_info)
+
+    p = commands.add_parser("export", help="prune a checkpoint to a task's deployable timm subnet")
+    p.add_argument("checkpoint", type=Path, help="supernet checkpoint")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--task", help="the task to export")
+    which.add_argument("--all-tasks", action="store_true", help="export every task, one sub-directory each")
+    p.add_argument("--out", type=Path, required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--path", help="path to export instead of the task's configured one, e.g. SSSSTTTT")
+    p.add_argument("--format", dest="formats", help="comma-separated: safetensors,onnx,torchscript "
+                   "(default: the checkpoint config's export.formats)")
+    p.add_argument("--no-verify", dest="verify", action="store_false", default=None,
+                   help="skip checking the exported files against the supernet")
+    p.add_argument("--atol", type=float, help="largest accepted |subnet - supernet| (default: export.atol, 1e-5)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(run=_export)
+
+    p = commands.add_parser("bench", help="benchmarks")
+    benches = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    b = benches.add_parser("model", help="supernet fwd+bwd on a task-grouped batch vs a plain timm ViT")
+    config_args(b)
+    b.add_argument("--batch-per-task", type=int, default=16, help="rows of each task in the micro-batch")
+    b.add_argument("--steps", type=int, default=10, help="timed steps per model")
+    b.add_argument("--warmup", type=int, default=3, help="untimed steps per model")
+    b.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    b.add_argument("--json", action="store_true", help="print the result as JSON")
+    b.set_defaults(run=_bench_model)
+    return parser
+
+
+def _init(args: argparse.Namespace) -> None:
+    from ufo.checkpoint import init_supernet, save_supernet
+    from ufo.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.out.exists() and not args.overwrite:
+        raise UfoError(f"{args.out}: exists; pass --overwrite to replace it")
+    model = init_supernet(cfg, args.from_timm)
+    save_supernet(model, cfg, args.out, overwrite=args.overwrite)
+    n = sum(p.numel() for p in model.parameters())
+    source = f"from {args.from_timm}" if args.from_timm else f"seed {cfg.train.seed}"
+    print(f"wrote {args.out}: supernet of {len(cfg.tasks)} tasks, {n / 1e6:.2f} M parameters ({source})")
+
+
+def _info(args: argparse.Namespace) -> None:
+    import torch
+
+    from ufo.config import load_config
+    from ufo.model import SupernetViT, count_params, format_params
+
+    cfg = load_config(args.config, args.overrides)
+    if args.show_config:
+        print(cfg.to_yaml())
+    with torch.device("meta"):  # counts need shapes only, not memory
+        model = SupernetViT.from_config(cfg)
+    m = cfg.model
+    print(f"{args.config}: ViT depth {m.depth}, width {m.embed_dim}, {m.num_heads} heads, "
+          f"mlp_ratio {m.mlp_ratio:g}, {m.img_size}px / patch {m.patch_size}; tasks: {', '.join(cfg.tasks)}")
+    print(format_params(count_params(model, {t: cfg.path_of(t) for t in cfg.tasks})))
+
+
+def _export(args: argparse.Namespace) -> None:
+    from ufo.checkpoint import read_checkpoint
+    from ufo.errors import ExportError
+    from ufo.export import export_all_tasks, export_subnet
+
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()] if args.formats else None
+    if args.all_tasks and args.path:
+        raise ExportError("--path applies to one --task; with --all-tasks each task uses its configured path")
+    ckpt = read_checkpoint(args.checkpoint)
+    print(f"ufo export: {args.checkpoint} (step {ckpt.step}, tasks {', '.join(ckpt.config.tasks)}) -> {args.out}")
+    common = dict(formats=formats, overwrite=args.overwrite, verify=args.verify, atol=args.atol)
+    if args.all_tasks:
+        results = export_all_tasks(ckpt, args.out, **common)
+    else:
+        results = [export_subnet(ckpt, args.task, args.out, path=args.path, **common)]
+    verified = all(r.max_abs_diff for r in results)
+    print(f"wrote {len(results)} subnet{'s' if len(results) > 1 else ''} to {args.out}"
+          + (" (verified against the supernet)" if verified else " (not verified)"))
+
+
+def _bench_model(args: argparse.Namespace) -> None:
+    import json
+
+    from ufo.bench import bench_model, format_model_bench
+    from ufo.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    result = bench_model(cfg, batch_per_task=args.batch_per_task, steps=args.steps,
+                         warmup=args.warmup, threads=args.threads)
+    print(json.dumps(result, indent=2) if args.json else format_model_bench(result))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

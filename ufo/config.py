@@ -1,0 +1,269 @@
+"""The run's configuration: one typed, frozen schema loaded from YAML with dotted overrides.
+
+Every section has defaults that run. A config error is raised once, at load, as one line
+naming the file and the dotted key (`configs/demo.yaml: tasks.face.path: ...`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ufo.errors import ConfigError
+
+TASK_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+PATH_CHARS = frozenset("ST")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class ModelConfig(Section):
+    """The supernet's ViT architecture (timm `VisionTransformer` arguments) and its initialisation."""
+
+    img_size: int = Field(32, gt=0)
+    patch_size: int = Field(4, gt=0)
+    in_chans: int = Field(3, gt=0)
+    embed_dim: int = Field(128, gt=0)
+    depth: int = Field(6, gt=0)
+    num_heads: int = Field(4, gt=0)
+    mlp_ratio: float = Field(4.0, gt=0)
+    qkv_bias: bool = True
+    init_values: float | None = None  # LayerScale; None leaves it out, as in timm
+    global_pool: Literal["token", "avg"] = "token"
+    drop_path_rate: float = Field(0.0, ge=0, lt=1)
+    # FFN-task MLPs start as copies of FFN-shared (UFO), or with their own random init.
+    task_ffn_init: Literal["copy_shared", "random"] = "copy_shared"
+
+
+class TaskConfig(Section):
+    """One learning problem: its kind, classes, loss weight, path, head and data."""
+
+    kind: Literal["classification", "retrieval"]
+    num_classes: int = Field(gt=1)
+    weight: float = Field(1.0, ge=0)
+    # One letter per block: S = FFN-shared, T = this task's FFN-task. Default: lower half S.
+    path: str | None = None
+    # retrieval: the deployed embedding's size (default: model.embed_dim) and the margin softmax
+    embedding_dim: int | None = Field(None, gt=0)
+    margin: Literal["cosface", "arcface"] = "cosface"
+    margin_scale: float = Field(30.0, gt=0)
+    margin_value: float = Field(0.35, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    shards: str | None = None
+    eval_shards: str | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _path_letters(cls, path: str | None) -> str | None:
+        if path is not None:
+            path = path.strip().upper()
+            bad = set(path) - PATH_CHARS
+            if bad or not path:
+                raise ValueError(f"a path is a string of S (shared) and T (task) per block, got {path!r}")
+        return path
+
+
+class DataConfig(Section):
+    """Preprocessing shared by training, evaluation and the exported subnets."""
+
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bicubic"
+    crop_pct: float = Field(1.0, gt=0, le=1)
+    num_workers: int = Field(2, ge=0)
+
+
+class TrainConfig(Section):
+    seed: int = 0
+    out_dir: str = "runs/demo"
+
+
+class DeepSpeedConfig(Section):
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+class TrackingConfig(Section):
+    uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite under train.out_dir
+    experiment: str = "ufo"
+    run_name: str | None = None
+    tags: dict[str, str] = {}
+
+
+class ExportConfig(Section):
+    formats: tuple[Literal["safetensors", "onnx", "torchscript"], ...] = ("safetensors",)
+    verify: bool = True
+    atol: float = Field(1e-5, gt=0)  # largest |subnet - supernet| accepted by verification
+
+
+class UfoConfig(Section):
+    """A whole run: model, tasks, data, train, deepspeed, tracking, export."""
+
+    model: ModelConfig = ModelConfig()
+    tasks: dict[str, TaskConfig]
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    export: ExportConfig = ExportConfig()
+
+    def path_of(self, task: str) -> str:
+        """The task's configured path (always set once loaded)."""
+        return self.tasks[task].path  # type: ignore[return-value]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain JSON-able data (what checkpoints and MLflow store)."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def default_path(depth: int) -> str:
+    """Lower blocks shared, upper blocks task-specific: the usual starting point."""
+    return "S" * ((depth + 1) // 2) + "T" * (depth // 2)
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> UfoConfig:
+    """Load a YAML config file and apply `KEY=VALUE` dotted overrides."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return config_from_dict(raw, source=str(path), overrides=overrides)
+
+
+def config_from_dict(raw: Mapping[str, Any], source: str, overrides: Sequence[str] = ()) -> UfoConfig:
+    """Validate a raw mapping (from YAML or a checkpoint); `source` names it in errors."""
+    raw = json.loads(json.dumps(raw))  # a deep, plain copy we may edit
+    overridden = {}
+    for item in overrides:
+        key, value = _parse_override(item, source)
+        _set_dotted(raw, key, value, source)
+        overridden[key] = item
+    try:
+        cfg = UfoConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, source, overridden)) from None
+    return _check(cfg, source, overridden)
+
+
+def _parse_override(item: str, source: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"{source}: --set {item!r}: expected KEY=VALUE with a dotted key, e.g. model.depth=6")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def _set_dotted(raw: dict, key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(f"{source}: --set {key}: {where} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(error: ValidationError, source: str, overridden: Mapping[str, str]) -> str:
+    first = error.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    key = ".".join(loc) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+        known = _known_keys(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        if close:
+            msg += f" (did you mean {'.'.join(loc[:-1] + close)}?)"
+        elif known:
+            msg += f" (known: {', '.join(sorted(known))})"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    else:
+        msg = first["msg"]
+        if "input" in first and not isinstance(first["input"], (dict, list)):
+            msg += f", got {first['input']!r}"
+    more = len(error.errors()) - 1
+    tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return f"{source}: {key}: {msg}{_from_override(key, overridden)}{tail}"
+
+
+def _known_keys(parent: list[str]) -> list[str]:
+    """Field names of the section at `parent` (task names themselves are free keys)."""
+    if not parent:
+        return list(UfoConfig.model_fields)
+    if parent[0] == "tasks":
+        return list(TaskConfig.model_fields) if len(parent) == 2 else []
+    field = UfoConfig.model_fields.get(parent[0])
+    section = field.annotation if field else None
+    if len(parent) == 1 and isinstance(section, type) and issubclass(section, BaseModel):
+        return list(section.model_fields)
+    return []
+
+
+def _from_override(key: str, overridden: Mapping[str, str]) -> str:
+    for okey, item in overridden.items():
+        if key == okey or key.startswith(okey + ".") or okey.startswith(key + "."):
+            return f" (from --set {item})"
+    return ""
+
+
+def _check(cfg: UfoConfig, source: str, overridden: Mapping[str, str]) -> UfoConfig:
+    """Checks across keys; fills each task's default path."""
+
+    def fail(key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{source}: {key}: {msg}{_from_override(key, overridden)}")
+
+    m = cfg.model
+    if m.img_size % m.patch_size:
+        raise fail("model.patch_size", f"img_size {m.img_size} is not a multiple of patch_size {m.patch_size}")
+    if m.embed_dim % m.num_heads:
+        raise fail("model.num_heads", f"embed_dim {m.embed_dim} does not split into {m.num_heads} heads "
+                                      f"(head dim {m.embed_dim / m.num_heads:g} is not an integer)")
+    if not cfg.tasks:
+        raise fail("tasks", "define at least one task")
+    tasks = {}
+    for name, task in cfg.tasks.items():
+        key = f"tasks.{name}"
+        if not TASK_NAME.match(name):
+            raise fail(key, "task names are lower-case letters, digits and _, starting with a letter")
+        path = task.path or default_path(m.depth)
+        if len(path) != m.depth:
+            raise fail(f"{key}.path", f"path {path!r} has {len(path)} blocks but model.depth is {m.depth}")
+        if task.kind == "classification" and task.embedding_dim is not None:
+            raise fail(f"{key}.embedding_dim", "only retrieval tasks have an embedding; remove it or set kind: retrieval")
+        if task.kind == "retrieval" and task.margin == "arcface" and task.margin_value >= 3.14159:
+            raise fail(f"{key}.margin_value", "an ArcFace margin is an angle in radians below pi")
+        tasks[name] = task.model_copy(update={"path": path})
+    return cfg.model_copy(update={"tasks": tasks})

@@ -1,0 +1,252 @@
+"""The pruning step: a supernet checkpoint -> one task's deployable subnet, a plain timm ViT.
+
+The output directory holds `model.safetensors` (timm's key names, the task head as `head`),
+`config.json` (timm's `model_args` and preprocessing; the task, kind, path, parameter count and
+verification figures under "ufo"), and optionally `model.onnx` and `model.torchscript.pt`.
+Every format is checked against the supernet before the directory appears; a failed export
+leaves nothing behind and never touches an existing directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import timm
+import torch
+from safetensors.torch import load_file
+from timm.models._hub import save_for_hf
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+import ufo
+from ufo.checkpoint import Checkpoint, load_supernet, read_checkpoint, readable_mode
+from ufo.config import UfoConfig
+from ufo.errors import ExportError
+from ufo.model import SupernetViT, postprocess, subnet_args, subnet_state_dict
+
+FORMATS = ("safetensors", "onnx", "torchscript")
+FILES = {"safetensors": "model.safetensors", "onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+Log = Callable[[str], None]
+
+
+@dataclass
+class SubnetExport:
+    """What one export wrote and how closely each format matched the supernet."""
+
+    task: str
+    kind: str
+    path: str
+    out_dir: Path
+    param_count: int
+    max_abs_diff: dict[str, float] = field(default_factory=dict)
+
+
+class DeployedSubnet(nn.Module):
+    """The timm subnet plus the task's postprocessing (L2 normalization for retrieval), for ONNX/TorchScript."""
+
+    def __init__(self, vit: VisionTransformer, normalize: bool):
+        super().__init__()
+        self.vit = vit
+        self.normalize = normalize
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.vit(images)
+        return nn.functional.normalize(out, dim=-1) if self.normalize else out
+
+
+def export_subnet(checkpoint: str | Path | Checkpoint, task: str, out: str | Path, path: str | None = None,
+                  formats: Sequence[str] | None = None, overwrite: bool = False, verify: bool | None = None,
+                  atol: float | None = None, log: Log = print) -> SubnetExport:
+    """Export `task`'s subnet (on its configured path, or `path`) from a supernet checkpoint to `out`."""
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
+    cfg = ckpt.config
+    _check_task(cfg, task)
+    path = _check_path(cfg, task, path)
+    formats, verify, atol = _resolve(cfg, formats, verify, atol)
+    out = Path(out)
+    _refuse_existing(out, overwrite)
+    supernet = load_supernet(ckpt).eval()
+    with _atomic_dir(out) as tmp:
+        return _write_subnet(supernet, ckpt, task, path, tmp, out, formats, verify, atol, log)
+
+
+def export_all_tasks(checkpoint: str | Path | Checkpoint, out: str | Path, formats: Sequence[str] | None = None,
+                     overwrite: bool = False, verify: bool | None = None, atol: float | None = None,
+                     log: Log = print) -> list[SubnetExport]:
+    """Export every task's subnet on its configured path, one sub-directory per task under `out`."""
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
+    cfg = ckpt.config
+    formats, verify, atol = _resolve(cfg, formats, verify, atol)
+    out = Path(out)
+    _refuse_existing(out, overwrite)
+    supernet = load_supernet(ckpt).eval()
+    with _atomic_dir(out) as tmp:
+        return [_write_subnet(supernet, ckpt, task, cfg.path_of(task), tmp / task, out / task,
+                              formats, verify, atol, log)
+                for task in cfg.tasks]
+
+
+def build_subnet(supernet: SupernetViT, cfg: UfoConfig, task: str, path: str) -> VisionTransformer:
+    """The timm ViT of `task` on `path`, created by timm's factory, with the supernet's weights."""
+    args = subnet_args(cfg, task)
+    vit = timm.create_model(_architecture(cfg), pretrained=False, weight_init="skip", **args)
+    state = subnet_state_dict(supernet.state_dict(), task, path, supernet.heads[task].deployed)
+    vit.load_state_dict(state, strict=True)
+    return vit.eval()
+
+
+def _write_subnet(supernet: SupernetViT, ckpt: Checkpoint, task: str, path: str, tmp: Path, final: Path,
+                  formats: Sequence[str], verify: bool, atol: float, log: Log) -> SubnetExport:
+    cfg = ckpt.config
+    kind = cfg.tasks[task].kind
+    vit = build_subnet(supernet, cfg, task, path)
+    params = sum(p.numel() for p in vit.parameters())
+    args = subnet_args(cfg, task)
+    preprocessing = dict(input_size=[cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size],
+                         mean=list(cfg.data.mean), std=list(cfg.data.std),
+                         interpolation=cfg.data.interpolation, crop_pct=cfg.data.crop_pct)
+    save_for_hf(vit, tmp, model_args=args, safe_serialization=True, data_config=preprocessing)
+    deployed = DeployedSubnet(vit, normalize=(kind == "retrieval")).eval()
+    if "onnx" in formats:
+        _write_onnx(deployed, tmp / FILES["onnx"], cfg)
+    if "torchscript" in formats:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.script(deployed).save(str(tmp / FILES["torchscript"]))
+
+    result = SubnetExport(task, kind, path, final, params)
+    if verify:
+        images = torch.randn(4, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size,
+                             generator=torch.Generator().manual_seed(cfg.train.seed))
+        with torch.no_grad():
+            reference = supernet.forward_task(images, task, path)
+        for fmt in formats:
+            result.max_abs_diff[fmt] = diff = _max_abs_diff(fmt, tmp, kind, images, reference)
+            if not diff <= atol:  # also catches NaN
+                raise ExportError(f"{task}: the exported {fmt} subnet differs from the supernet by {diff:.3g} "
+                                  f"(> atol {atol:g}); nothing was written to {final}")
+
+    config = json.loads((tmp / "config.json").read_text())
+    config["model_args"] = args
+    config["pretrained_cfg"]["tag"] = f"ufo_{task}"
+    config["pretrained_cfg"].pop("license", None)
+    config["ufo"] = dict(
+        task=task, kind=kind, path=path, param_count=params,
+        output="l2-normalized embedding" if kind == "retrieval" else "logits",
+        postprocess="l2_normalize" if kind == "retrieval" else None,
+        preprocessing=preprocessing, files={fmt: FILES[fmt] for fmt in formats},
+        verification={"max_abs_diff": result.max_abs_diff, "atol": atol} if verify else None,
+        source_checkpoint=str(ckpt.path), source_step=ckpt.step, ufo_version=ufo.__version__,
+    )
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if "safetensors" not in formats:
+        (tmp / FILES["safetensors"]).unlink()
+    for file in tmp.iterdir():  # safetensors creates 0600 files; deployed models are shared
+        file.chmod(readable_mode())
+    checks = "  ".join(f"{fmt} max|diff| {d:.2e}" for fmt, d in result.max_abs_diff.items())
+    log(f"  {task:<12} {kind:<14} path {path}  {params / 1e6:8.3f} M params  {checks or 'not verified'}")
+    return result
+
+
+def _write_onnx(deployed: DeployedSubnet, file: Path, cfg: UfoConfig) -> None:
+    try:
+        import onnxscript  # noqa: F401  (the exporter needs it)
+    except ImportError:
+        raise ExportError("ONNX export needs the onnx extra: pip install 'ufo[onnx]'") from None
+    example = torch.zeros(2, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(deployed, (example,), dynamo=True, verbose=False, external_data=False,
+                                    input_names=["images"], output_names=["output"],
+                                    dynamic_shapes=({0: torch.export.Dim("batch")},))
+        program.save(str(file))
+
+
+def _max_abs_diff(fmt: str, directory: Path, kind: str, images: torch.Tensor, reference: torch.Tensor) -> float:
+    """Load one written format with no ufo code and compare its output on `images`."""
+    if fmt == "safetensors":
+        config = json.loads((directory / "config.json").read_text())
+        vit = VisionTransformer(**config["model_args"])
+        vit.load_state_dict(load_file(directory / FILES["safetensors"]), strict=True)
+        with torch.no_grad():
+            output = postprocess(vit.eval()(images), kind)
+    elif fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(directory / FILES["onnx"]), providers=["CPUExecutionProvider"])
+        output = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit is deprecated but still the TorchScript loader
+            module = torch.jit.load(str(directory / FILES["torchscript"]))
+        with torch.no_grad():
+            output = module(images)
+    if output.shape != reference.shape:
+        return float("inf")
+    return (output - reference).abs().max().item()
+
+
+def _architecture(cfg: UfoConfig) -> str:
+    """A timm architecture name for config.json; every argument that matters is in model_args."""
+    size = {192: "tiny", 384: "small", 768: "base", 1024: "large"}.get(cfg.model.embed_dim, "base")
+    return f"vit_{size}_patch16_224"
+
+
+def _check_task(cfg: UfoConfig, task: str) -> None:
+    if task not in cfg.tasks:
+        raise ExportError(f"unknown task {task!r}; this checkpoint has: {', '.join(cfg.tasks)}")
+
+
+def _check_path(cfg: UfoConfig, task: str, path: str | None) -> str:
+    if path is None:
+        return cfg.path_of(task)
+    given, path = path, path.strip().upper()
+    if set(path) - {"S", "T"} or not path:
+        raise ExportError(f"--path {given!r}: a path is one letter per block, S (shared) or T (task)")
+    if len(path) != cfg.model.depth:
+        raise ExportError(f"--path {given}: has {len(path)} blocks but the supernet has depth {cfg.model.depth}")
+    return path
+
+
+def _resolve(cfg: UfoConfig, formats: Sequence[str] | None, verify: bool | None,
+             atol: float | None) -> tuple[tuple[str, ...], bool, float]:
+    formats = tuple(cfg.export.formats if formats is None else formats)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ExportError(f"--format {','.join(formats)}: choose from {', '.join(FORMATS)}")
+    verify = cfg.export.verify if verify is None else verify
+    return formats, verify, cfg.export.atol if atol is None else atol
+
+
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out}: exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a directory")
+
+
+@contextmanager
+def _atomic_dir(out: Path) -> Iterator[Path]:
+    """Build in a hidden sibling; only a complete directory is renamed into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,183 @@
+"""The UFO supernet: a timm VisionTransformer whose every FFN is a `MultiPathFFN`, plus task heads.
+
+Shared parts are timm's own modules under timm's names (`patch_embed.proj.weight`,
+`blocks.3.attn.qkv.weight`, `norm.weight`), so a task's subnet is a plain timm ViT whose state
+dict is a renaming of the supernet's (`subnet_state_dict`).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import torch
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+from ufo.config import ModelConfig, TaskConfig, UfoConfig
+from ufo.model.ffn import SHARED, MultiPathFFN, Route
+from ufo.model.heads import build_head, head_out_dim
+
+
+class TaskSlice(NamedTuple):
+    """`size` consecutive rows of a micro-batch that belong to `task` and run on `path`."""
+
+    task: str
+    path: str
+    size: int
+
+
+def vit_args(model: ModelConfig) -> dict[str, Any]:
+    """timm `VisionTransformer` architecture arguments shared by the supernet and every subnet."""
+    return dict(
+        img_size=model.img_size,
+        patch_size=model.patch_size,
+        in_chans=model.in_chans,
+        embed_dim=model.embed_dim,
+        depth=model.depth,
+        num_heads=model.num_heads,
+        mlp_ratio=model.mlp_ratio,
+        qkv_bias=model.qkv_bias,
+        init_values=model.init_values,
+        global_pool=model.global_pool,
+        class_token=True,
+    )
+
+
+def subnet_args(cfg: UfoConfig, task: str) -> dict[str, Any]:
+    """Arguments that rebuild `task`'s subnet: `VisionTransformer(**subnet_args(cfg, task))`."""
+    return dict(vit_args(cfg.model), num_classes=head_out_dim(cfg.tasks[task], cfg.model.embed_dim))
+
+
+class SupernetBlock(Block):
+    """timm's pre-norm block; its FFN takes the routes of this block."""
+
+    def forward(self, x: torch.Tensor, routes: Sequence[Route]) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x), routes)))
+        return x
+
+
+class SupernetViT(VisionTransformer):
+    """All tasks' paths in one ViT. `forward(images, slices)` runs a task-grouped micro-batch."""
+
+    def __init__(self, tasks: Mapping[str, TaskConfig], task_ffn_init: str = "copy_shared", **vit_kwargs):
+        super().__init__(
+            num_classes=0,
+            block_fn=SupernetBlock,
+            mlp_layer=partial(MultiPathFFN, tasks=tuple(tasks)),
+            **vit_kwargs,
+        )
+        self.task_kinds = {name: task.kind for name, task in tasks.items()}
+        self.heads = nn.ModuleDict({name: build_head(task, self.embed_dim) for name, task in tasks.items()})
+        for head in self.heads.values():
+            for module in head.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.trunc_normal_(module.weight, std=0.02)
+                    nn.init.zeros_(module.bias)
+        if task_ffn_init == "copy_shared":
+            self.copy_shared_to_task_ffns()
+
+    @classmethod
+    def from_config(cls, cfg: UfoConfig) -> "SupernetViT":
+        return cls(cfg.tasks, task_ffn_init=cfg.model.task_ffn_init,
+                   drop_path_rate=cfg.model.drop_path_rate, **vit_args(cfg.model))
+
+    @torch.no_grad()
+    def copy_shared_to_task_ffns(self) -> None:
+        """Every FFN-task MLP starts as a copy of its block's FFN-shared (UFO's initialisation)."""
+        for block in self.blocks:
+            for ffn in block.mlp.task.values():
+                ffn.load_state_dict(block.mlp.shared.state_dict())
+
+    def routes(self, slices: Sequence[TaskSlice], batch: int) -> list[list[Route]]:
+        """For each block, which FFN each slice's rows take."""
+        if sum(s.size for s in slices) != batch:
+            raise ValueError(f"slices cover {sum(s.size for s in slices)} rows, the batch has {batch}")
+        depth = len(self.blocks)
+        bounds, start = [], 0
+        for s in slices:
+            if s.task not in self.task_kinds:
+                raise KeyError(f"unknown task {s.task!r}; the supernet has {', '.join(self.task_kinds)}")
+            if len(s.path) != depth or set(s.path) - {"S", "T"}:
+                raise ValueError(f"path {s.path!r} for task {s.task!r} is not {depth} letters of S/T")
+            bounds.append((start, start + s.size))
+            start += s.size
+        return [[(SHARED if s.path[i] == "S" else s.task, a, b) for s, (a, b) in zip(slices, bounds)]
+                for i in range(depth)]
+
+    def forward_features(self, images: torch.Tensor, slices: Sequence[TaskSlice]) -> torch.Tensor:
+        """images: (B, C, H, W) -> pooled features (B, embed_dim)."""
+        routes = self.routes(slices, images.shape[0])
+        x = self.patch_embed(images)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        for block, block_routes in zip(self.blocks, routes):
+            x = block(x, block_routes)
+        x = self.norm(x)
+        return self.forward_head(x, pre_logits=True)
+
+    def forward(self, images: torch.Tensor, slices: Sequence[TaskSlice],
+                labels: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Per slice: the head's output (logits or normalized embedding), or its loss given labels."""
+        features = self.forward_features(images, slices)
+        results, start = [], 0
+        for s in slices:
+            head = self.heads[s.task]
+            out = head(features[start:start + s.size])
+            results.append(out if labels is None else head.loss(out, labels[start:start + s.size]))
+            start += s.size
+        return results
+
+    def forward_task(self, images: torch.Tensor, task: str, path: str) -> torch.Tensor:
+        """The whole batch as one task on one path."""
+        return self(images, [TaskSlice(task, path, images.shape[0])])[0]
+
+
+def subnet_state_dict(state: Mapping[str, torch.Tensor], task: str, path: str,
+                      deployed_head: str) -> dict[str, torch.Tensor]:
+    """Rename a supernet state dict into the timm ViT state dict of `task` on `path`.
+
+    Keeps the shared parts, each block's FFN on the path, and the task head's deployed layer
+    (as timm's `head`); drops every other FFN and head.
+    """
+    out = {}
+    head_prefix = f"heads.{task}.{deployed_head}."
+    for name, tensor in state.items():
+        if name.startswith("heads."):
+            if name.startswith(head_prefix):
+                out["head." + name[len(head_prefix):]] = tensor
+            continue
+        parts = name.split(".")
+        if len(parts) > 3 and parts[0] == "blocks" and parts[2] == "mlp":
+            block, rest = int(parts[1]), parts[3:]
+            if path[block] == "S" and rest[0] == "shared":
+                out[".".join(parts[:3] + rest[1:])] = tensor
+            elif path[block] == "T" and rest[0] == "task" and rest[1] == task:
+                out[".".join(parts[:3] + rest[2:])] = tensor
+            continue
+        out[name] = tensor
+    return out
+
+
+def supernet_state_from_vit(vit_state: Mapping[str, torch.Tensor],
+                            supernet: SupernetViT) -> dict[str, torch.Tensor]:
+    """Map a plain ViT state dict (timm names) onto the supernet: every FFN takes that block's MLP.
+
+    Heads are not taken (tasks have their own); what the ViT lacks is reported by the caller.
+    """
+    tasks = list(supernet.task_kinds)
+    out = {}
+    for name, tensor in vit_state.items():
+        parts = name.split(".")
+        if name.startswith("head.") or name.startswith("head_"):
+            continue
+        if len(parts) > 3 and parts[0] == "blocks" and parts[2] == "mlp":
+            prefix, rest = ".".join(parts[:3]), ".".join(parts[3:])
+            out[f"{prefix}.shared.{rest}"] = tensor
+            for task in tasks:
+                out[f"{prefix}.task.{task}.{rest}"] = tensor.clone()
+            continue
+        out[name] = tensor
+    return out
