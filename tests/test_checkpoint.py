@@ -1,0 +1,91 @@
+import pytest
+import torch
+from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer
+
+from ufo.checkpoint import init_supernet, load_supernet, read_checkpoint, save_supernet
+from ufo.errors import CheckpointError
+from ufo.model import TaskSlice, vit_args
+
+
+def test_round_trip(tiny_cfg, tiny_checkpoint):
+    ckpt = read_checkpoint(tiny_checkpoint)
+    assert ckpt.config == tiny_cfg and ckpt.step == 0
+    model = load_supernet(ckpt)
+    fresh = init_supernet(tiny_cfg)  # same seed: same weights
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_init_is_seeded(tiny_cfg):
+    a = init_supernet(tiny_cfg).state_dict()["blocks.0.attn.qkv.weight"]
+    b = init_supernet(tiny_cfg).state_dict()["blocks.0.attn.qkv.weight"]
+    assert torch.equal(a, b)
+
+
+def test_refuses_to_overwrite(tiny_cfg, tiny_checkpoint):
+    before = tiny_checkpoint.read_bytes()
+    with pytest.raises(CheckpointError, match="exists; pass --overwrite"):
+        save_supernet(init_supernet(tiny_cfg), tiny_cfg, tiny_checkpoint)
+    assert tiny_checkpoint.read_bytes() == before
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        read_checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_truncated_checkpoint(tmp_path, tiny_checkpoint):
+    cut = tmp_path / "cut.safetensors"
+    data = tiny_checkpoint.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=f"{cut}: unreadable or truncated"):
+        read_checkpoint(cut)
+
+
+def test_foreign_safetensors_is_not_a_checkpoint(tmp_path):
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, other)
+    with pytest.raises(CheckpointError, match="not a ufo supernet checkpoint"):
+        read_checkpoint(other)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_init_from_a_plain_timm_vit(tmp_path, tiny_cfg, suffix):
+    torch.manual_seed(7)
+    vit = VisionTransformer(**vit_args(tiny_cfg.model), num_classes=5).eval()
+    file = tmp_path / f"vit{suffix}"
+    if suffix == ".safetensors":
+        save_file(vit.state_dict(), file)
+    else:
+        torch.save({"model": vit.state_dict()}, file)
+    model = init_supernet(tiny_cfg, from_timm=file).eval()
+    for block, vit_block in zip(model.blocks, vit.blocks):
+        for ffn in [block.mlp.shared, *block.mlp.task.values()]:
+            for a, b in zip(ffn.parameters(), vit_block.mlp.parameters()):
+                assert torch.equal(a, b)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = vit.forward_head(vit.forward_features(x), pre_logits=True)
+        got = model.forward_features(x, [TaskSlice("digits", "STST", 2)])
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_init_from_timm_resamples_position_embedding(tmp_path, tiny_cfg):
+    args = dict(vit_args(tiny_cfg.model), img_size=32)
+    save_file(VisionTransformer(**args).state_dict(), tmp_path / "vit32.safetensors")
+    model = init_supernet(tiny_cfg, from_timm=tmp_path / "vit32.safetensors")
+    assert model.pos_embed.shape[1] == 1 + (16 // 4) ** 2
+
+
+def test_init_from_a_vit_of_another_width(tmp_path, tiny_cfg):
+    args = dict(vit_args(tiny_cfg.model), embed_dim=64)
+    file = tmp_path / "wide.safetensors"
+    save_file(VisionTransformer(**args).state_dict(), file)
+    with pytest.raises(CheckpointError, match=f"{file}: .*shape"):
+        init_supernet(tiny_cfg, from_timm=file)
+
+
+def test_init_from_a_missing_file(tmp_path, tiny_cfg):
+    with pytest.raises(CheckpointError, match="no such weights file"):
+        init_supernet(tiny_cfg, from_timm=tmp_path / "none.pth")

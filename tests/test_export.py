@@ -1,0 +1,139 @@
+import json
+
+import numpy as np
+import onnxruntime
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer
+
+import ufo.export
+from ufo.checkpoint import load_supernet, read_checkpoint
+from ufo.errors import ExportError
+from ufo.export import export_all_tasks, export_subnet
+
+
+def rebuild_with_timm_alone(directory):
+    """What a user does with no ufo installed: timm + safetensors + config.json."""
+    config = json.loads((directory / "config.json").read_text())
+    vit = VisionTransformer(**config["model_args"])
+    vit.load_state_dict(load_file(directory / "model.safetensors"), strict=True)
+    return vit.eval(), config
+
+
+def supernet_output(checkpoint, task, path, x):
+    model = load_supernet(read_checkpoint(checkpoint)).eval()
+    with torch.no_grad():
+        return model.forward_task(x, task, path)
+
+
+@pytest.mark.parametrize("task,path", [("face", None), ("person", None), ("digits", None),
+                                       ("face", "TSTS"), ("digits", "TTTT"), ("person", "SSSS")])
+def test_subnet_equals_supernet(tmp_path, tiny_checkpoint, task, path):
+    result = export_subnet(tiny_checkpoint, task, tmp_path / "out", path=path, log=lambda _: None)
+    vit, config = rebuild_with_timm_alone(tmp_path / "out")
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        got = vit(x)
+    if config["ufo"]["kind"] == "retrieval":
+        got = F.normalize(got, dim=-1)
+    expected = supernet_output(tiny_checkpoint, task, result.path, x)
+    assert (got - expected).abs().max().item() <= 1e-5
+    assert config["ufo"]["path"] == result.path == (path or read_checkpoint(tiny_checkpoint).config.path_of(task))
+    assert result.max_abs_diff["safetensors"] <= 1e-5
+
+
+def test_exported_directory_is_complete_and_counts_its_tensors(tmp_path, tiny_checkpoint):
+    export_subnet(tiny_checkpoint, "face", tmp_path / "face", log=lambda _: None)
+    directory = tmp_path / "face"
+    assert sorted(p.name for p in directory.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((directory / "config.json").read_text())
+    tensors = load_file(directory / "model.safetensors")
+    assert "head.weight" in tensors and not any(".mlp.task." in k or k.startswith("heads.") for k in tensors)
+    assert config["ufo"]["param_count"] == sum(t.numel() for t in tensors.values())
+    assert config["ufo"]["task"] == "face" and config["ufo"]["kind"] == "retrieval"
+    assert config["ufo"]["preprocessing"] == {"input_size": [3, 16, 16], "mean": [0.5] * 3, "std": [0.5] * 3,
+                                              "interpolation": "bicubic", "crop_pct": 1.0}
+    assert config["num_classes"] == 24 and config["pretrained_cfg"]["tag"] == "ufo_face"
+    # timm's own loader rebuilds it offline too
+    vit = timm.create_model(f"local-dir:{directory}", pretrained=True).eval()
+    rebuilt, _ = rebuild_with_timm_alone(directory)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(vit(x), rebuilt(x))
+    assert timm.data.resolve_data_config({}, model=vit)["input_size"] == (3, 16, 16)
+
+
+def test_onnx_and_torchscript_match_the_supernet(tmp_path, tiny_checkpoint):
+    result = export_subnet(tiny_checkpoint, "face", tmp_path / "out", formats=["safetensors", "onnx", "torchscript"],
+                           log=lambda _: None)
+    assert set(result.max_abs_diff) == {"safetensors", "onnx", "torchscript"}
+    x = torch.randn(3, 3, 16, 16)  # a batch size the export never saw
+    expected = supernet_output(tiny_checkpoint, "face", result.path, x)
+    session = onnxruntime.InferenceSession(str(tmp_path / "out" / "model.onnx"))
+    onnx_out = session.run(None, {"images": x.numpy()})[0]
+    np.testing.assert_allclose(onnx_out, expected.numpy(), atol=1e-5)
+    scripted = torch.jit.load(str(tmp_path / "out" / "model.torchscript.pt"))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), expected, atol=1e-5, rtol=0)
+
+
+def test_all_tasks(tmp_path, tiny_checkpoint, tiny_cfg):
+    results = export_all_tasks(tiny_checkpoint, tmp_path / "all", log=lambda _: None)
+    assert [r.task for r in results] == list(tiny_cfg.tasks)
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == sorted(tiny_cfg.tasks)
+    for task in tiny_cfg.tasks:
+        _, config = rebuild_with_timm_alone(tmp_path / "all" / task)
+        assert config["ufo"]["path"] == tiny_cfg.path_of(task)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_unknown_task(tmp_path, tiny_checkpoint):
+    with pytest.raises(ExportError, match="unknown task 'cars'; this checkpoint has: face, person, digits"):
+        export_subnet(tiny_checkpoint, "cars", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("path,message", [("SST", "has 3 blocks but the supernet has depth 4"),
+                                          ("SSXT", "one letter per block")])
+def test_bad_path(tmp_path, tiny_checkpoint, path, message):
+    with pytest.raises(ExportError, match=message):
+        export_subnet(tiny_checkpoint, "face", tmp_path / "out", path=path)
+
+
+def test_existing_output_is_refused_then_replaced(tmp_path, tiny_checkpoint):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="exists; pass --overwrite"):
+        export_subnet(tiny_checkpoint, "face", out)
+    assert (out / "keep.txt").read_text() == "mine"
+    export_subnet(tiny_checkpoint, "face", out, overwrite=True, log=lambda _: None)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_failed_verification_leaves_nothing_and_keeps_the_old_directory(tmp_path, tiny_checkpoint, monkeypatch):
+    out = tmp_path / "out"
+    export_subnet(tiny_checkpoint, "digits", out, log=lambda _: None)
+    before = (out / "model.safetensors").read_bytes()
+
+    real = ufo.export.subnet_state_dict
+
+    def wrong_ffn(state, task, path, head):  # a pruning bug: the path's letters swapped
+        return real(state, task, path.translate(str.maketrans("ST", "TS")), head)
+
+    monkeypatch.setattr(ufo.export, "subnet_state_dict", wrong_ffn)
+    with pytest.raises(ExportError, match="differs from the supernet by .* nothing was written"):
+        export_subnet(tiny_checkpoint, "digits", out, overwrite=True)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path, tiny_checkpoint):
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(tiny_checkpoint.read_bytes()[:1000])
+    with pytest.raises(Exception, match="unreadable or truncated"):
+        export_subnet(cut, "face", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,170 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp
+from timm.models.vision_transformer import VisionTransformer
+
+from ufo.model import (
+    MarginSoftmax,
+    SupernetViT,
+    TaskSlice,
+    count_params,
+    subnet_args,
+    subnet_state_dict,
+    vit_args,
+)
+
+
+@pytest.fixture
+def supernet(tiny_cfg):
+    torch.manual_seed(0)
+    return SupernetViT.from_config(tiny_cfg).eval()
+
+
+def images(n, cfg, seed=0):
+    m = cfg.model
+    return torch.randn(n, m.in_chans, m.img_size, m.img_size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_shared_parameters_keep_timm_names(supernet, tiny_cfg):
+    plain = VisionTransformer(**vit_args(tiny_cfg.model), num_classes=0)
+    plain_names = {n for n in plain.state_dict() if ".mlp." not in n}
+    super_names = set(supernet.state_dict())
+    assert plain_names <= super_names
+    assert "blocks.3.attn.qkv.weight" in super_names and "patch_embed.proj.weight" in super_names
+    for i in range(tiny_cfg.model.depth):
+        for part in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
+            assert f"blocks.{i}.mlp.shared.{part}" in super_names
+            for task in tiny_cfg.tasks:
+                assert f"blocks.{i}.mlp.task.{task}.{part}" in super_names
+    others = super_names - plain_names
+    assert all(".mlp.shared." in n or ".mlp.task." in n or n.startswith("heads.") for n in others)
+
+
+def test_task_ffns_start_as_copies_of_shared(tiny_cfg):
+    cfg = tiny_cfg.model_copy(update={"model": tiny_cfg.model.model_copy(update={"task_ffn_init": "copy_shared"})})
+    model = SupernetViT.from_config(cfg)
+    for block in model.blocks:
+        for ffn in block.mlp.task.values():
+            for a, b in zip(ffn.parameters(), block.mlp.shared.parameters()):
+                assert torch.equal(a, b)
+
+
+def test_grouped_forward_equals_per_task_forwards(supernet, tiny_cfg):
+    sizes = {"face": 3, "person": 2, "digits": 4}
+    slices = [TaskSlice(t, tiny_cfg.path_of(t), n) for t, n in sizes.items()]
+    x = images(sum(sizes.values()), tiny_cfg)
+    with torch.no_grad():
+        grouped = supernet(x, slices)
+        start = 0
+        for s, out in zip(slices, grouped):
+            alone = supernet.forward_task(x[start:start + s.size], s.task, s.path)
+            torch.testing.assert_close(out, alone, atol=1e-5, rtol=1e-5)
+            start += s.size
+
+
+def test_paths_change_the_output(supernet, tiny_cfg):
+    x = images(2, tiny_cfg)
+    with torch.no_grad():
+        a = supernet.forward_task(x, "digits", "SSSS")
+        b = supernet.forward_task(x, "digits", "SSST")
+    assert (a - b).abs().max() > 1e-4
+
+
+def calls_per_ffn(model):
+    calls = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Mlp):
+            module.register_forward_hook(lambda m, i, o, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+    return calls
+
+
+def test_each_used_ffn_runs_once_and_unused_ffns_never(supernet, tiny_cfg):
+    # face SSTT, person STST, digits TSSS: in block 0 face and person share FFN-shared but are
+    # not adjacent to digits' rows; every used FFN must be one call, every other FFN none.
+    slices = [TaskSlice("face", "SSTT", 2), TaskSlice("digits", "TSSS", 3), TaskSlice("person", "STST", 2)]
+    calls = calls_per_ffn(supernet)
+    supernet.train()
+    losses = supernet(images(7, tiny_cfg), slices, torch.tensor([0, 1, 2, 3, 4, 5, 6]))
+    sum(losses).backward()
+    expected = {}
+    for i in range(tiny_cfg.model.depth):
+        for s in slices:
+            name = f"blocks.{i}.mlp.shared" if s.path[i] == "S" else f"blocks.{i}.mlp.task.{s.task}"
+            expected[name] = 1
+    assert calls == expected
+    for name, param in supernet.named_parameters():
+        ffn = name.rsplit(".", 2)[0]
+        if ".mlp." in name:
+            assert (param.grad is not None) == (ffn in expected), name
+
+
+def test_slices_must_cover_the_batch(supernet, tiny_cfg):
+    with pytest.raises(ValueError, match="cover 3 rows"):
+        supernet(images(4, tiny_cfg), [TaskSlice("face", "SSTT", 3)])
+    with pytest.raises(KeyError, match="unknown task"):
+        supernet(images(2, tiny_cfg), [TaskSlice("cars", "SSTT", 2)])
+    with pytest.raises(ValueError, match="not 4 letters"):
+        supernet(images(2, tiny_cfg), [TaskSlice("face", "SST", 2)])
+
+
+def test_heads_outputs(supernet, tiny_cfg):
+    x = images(3, tiny_cfg)
+    with torch.no_grad():
+        logits = supernet.forward_task(x, "digits", "SSSS")
+        face = supernet.forward_task(x, "face", "SSSS")
+        person = supernet.forward_task(x, "person", "SSSS")
+    assert logits.shape == (3, 10)
+    assert face.shape == (3, 24) and person.shape == (3, tiny_cfg.model.embed_dim)
+    torch.testing.assert_close(face.norm(dim=-1), torch.ones(3))
+
+
+def test_classification_loss_is_cross_entropy(supernet, tiny_cfg):
+    x, y = images(4, tiny_cfg), torch.tensor([1, 2, 3, 9])
+    with torch.no_grad():
+        logits = supernet.forward_task(x, "digits", "TSSS")
+        (loss,) = supernet(x, [TaskSlice("digits", "TSSS", 4)], y)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, y))
+
+
+@pytest.mark.parametrize("kind,margin", [("cosface", 0.35), ("arcface", 0.5)])
+def test_margin_softmax_against_its_formula(kind, margin):
+    torch.manual_seed(0)
+    head = MarginSoftmax(dim=6, num_classes=5, kind=kind, scale=10.0, margin=margin)
+    emb = F.normalize(torch.randn(4, 6), dim=-1)
+    y = torch.tensor([0, 3, 4, 3])
+    w = F.normalize(head.weight.detach(), dim=-1)
+    expected = 0.0
+    for e, label in zip(emb, y.tolist()):
+        cos = [float(e @ w[c]) for c in range(5)]
+        if kind == "cosface":
+            target = cos[label] - margin
+        else:
+            theta = math.acos(cos[label])
+            target = (math.cos(theta + margin) if theta + margin < math.pi
+                      else cos[label] - math.sin(math.pi - margin) * margin)
+        logits = [10.0 * (target if c == label else cos[c]) for c in range(5)]
+        expected += -logits[label] + math.log(sum(math.exp(v) for v in logits))
+    assert head(emb, y).item() == pytest.approx(expected / 4, rel=1e-5)
+
+
+def test_param_counts_add_up(supernet, tiny_cfg):
+    paths = {t: tiny_cfg.path_of(t) for t in tiny_cfg.tasks}
+    counts = count_params(supernet, paths)
+    assert counts.total == sum(p.numel() for p in supernet.parameters())
+    assert counts.total == counts.shared + sum(t.own for t in counts.tasks)
+    for t in counts.tasks:
+        plain = VisionTransformer(**subnet_args(tiny_cfg, t.task))
+        assert t.subnet == sum(p.numel() for p in plain.parameters())
+
+
+def test_subnet_state_dict_keeps_the_path(supernet, tiny_cfg):
+    state = supernet.state_dict()
+    sub = subnet_state_dict(state, "face", "SSTT", "embed")
+    assert torch.equal(sub["blocks.0.mlp.fc1.weight"], state["blocks.0.mlp.shared.fc1.weight"])
+    assert torch.equal(sub["blocks.2.mlp.fc1.weight"], state["blocks.2.mlp.task.face.fc1.weight"])
+    assert torch.equal(sub["head.weight"], state["heads.face.embed.weight"])
+    plain = VisionTransformer(**subnet_args(tiny_cfg, "face"))
+    assert set(sub) == set(plain.state_dict())
