@@ -10,7 +10,7 @@ from conftest import TINY, write_yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["demo", "ufo_vit_b", "ufo_vit_l"])
+@pytest.mark.parametrize("name", ["demo", "ufo_vit_s", "ufo_vit_b", "ufo_vit_l"])
 def test_shipped_configs_load(name):
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
     assert all(len(cfg.path_of(t)) == cfg.model.depth for t in cfg.tasks)
