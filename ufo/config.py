@@ -242,8 +242,9 @@ def _from_override(key: str, overridden: Mapping[str, str]) -> str:
 def _check(cfg: UfoConfig, source: str, overridden: Mapping[str, str]) -> UfoConfig:
     """Checks across keys; fills each task's default path."""
 
-    def fail(key: str, msg: str) -> ConfigError:
-        return ConfigError(f"{source}: {key}: {msg}{_from_override(key, overridden)}")
+    def fail(key: str, msg: str, related: str = "") -> ConfigError:
+        hint = _from_override(key, overridden) or (_from_override(related, overridden) if related else "")
+        return ConfigError(f"{source}: {key}: {msg}{hint}")
 
     m = cfg.model
     if m.img_size % m.patch_size:
@@ -260,7 +261,8 @@ def _check(cfg: UfoConfig, source: str, overridden: Mapping[str, str]) -> UfoCon
             raise fail(key, "task names are lower-case letters, digits and _, starting with a letter")
         path = task.path or default_path(m.depth)
         if len(path) != m.depth:
-            raise fail(f"{key}.path", f"path {path!r} has {len(path)} blocks but model.depth is {m.depth}")
+            raise fail(f"{key}.path", f"path {path!r} has {len(path)} blocks but model.depth is {m.depth}",
+                       related="model.depth")
         if task.kind == "classification" and task.embedding_dim is not None:
             raise fail(f"{key}.embedding_dim", "only retrieval tasks have an embedding; remove it or set kind: retrieval")
         if task.kind == "retrieval" and task.margin == "arcface" and task.margin_value >= 3.14159:
