@@ -108,13 +108,23 @@ def test_embedding_dim_only_for_retrieval(tiny_config_file):
 
 
 def test_task_without_kind(tiny_config_file):
-    message = error_of(tiny_config_file, ["tasks.extra.num_classes=3"])
+    message = error_of(tiny_config_file, ["tasks.extra={num_classes: 3}"])
     assert "tasks.extra.kind: required key is missing" in message
 
 
+def test_a_task_can_be_added_whole(tiny_config_file):
+    cfg = load_config(tiny_config_file, ["tasks.extra={kind: classification, num_classes: 3}", "tasks.extra.weight=2"])
+    assert cfg.tasks["extra"].weight == 2 and cfg.path_of("extra") == "SSTT"
+
+
+def test_override_naming_an_undefined_task(tiny_config_file):
+    message = error_of(tiny_config_file, ["tasks.faec.path=SSTT"])
+    assert message.startswith(f"{tiny_config_file}: tasks.faec: no such task (defined: digits, face, person;")
+    assert "(from --set tasks.faec.path=SSTT)" in message
+
+
 def test_bad_task_name(tiny_config_file):
-    message = error_of(tiny_config_file, ["tasks.Bad-Name.kind=classification", "tasks.Bad-Name.num_classes=2",
-                                          "tasks.Bad-Name.path=SSSS"])
+    message = error_of(tiny_config_file, ["tasks.Bad-Name={kind: classification, num_classes: 2, path: SSSS}"])
     assert "tasks.Bad-Name" in message
 
 

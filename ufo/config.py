@@ -158,11 +158,22 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> UfoConfig:
 def config_from_dict(raw: Mapping[str, Any], source: str, overrides: Sequence[str] = ()) -> UfoConfig:
     """Validate a raw mapping (from YAML or a checkpoint); `source` names it in errors."""
     raw = json.loads(json.dumps(raw))  # a deep, plain copy we may edit
+    defined = set(raw.get("tasks") or {}) if isinstance(raw.get("tasks"), dict) else set()
     overridden = {}
     for item in overrides:
         key, value = _parse_override(item, source)
         _set_dotted(raw, key, value, source)
         overridden[key] = item
+        parts = key.split(".")
+        if parts[0] == "tasks" and len(parts) > 2 and parts[1] not in defined:
+            # `--set tasks.NAME.x=...` on a task the file does not define is almost always a typo
+            raise ConfigError(f"{source}: tasks.{parts[1]}: no such task (defined: {', '.join(sorted(defined))}; "
+                              f"add one whole: --set 'tasks.{parts[1]}={{kind: ..., num_classes: ...}}') "
+                              f"(from --set {item})")
+        if parts == ["tasks"] and isinstance(value, dict):
+            defined = set(value)
+        elif parts[0] == "tasks" and len(parts) == 2:
+            defined.add(parts[1])
     try:
         cfg = UfoConfig.model_validate(raw)
     except ValidationError as e:
