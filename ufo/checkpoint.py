@@ -8,7 +8,6 @@ consolidated state dict, step); `ufo export` and training start from it.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 import ufo
+from ufo.atomic import atomic_file
 from ufo.config import UfoConfig, config_from_dict
 from ufo.errors import CheckpointError
 from ufo.model import SupernetViT, supernet_state_from_vit, vit_args
@@ -92,27 +92,12 @@ def save_supernet(model: SupernetViT, cfg: UfoConfig, out: str | Path, step: int
         raise CheckpointError(f"{out}: exists; pass --overwrite to replace it")
     if out.is_dir():
         raise CheckpointError(f"{out}: is a directory; name a file such as {out / 'supernet.safetensors'}")
-    out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": FORMAT, "ufo_version": ufo.__version__, "step": str(step),
                 "config": json.dumps(cfg.to_dict())}
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_file(out) as tmp:
         save_file(state, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, readable_mode())  # safetensors creates 0600 files; checkpoints are shared
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
-
-
-def readable_mode() -> int:
-    """The mode an ordinary new file gets here (0666 less the umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:

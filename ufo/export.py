@@ -10,13 +10,10 @@ leaves nothing behind and never touches an existing directory.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import timm
 import torch
@@ -26,7 +23,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 import ufo
-from ufo.checkpoint import Checkpoint, load_supernet, read_checkpoint, readable_mode
+from ufo.atomic import atomic_dir
+from ufo.checkpoint import Checkpoint, load_supernet, read_checkpoint
 from ufo.config import UfoConfig
 from ufo.errors import ExportError
 from ufo.model import SupernetViT, postprocess, subnet_args, subnet_state_dict
@@ -73,7 +71,7 @@ def export_subnet(checkpoint: str | Path | Checkpoint, task: str, out: str | Pat
     out = Path(out)
     _refuse_existing(out, overwrite)
     supernet = load_supernet(ckpt).eval()
-    with _atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         return _write_subnet(supernet, ckpt, task, path, tmp, out, formats, verify, atol, log)
 
 
@@ -87,7 +85,7 @@ def export_all_tasks(checkpoint: str | Path | Checkpoint, out: str | Path, forma
     out = Path(out)
     _refuse_existing(out, overwrite)
     supernet = load_supernet(ckpt).eval()
-    with _atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         return [_write_subnet(supernet, ckpt, task, cfg.path_of(task), tmp / task, out / task,
                               formats, verify, atol, log)
                 for task in cfg.tasks]
@@ -148,8 +146,6 @@ def _write_subnet(supernet: SupernetViT, ckpt: Checkpoint, task: str, path: str,
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if "safetensors" not in formats:
         (tmp / FILES["safetensors"]).unlink()
-    for file in tmp.iterdir():  # safetensors creates 0600 files; deployed models are shared
-        file.chmod(readable_mode())
     checks = "  ".join(f"{fmt} max|diff| {d:.2e}" for fmt, d in result.max_abs_diff.items())
     log(f"  {task:<12} {kind:<14} path {path}  {params / 1e6:8.3f} M params  {checks or 'not verified'}")
     return result
@@ -230,23 +226,3 @@ def _refuse_existing(out: Path, overwrite: bool) -> None:
         raise ExportError(f"{out}: exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory")
-
-
-@contextmanager
-def _atomic_dir(out: Path) -> Iterator[Path]:
-    """Build in a hidden sibling; only a complete directory is renamed into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
