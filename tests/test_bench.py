@@ -1,4 +1,6 @@
-from ufo.bench import bench_model, format_model_bench
+from ufo.bench import bench_data, bench_model, format_data_bench, format_model_bench
+from ufo.config import load_config
+from ufo.data import open_source, write_task_shards
 
 
 def test_bench_model_reports_both_models(tiny_cfg):
@@ -7,3 +9,18 @@ def test_bench_model_reports_both_models(tiny_cfg):
     assert result["supernet_s_per_step"] > 0 and result["plain_s_per_step"] > 0
     assert result["ratio"] == result["supernet_s_per_step"] / result["plain_s_per_step"]
     assert "ratio supernet/plain" in format_model_bench(result)
+
+
+def test_bench_data_reports_rates_and_ratios(tmp_path, tiny_config_file):
+    overrides = []
+    for task, num_classes in [("face", 20), ("person", 15), ("digits", 10)]:
+        source = open_source("synth:instances", task, classes=num_classes, samples=24, image_size=16)
+        write_task_shards(source, task, tmp_path / task, kind="retrieval", log=lambda _: None)
+        overrides.append(f"tasks.{task}.shards={tmp_path / task}")
+    cfg = load_config(tiny_config_file, overrides + ["train.micro_batch_size=4"])
+    result = bench_data(cfg, workers=[0], batches=2)
+    for task in cfg.tasks:
+        t = result["tasks"][task]
+        assert t["loader_samples_per_s"][0] > 0 and t["train_step_samples_per_s"] > 0
+        assert t["ratio"][0] == t["loader_samples_per_s"][0] / t["train_step_samples_per_s"]
+    assert "decoded samples/s" in format_data_bench(result)

@@ -5,7 +5,7 @@ import pytest
 from ufo.config import default_path, load_config
 from ufo.errors import ConfigError
 
-from conftest import TINY, write_yaml
+from tiny import TINY, write_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 

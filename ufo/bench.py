@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -91,3 +91,70 @@ def format_model_bench(r: dict[str, Any]) -> str:
         f"{r['plain_samples_per_s']:8.1f} samples/s",
         f"  ratio supernet/plain       {r['ratio']:9.3f}   ({verdict} the target <= {r['target']})",
     ])
+
+
+def bench_data(cfg: UfoConfig, workers: Sequence[int] = (0, 1, 2), batches: int = 20) -> dict[str, Any]:
+    """Decoded samples/s of each task's train loader per worker count, against what one training
+    step of the supernet (fwd+bwd+AdamW on one task's micro-batch, as a task-parallel rank runs)
+    consumes per second."""
+    from ufo.data import task_loader
+
+    batch = cfg.train.micro_batch_size
+    torch.manual_seed(cfg.train.seed)
+    model = SupernetViT.from_config(cfg).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    m = cfg.model
+    result: dict[str, Any] = {"micro_batch_size": batch, "configured_workers": cfg.data.num_workers, "tasks": {}}
+    for task in cfg.tasks:
+        images = torch.randn(batch, m.in_chans, m.img_size, m.img_size)
+        labels = torch.randint(cfg.tasks[task].num_classes, (batch,))
+        slices = [TaskSlice(task, cfg.path_of(task), batch)]
+
+        def train_step() -> None:
+            model(images, slices, labels)[0].backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        for _ in range(2):
+            train_step()
+        start = time.perf_counter()
+        for _ in range(5):
+            train_step()
+        consume = 5 * batch / (time.perf_counter() - start)
+        rates = {}
+        for w in workers:
+            loader = task_loader(cfg, task, num_workers=w, log=lambda _: None)
+            stream = _endless(loader)
+            next(stream)  # worker start-up is not throughput
+            start, samples = time.perf_counter(), 0
+            for _ in range(batches):
+                samples += len(next(stream)["labels"])
+            rates[w] = samples / (time.perf_counter() - start)
+            del stream
+        result["tasks"][task] = {"train_step_samples_per_s": consume,
+                                 "loader_samples_per_s": rates,
+                                 "ratio": {w: r / consume for w, r in rates.items()}}
+    result["target"] = 3.0
+    return result
+
+
+def _endless(loader):
+    while True:
+        yield from loader
+
+
+def format_data_bench(r: dict[str, Any]) -> str:
+    workers = list(next(iter(r["tasks"].values()))["loader_samples_per_s"])
+    head = "".join(f"{f'{w} workers':>22}" for w in workers)
+    lines = [f"ufo bench data: micro-batch {r['micro_batch_size']}, decoded samples/s (ratio to the training "
+             f"step's consumption; target >= {r['target']:g})",
+             f"  {'task':<12}{'train step':>12}{head}"]
+    for task, t in r["tasks"].items():
+        cells = "".join(f"{t['loader_samples_per_s'][w]:>13.0f} ({t['ratio'][w]:5.1f}x)" for w in workers)
+        lines.append(f"  {task:<12}{t['train_step_samples_per_s']:>12.0f}{cells}")
+    w = r["configured_workers"]
+    if w in workers:
+        worst = min(t["ratio"][w] for t in r["tasks"].values())
+        verdict = "meets" if worst >= r["target"] else "MISSES"
+        lines.append(f"  with data.num_workers = {w}: worst ratio {worst:.1f}x ({verdict} the target)")
+    return "\n".join(lines)

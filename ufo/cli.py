@@ -63,6 +63,35 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(run=_export)
 
+    p = commands.add_parser("data", help="write and inspect task shards (WebDataset)")
+    data = p.add_subparsers(dest="data", required=True, metavar="ACTION")
+    w = data.add_parser("write", help="write a task's shards from an image folder, .npz, sklearn:digits or synth:...")
+    w.add_argument("--task", required=True, help="task name (shards are named TASK-000000.tar)")
+    w.add_argument("--from", dest="source", required=True, metavar="SOURCE",
+                   help="image folder (ImageFolder layout), FILE.npz (images, labels), sklearn:digits, "
+                        "synth:shapes or synth:instances")
+    w.add_argument("--out", type=Path, required=True, help="output directory (must be empty unless --overwrite)")
+    w.add_argument("--kind", choices=["classification", "retrieval"],
+                   help="task kind recorded in the manifest (default: the source's, else classification)")
+    w.add_argument("--maxcount", type=int, default=10000, help="samples per shard at most")
+    w.add_argument("--maxsize", type=float, default=1e9, help="bytes per shard at most")
+    w.add_argument("--eval-fraction", type=float, default=0.0,
+                   help="hold out this fraction of each class as OUT/eval (the rest goes to OUT/train)")
+    w.add_argument("--seed", type=int, default=0, help="shuffle (and synthetic generator) seed")
+    w.add_argument("--classes", type=int, default=10, help="synth: number of classes")
+    w.add_argument("--samples", type=int, default=1000, help="synth: number of samples")
+    w.add_argument("--difficulty", type=float, default=0.3, help="synth: 0 (easy) .. 1 (hard)")
+    w.add_argument("--image-size", type=int, default=32, help="synth and sklearn:digits: image side in pixels")
+    w.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    w.set_defaults(run=_data_write)
+    i = data.add_parser("inspect", help="counts per shard and class, problems, and a contact sheet")
+    i.add_argument("shards", help="a shard directory, a pattern like 'dir/task-{000000..000009}.tar', or one tar")
+    i.add_argument("--sheet", type=Path, default=Path("contact_sheet.png"),
+                   help="contact sheet PNG to write (default: ./contact_sheet.png)")
+    i.add_argument("--no-sheet", action="store_true", help="do not draw a contact sheet")
+    i.add_argument("--json", action="store_true", help="print the report as JSON")
+    i.set_defaults(run=_data_inspect)
+
     p = commands.add_parser("bench", help="benchmarks")
     benches = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     b = benches.add_parser("model", help="supernet fwd+bwd on a task-grouped batch vs a plain timm ViT")
@@ -73,6 +102,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     b.add_argument("--json", action="store_true", help="print the result as JSON")
     b.set_defaults(run=_bench_model)
+    b = benches.add_parser("data", help="loader throughput per worker count vs the demo training step")
+    config_args(b)
+    b.add_argument("--workers", default="0,1,2", help="comma-separated worker counts to time")
+    b.add_argument("--batches", type=int, default=20, help="timed batches per task and worker count")
+    b.add_argument("--json", action="store_true", help="print the result as JSON")
+    b.set_defaults(run=_bench_data)
     return parser
 
 
@@ -125,6 +160,39 @@ def _export(args: argparse.Namespace) -> None:
     verified = all(r.max_abs_diff for r in results)
     print(f"wrote {len(results)} subnet{'s' if len(results) > 1 else ''} to {args.out}"
           + (" (verified against the supernet)" if verified else " (not verified)"))
+
+
+def _data_write(args: argparse.Namespace) -> None:
+    from ufo.data import open_source, write_task_shards
+
+    source = open_source(args.source, args.task, classes=args.classes, samples=args.samples,
+                         difficulty=args.difficulty, image_size=args.image_size, seed=args.seed)
+    kind = args.kind or source.kind or "classification"
+    print(f"ufo data write: task {args.task} ({kind}) from {source.description}")
+    write_task_shards(source, args.task, args.out, kind=kind, maxcount=args.maxcount, maxsize=args.maxsize,
+                      seed=args.seed, eval_fraction=args.eval_fraction, overwrite=args.overwrite)
+
+
+def _data_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from ufo.data.inspect import format_report, inspect_shards
+
+    report = inspect_shards(args.shards, sheet=None if args.no_sheet else args.sheet)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
+    return 1 if report.problems else 0
+
+
+def _bench_data(args: argparse.Namespace) -> None:
+    import json
+
+    from ufo.bench import bench_data, format_data_bench
+    from ufo.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    result = bench_data(cfg, workers=workers, batches=args.batches)
+    print(json.dumps(result, indent=2) if args.json else format_data_bench(result))
 
 
 def _bench_model(args: argparse.Namespace) -> None:

@@ -57,8 +57,13 @@ class TaskConfig(Section):
     margin_scale: float = Field(30.0, gt=0)
     margin_value: float = Field(0.35, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # WebDataset shards: a directory (its manifest.json, else its *.tar), a brace/glob pattern,
+    # or pipe:/URL specs that webdataset opens
     shards: str | None = None
     eval_shards: str | None = None
+    # resampled mode on shards whose sample counts are unknown (no manifest, not local)
+    samples_per_epoch: int | None = Field(None, gt=0)
+    hflip: float | None = Field(None, ge=0, le=1)  # overrides data.hflip for this task
 
     @field_validator("path")
     @classmethod
@@ -72,18 +77,28 @@ class TaskConfig(Section):
 
 
 class DataConfig(Section):
-    """Preprocessing shared by training, evaluation and the exported subnets."""
+    """How shards are read, and the preprocessing shared by training, evaluation and export."""
 
+    # exact: every sample once per epoch across the task's ranks; resampled: shards drawn with
+    # replacement, endless. Both give every rank the same number of batches per epoch.
+    mode: Literal["exact", "resampled"] = "exact"
+    num_workers: int = Field(2, ge=0)
+    shuffle_buffer: int = Field(1000, ge=0)
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     interpolation: Literal["bilinear", "bicubic", "nearest"] = "bicubic"
     crop_pct: float = Field(1.0, gt=0, le=1)
-    num_workers: int = Field(2, ge=0)
+    # training augmentation (timm.data.create_transform)
+    scale: tuple[float, float] = (0.6, 1.0)
+    hflip: float = Field(0.5, ge=0, le=1)
+    color_jitter: float | None = None
+    auto_augment: str | None = None
 
 
 class TrainConfig(Section):
     seed: int = 0
     out_dir: str = "runs/demo"
+    micro_batch_size: int = Field(32, gt=0)  # samples per rank per step (per task in mixed)
 
 
 class DeepSpeedConfig(Section):

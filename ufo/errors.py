@@ -18,3 +18,7 @@ class CheckpointError(UfoError):
 
 class ExportError(UfoError):
     """An export cannot proceed (unknown task, bad path, existing output) or failed verification."""
+
+
+class DataError(UfoError):
+    """Shards cannot be found, written or read (every shard of a task unreadable, say)."""

@@ -1,0 +1,197 @@
+import itertools
+from collections import Counter
+
+import pytest
+import torch
+
+from ufo.data import MixedLoader, TaskLoader
+from ufo.errors import DataError
+
+from shardtools import members_of, write_synth, write_tar
+
+
+def loader(spec, transform, **kw):
+    kw.setdefault("batch_size", 4)
+    return TaskLoader("shapes", str(spec), transform=transform["train"], num_classes=5, **kw)
+
+
+def epoch_keys(ld):
+    return [b["keys"] for b in ld]
+
+
+@pytest.mark.parametrize("group_size,workers,batch", [(2, 2, 4), (2, 2, 64), (3, 2, 5), (1, 0, 8)])
+def test_exact_mode_reads_every_sample_once_with_equal_batch_counts(shards, transform, group_size, workers, batch):
+    seen, counts = Counter(), []
+    for rank in range(group_size):
+        ld = loader(shards, transform, rank_in_group=rank, group_size=group_size, num_workers=workers,
+                    batch_size=batch)
+        batches = list(ld)
+        counts.append(len(batches))
+        assert len(batches) == ld.batches_per_epoch
+        assert all(0 < len(b["labels"]) <= batch for b in batches)
+        assert all(b["images"].shape[1:] == (3, 16, 16) for b in batches)
+        seen.update(k for b in batches for k in b["keys"])
+    assert len(set(counts)) == 1
+    assert len(seen) == 50 and set(seen.values()) == {1}
+
+
+def test_fewer_shards_than_ranks_times_workers(tmp_path, transform):
+    one = write_synth(tmp_path / "one", samples=9, maxcount=100)
+    seen, counts = Counter(), []
+    for rank in range(2):
+        batches = list(loader(one, transform, rank_in_group=rank, group_size=2, num_workers=3, batch_size=2))
+        counts.append(len(batches))
+        seen.update(k for b in batches for k in b["keys"])
+    assert counts == [3, 3] and len(seen) == 9 and set(seen.values()) == {1}
+
+
+def test_very_uneven_shards_give_equal_batch_counts(tmp_path, transform):
+    big = write_synth(tmp_path / "big", samples=40, maxcount=40)
+    small = write_synth(tmp_path / "small", samples=3, maxcount=1, task="shapes")
+    spec = [str(p) for p in sorted(big.glob("*.tar")) + sorted(small.glob("*.tar"))]
+    counts, seen = [], Counter()
+    for rank in range(2):
+        ld = TaskLoader("shapes", spec, batch_size=6, transform=transform["eval"], rank_in_group=rank,
+                        group_size=2, num_workers=2)
+        batches = list(ld)
+        counts.append(len(batches))
+        seen.update(k for b in batches for k in b["keys"])
+    assert counts[0] == counts[1] == 4
+    assert sum(seen.values()) == 43
+
+
+def test_resampled_mode(shards, transform):
+    counts = []
+    for rank in range(2):
+        ld = loader(shards, transform, rank_in_group=rank, group_size=2, num_workers=2, mode="resampled")
+        batches = list(ld)
+        counts.append(len(batches))
+        assert all(len(b["labels"]) == 4 for b in batches)
+        assert len(list(ld)) == ld.batches_per_epoch  # a second epoch, as long
+    assert counts == [7, 7]  # ceil(ceil(50 / 2) / 4)
+
+
+def test_same_seed_same_batches_and_epochs_differ(shards, transform):
+    a = loader(shards, transform, num_workers=2, seed=5)
+    b = loader(shards, transform, num_workers=2, seed=5)
+    first_a, first_b = list(a), list(b)
+    for x, y in zip(first_a, first_b):
+        assert x["keys"] == y["keys"] and torch.equal(x["images"], y["images"])
+    assert [x["keys"] for x in first_a] != epoch_keys(a)  # epoch 1 is another order
+
+
+@pytest.mark.parametrize("workers,stop", [(0, 3), (2, 5), (3, 7), (2, 13), (2, 16)])
+def test_restoring_a_position_continues_where_it_stopped(shards, transform, workers, stop):
+    straight = loader(shards, transform, num_workers=workers, seed=2)
+    expected = list(straight) + list(straight)  # two epochs
+    interrupted = loader(shards, transform, num_workers=workers, seed=2)
+    got = []
+    for batch in itertools.chain(interrupted, interrupted):
+        got.append(batch)
+        if len(got) == stop:
+            break
+    state = interrupted.state_dict()
+    assert state == dict(zip(("epoch", "batches"), divmod(stop, 13)))
+    resumed = loader(shards, transform, num_workers=workers, seed=2)
+    resumed.load_state_dict(state)
+    while len(got) < len(expected):
+        got += list(resumed)
+    assert [b["keys"] for b in got] == [b["keys"] for b in expected]
+    for x, y in zip(got, expected):
+        assert torch.equal(x["images"], y["images"])  # augmentation replayed exactly
+
+
+def test_plain_tarfile_shards_read_the_same(shards, tmp_path, transform):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for shard in sorted(shards.glob("*.tar")):
+        write_tar(plain / shard.name, members_of(shard))
+    ours = [(b["keys"], b["labels"].tolist(), b["images"]) for b in loader(shards, transform, num_workers=2)]
+    theirs = [(b["keys"], b["labels"].tolist(), b["images"])
+              for b in loader(plain / "shapes-{000000..000007}.tar", transform, num_workers=2)]
+    assert [x[:2] for x in ours] == [x[:2] for x in theirs]
+    assert all(torch.equal(x[2], y[2]) for x, y in zip(ours, theirs))
+
+
+def test_bad_samples_are_skipped_counted_and_reported(tmp_path, transform):
+    src = write_synth(tmp_path / "src", samples=30, maxcount=10)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    first = members_of(src / "shapes-000000.tar")
+    # shard 0: one undecodable image, one sample without a label
+    broken_key = first[2][0].split(".")[0]
+    unlabeled_key = first[5][0].split(".")[0]
+    edited = [(n, b"not a png" if n == f"{broken_key}.png" else d) for n, d in first
+              if n != f"{unlabeled_key}.cls"]
+    write_tar(bad / "shapes-000000.tar", edited)
+    write_tar(bad / "shapes-000001.tar", members_of(src / "shapes-000001.tar"))
+    # shard 2: cut in the middle of a member
+    data = (src / "shapes-000002.tar").read_bytes()
+    (bad / "shapes-000002.tar").write_bytes(data[: len(data) // 2 + 100])
+    messages = []
+    counts, seen = [], Counter()
+    for rank in range(2):
+        ld = TaskLoader("shapes", str(bad / "shapes-*.tar"), batch_size=4, transform=transform["eval"],
+                        rank_in_group=rank, group_size=2, num_workers=2, log=messages.append, shuffle_buffer=0)
+        batches = list(ld)
+        counts.append(len(batches))
+        seen.update(k for b in batches for k in b["keys"])
+    assert counts[0] == counts[1]
+    assert broken_key not in seen and unlabeled_key not in seen
+    assert 15 <= sum(seen.values()) < 28 and set(seen.values()) == {1}
+    text = "\n".join(messages)
+    assert f"shapes-000000.tar, key {broken_key}: undecodable image" in text or \
+        f"shapes-000000.tar, key {unlabeled_key}: missing label" in text
+    assert "shapes-000002.tar" in text and "unreadable" in text
+    summaries = [m for m in messages if "skipped" in m and "bad samples" in m]
+    assert summaries and all("epoch 0" in m for m in summaries)
+
+
+def test_every_shard_unreadable_is_one_clear_error(tmp_path, transform):
+    for i in range(2):
+        (tmp_path / f"t-{i}.tar").write_bytes(b"garbage" * 10)
+    with pytest.raises(DataError, match=r"task shapes: every shard is unreadable \(2 shards; .*t-0.tar"):
+        loader(tmp_path / "t-*.tar", transform, log=lambda _: None)
+
+
+def test_one_unreadable_shard_is_left_out_with_a_warning(shards, transform):
+    (shards / "shapes-000003.tar").write_bytes(b"\0\1garbage")
+    messages = []
+    ld = TaskLoader("shapes", str(shards / "shapes-*.tar"), batch_size=4, transform=transform["eval"],
+                    log=messages.append)
+    assert any("shapes-000003.tar is unreadable" in m for m in messages)
+    assert sum(len(b["keys"]) for b in ld) == 43
+
+
+def test_saved_position_from_another_plan_is_refused(shards, transform):
+    ld = loader(shards, transform)
+    with pytest.raises(DataError, match="does not fit an epoch"):
+        ld.load_state_dict({"epoch": 0, "batches": 99})
+
+
+def test_mixed_batches_hold_a_contiguous_slice_of_every_task(tmp_path, transform):
+    a = write_synth(tmp_path / "a", task="shapes", samples=20)
+    b = write_synth(tmp_path / "b", task="items", generator="instances", samples=7)
+    loaders = {"shapes": TaskLoader("shapes", str(a), batch_size=4, transform=transform["train"]),
+               "items": TaskLoader("items", str(b), batch_size=2, transform=transform["train"])}
+    mixed = MixedLoader(loaders)
+    batches = list(mixed)
+    assert len(batches) == 5  # the longer task's epoch; items runs on into its next epoch
+    for batch in batches:
+        assert [task for task, _ in batch["slices"]] == ["shapes", "items"]
+        sizes = [n for _, n in batch["slices"]]
+        assert batch["images"].shape[0] == len(batch["labels"]) == sum(sizes)
+        assert all(k.startswith("shapes_") for k in batch["keys"][: sizes[0]])
+        assert all(k.startswith("items_") for k in batch["keys"][sizes[0]:])
+    assert mixed.state_dict()["tasks"]["items"] == {"epoch": 1, "batches": 1}
+    assert mixed.state_dict()["tasks"]["shapes"] == {"epoch": 1, "batches": 0}
+
+
+def test_pipe_specs_in_resampled_mode(shards, transform):
+    spec = f"pipe:cat {shards}/shapes-{{000000..000007}}.tar"
+    with pytest.raises(DataError, match="exact mode needs every shard's sample count"):
+        loader(spec, transform)
+    ld = loader(spec, transform, mode="resampled", samples_per_epoch=20, num_workers=2)
+    batches = list(ld)
+    assert len(batches) == 5 and all(len(b["keys"]) == 4 for b in batches)
+    assert all(k.startswith("shapes_") for b in batches for k in b["keys"])

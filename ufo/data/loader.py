@@ -1,0 +1,373 @@
+"""The task-grouped loader: one pipeline per (task, rank in the task's group), and the mixed batch.
+
+Every rank computes the same epoch plan from (shards, group size, batch size, seed, epoch):
+
+- `exact`: the epoch's samples (shards in a seeded order) are cut into one contiguous range per
+  rank of the group, sizes differing by at most one; each rank's range is cut into the same
+  number of batches, `ceil(ceil(N / ranks) / batch_size)`, of near-equal size (never above
+  `batch_size`). So every sample is read once per epoch across the group and every rank yields
+  the same number of batches, whatever the shard sizes.
+- `resampled`: each rank's workers draw shards with replacement from a seeded generator; the
+  epoch is the same number of full batches on every rank.
+
+Inside a rank, batch j of the epoch comes from DataLoader worker j mod W; each worker reads one
+contiguous block. Raw samples are shuffled by a seeded buffer before decoding, and each batch's
+augmentation is seeded by (seed, epoch, rank, batch), so a run restored from a saved position
+(epoch, batches consumed) continues with exactly the batches the uninterrupted run would get.
+Bad samples (unreadable member, undecodable image, missing or bad label) are skipped, counted
+per shard and reported; a batch with skipped samples is shorter, never refilled.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import sys
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from timm.data import create_transform
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ufo.config import UfoConfig
+from ufo.data.shards import Shard, probe_shard, resolve_shards
+from ufo.errors import DataError
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
+Log = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def build_transform(cfg: UfoConfig, task: str, train: bool) -> Callable:
+    """timm's train or eval transform for a task, from the data and model sections."""
+    m, d = cfg.model, cfg.data
+    hflip = cfg.tasks[task].hflip if cfg.tasks[task].hflip is not None else d.hflip
+    return create_transform(
+        input_size=(m.in_chans, m.img_size, m.img_size), is_training=train, scale=d.scale,
+        hflip=hflip, vflip=0.0, color_jitter=d.color_jitter or 0.0, auto_augment=d.auto_augment,
+        interpolation=d.interpolation, mean=d.mean, std=d.std, crop_pct=d.crop_pct,
+    )
+
+
+def balanced(n: int, parts: int) -> list[int]:
+    """n split into `parts` sizes that differ by at most one (larger ones first)."""
+    return [n // parts + (i < n % parts) for i in range(parts)]
+
+
+@dataclass(frozen=True)
+class Segment:
+    url: str
+    skip: int
+    take: int
+
+
+def batches_per_epoch(samples: int, group_size: int, batch_size: int) -> int:
+    return max(1, math.ceil(math.ceil(samples / group_size) / batch_size))
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed python, numpy and torch for one batch's augmentation, leaving the caller's RNGs as they were."""
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
+class _TaskStream(IterableDataset):
+    """What each DataLoader worker runs: its share of one rank's epoch."""
+
+    def __init__(self, loader: "TaskLoader", epoch: int, skip: int):
+        self.task, self.shards, self.mode = loader.task, loader.shards, loader.mode
+        self.rank, self.group_size, self.batch_size = loader.rank_in_group, loader.group_size, loader.batch_size
+        self.seed, self.transform, self.num_classes = loader.seed, loader.transform, loader.num_classes
+        self.shuffle_buffer, self.num_workers = loader.shuffle_buffer, max(1, loader.num_workers)
+        self.total, self.nb = loader.samples_per_epoch, loader.batches_per_epoch
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        # after `skip` consumed batches the DataLoader's worker 0 must deliver batch `skip`
+        worker = ((info.id if info else 0) + self.skip) % self.num_workers
+        mine = list(range(worker, self.nb, self.num_workers))  # this worker's batches, in epoch order
+        problems: list[tuple[str, str | None, str]] = []
+        sizes = self._sizes()
+        raw = self._raw(worker, mine, sizes, problems)
+        if self.shuffle_buffer > 1:
+            raw = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer,
+                              seed=_seed(self.seed, self.epoch, self.rank, worker, 1))(raw)
+        for j in mine:
+            chunk = list(islice(raw, sizes[j]))
+            if j < self.skip:  # consumed before the saved position: read, not decoded
+                problems.clear()
+                continue
+            yield self._decode(chunk, j, problems)
+
+    def _sizes(self) -> list[int]:
+        if self.mode == "resampled":
+            return [self.batch_size] * self.nb
+        return balanced(balanced(self.total, self.group_size)[self.rank], self.nb)
+
+    def _raw(self, worker: int, mine: Sequence[int], sizes: Sequence[int],
+             problems: list) -> Iterator[dict]:
+        if self.mode == "resampled":
+            rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, 2))
+            while True:
+                yield from self._read(Segment(rng.choice(self.shards).url, 0, 1 << 62), problems)
+        order = list(self.shards)
+        random.Random(_seed(self.seed, self.epoch, 3)).shuffle(order)
+        start = sum(balanced(self.total, self.group_size)[: self.rank])
+        for j in range(self.num_workers):
+            if j == worker:
+                break
+            start += sum(sizes[k] for k in range(j, self.nb, self.num_workers))
+        for segment in _segments(order, start, sum(sizes[j] for j in mine)):
+            yield from self._read(segment, problems)
+
+    def _read(self, segment: Segment, problems: list) -> Iterator[dict]:
+        def unreadable(exn: Exception) -> bool:
+            problems.append((segment.url, None, f"unreadable: {str(exn.args[0]) if exn.args else exn}"))
+            return True
+
+        samples = wds.tarfile_samples([{"url": segment.url}], handler=unreadable)
+        yield from islice(samples, segment.skip, segment.skip + segment.take)
+
+    def _decode(self, chunk: list[dict], index: int, problems: list) -> dict:
+        images, labels, keys = [], [], []
+        with _seeded(_seed(self.seed, self.epoch, self.rank, index, 4)):
+            for sample in chunk:
+                try:
+                    image, label = self._sample(sample)
+                except ValueError as e:
+                    problems.append((sample.get("__url__", "?"), sample.get("__key__"), str(e)))
+                    continue
+                images.append(image)
+                labels.append(label)
+                keys.append(sample["__key__"])
+        batch = {
+            "task": self.task, "epoch": self.epoch, "index": index, "keys": keys,
+            "images": torch.stack(images) if images else torch.empty(0),
+            "labels": torch.tensor(labels, dtype=torch.long), "problems": list(problems),
+        }
+        problems.clear()
+        return batch
+
+    def _sample(self, sample: dict) -> tuple[torch.Tensor, int]:
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        if ext is None:
+            raise ValueError("no image member (.png/.jpg/...)")
+        if "cls" not in sample:
+            raise ValueError("missing label (.cls)")
+        try:
+            label = int(sample["cls"].decode().strip())
+        except (ValueError, UnicodeDecodeError):
+            raise ValueError(f"bad label {sample['cls'][:20]!r}") from None
+        if label < 0 or (self.num_classes is not None and label >= self.num_classes):
+            raise ValueError(f"label {label} outside 0..{(self.num_classes or 0) - 1}")
+        try:
+            image = Image.open(io.BytesIO(sample[ext]))
+            image = image.convert("RGB")
+        except Exception as e:
+            raise ValueError(f"undecodable image ({type(e).__name__})") from None
+        return self.transform(image), label
+
+
+def _segments(shards: Sequence[Shard], start: int, length: int) -> list[Segment]:
+    """The pieces of shards that hold samples [start, start + length) of the ordered epoch."""
+    segments, offset = [], 0
+    for shard in shards:
+        count = shard.samples or 0
+        lo, hi = max(start, offset), min(start + length, offset + count)
+        if lo < hi:
+            segments.append(Segment(shard.url, lo - offset, hi - lo))
+        offset += count
+    return segments
+
+
+class TaskLoader:
+    """Batches of one task for one rank of the task's group; `for batch in loader` is one epoch."""
+
+    def __init__(self, task: str, shards: str | Sequence[str] | Sequence[Shard], *, batch_size: int,
+                 transform: Callable, rank_in_group: int = 0, group_size: int = 1, num_workers: int = 0,
+                 seed: int = 0, mode: str = "exact", shuffle_buffer: int = 1000, num_classes: int | None = None,
+                 samples_per_epoch: int | None = None, log: Log = _stderr):
+        if not 0 <= rank_in_group < group_size:
+            raise ValueError(f"rank_in_group {rank_in_group} is not in a group of {group_size}")
+        if mode not in ("exact", "resampled"):
+            raise ValueError(f"mode {mode!r}: choose exact or resampled")
+        self.task, self.mode, self.log = task, mode, log
+        self.rank_in_group, self.group_size, self.batch_size = rank_in_group, group_size, batch_size
+        self.num_workers, self.seed, self.shuffle_buffer = num_workers, seed, shuffle_buffer
+        self.transform, self.num_classes = transform, num_classes
+        if shards and isinstance(next(iter(shards)), Shard):
+            found = list(shards)  # type: ignore[arg-type]
+        else:
+            found = resolve_shards(shards, task)  # type: ignore[arg-type]
+        self.shards = self._readable(found)
+        unknown = [s.url for s in self.shards if s.samples is None]
+        if unknown and mode == "exact":
+            raise DataError(f"task {task}: exact mode needs every shard's sample count, and {unknown[0]} has none "
+                            "(no manifest.json beside it); use data.mode: resampled")
+        if unknown and samples_per_epoch is None:
+            raise DataError(f"task {task}: the sample count of {unknown[0]} is unknown (no manifest.json); "
+                            f"set tasks.{task}.samples_per_epoch")
+        known = sum(s.samples or 0 for s in self.shards)
+        self.samples_per_epoch = samples_per_epoch if mode == "resampled" and samples_per_epoch else known
+        if self.samples_per_epoch < group_size:
+            raise DataError(f"task {task}: {self.samples_per_epoch} samples cannot feed {group_size} ranks")
+        self.batches_per_epoch = batches_per_epoch(self.samples_per_epoch, group_size, batch_size)
+        self.epoch, self.position = 0, 0
+        self._warned: set[str] = set()
+        self._epoch_problems: Counter = Counter()
+        self._epoch_samples = 0
+
+    def _readable(self, shards: list[Shard]) -> list[Shard]:
+        """Local shards that cannot be opened are left out with a warning; all of them: an error."""
+        good, bad = [], []
+        for shard in shards:
+            if shard.local:
+                error = probe_shard(shard.url)
+                if error:
+                    bad.append((shard.url, error))
+                    continue
+            good.append(shard)
+        for url, error in bad:
+            self.log(f"ufo data: warning: task {self.task}: shard {url} is unreadable ({error}); left out")
+        if not good:
+            url, error = bad[0]
+            raise DataError(f"task {self.task}: every shard is unreadable ({len(bad)} shards; {url}: {error})")
+        return good
+
+    def state_dict(self) -> dict[str, int]:
+        """The position: epoch and batches of it already consumed."""
+        if self.position == self.batches_per_epoch:  # finished, though the epoch has not been closed yet
+            return {"epoch": self.epoch + 1, "batches": 0}
+        return {"epoch": self.epoch, "batches": self.position}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        if not 0 <= state["batches"] <= self.batches_per_epoch:
+            raise DataError(f"task {self.task}: saved position {dict(state)} does not fit an epoch of "
+                            f"{self.batches_per_epoch} batches (did the shards or batch size change?)")
+        self.epoch, self.position = int(state["epoch"]), int(state["batches"])
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        stream = _TaskStream(self, self.epoch, self.position)
+        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers)
+        for batch in loader:
+            self.position += 1
+            self._epoch_samples += len(batch["labels"])
+            self._note(batch.pop("problems"))
+            yield batch
+        if self.position != self.batches_per_epoch:
+            raise RuntimeError(f"task {self.task}: epoch {self.epoch} gave {self.position} batches, "
+                               f"planned {self.batches_per_epoch}")
+        self._end_epoch()
+
+    def _note(self, problems: list[tuple[str, str | None, str]]) -> None:
+        for shard, key, reason in problems:
+            self._epoch_problems[(shard, reason.split(" (")[0])] += 1
+            if shard not in self._warned:
+                self._warned.add(shard)
+                where = f"{shard}, key {key}" if key else shard
+                self.log(f"ufo data: warning: task {self.task}: {where}: {reason} "
+                         "(skipped; further problems in this shard are counted)")
+
+    def _end_epoch(self) -> None:
+        if self._epoch_problems:
+            total = sum(self._epoch_problems.values())
+            shards = len({shard for shard, _ in self._epoch_problems})
+            reasons = Counter()
+            for (_, reason), n in self._epoch_problems.items():
+                reasons[reason] += n
+            detail = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
+            self.log(f"ufo data: task {self.task} epoch {self.epoch}: skipped {total} bad samples "
+                     f"in {shards} shard{'s' if shards > 1 else ''} ({detail})")
+            if self._epoch_samples == 0:
+                (shard, reason), _ = self._epoch_problems.most_common(1)[0]
+                raise DataError(f"task {self.task}: every shard is unreadable ({shard}: {reason})")
+        self.epoch, self.position = self.epoch + 1, 0
+        self._epoch_problems.clear()
+        self._epoch_samples = 0
+
+
+class MixedLoader:
+    """The `mixed` layout: each batch is a contiguous slice of every task, from the per-task loaders.
+
+    An epoch is the longest task's epoch; shorter tasks run on into their next epochs.
+    """
+
+    def __init__(self, loaders: Mapping[str, TaskLoader]):
+        self.loaders = dict(loaders)
+        self.batches_per_epoch = max(len(loader) for loader in self.loaders.values())
+        self.epoch, self.position = 0, 0
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batches": self.position,
+                "tasks": {task: loader.state_dict() for task, loader in self.loaders.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["batches"])
+        for task, loader in self.loaders.items():
+            loader.load_state_dict(state["tasks"][task])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        streams = {task: _endless(loader) for task, loader in self.loaders.items()}
+        while self.position < self.batches_per_epoch:
+            parts = [next(stream) for stream in streams.values()]
+            self.position += 1
+            yield {
+                "images": torch.cat([p["images"] for p in parts if len(p["labels"])]),
+                "labels": torch.cat([p["labels"] for p in parts]),
+                "slices": [(p["task"], len(p["labels"])) for p in parts],
+                "keys": [k for p in parts for k in p["keys"]],
+                "epoch": self.epoch, "index": self.position - 1,
+            }
+        self.epoch, self.position = self.epoch + 1, 0
+
+
+def _endless(loader: TaskLoader) -> Iterator[dict[str, Any]]:
+    while True:
+        yield from loader
+
+
+def task_loader(cfg: UfoConfig, task: str, *, rank_in_group: int = 0, group_size: int = 1, train: bool = True,
+                batch_size: int | None = None, num_workers: int | None = None, log: Log = _stderr) -> TaskLoader:
+    """A TaskLoader configured from the run's config (train shards, or eval shards in eval order)."""
+    t = cfg.tasks[task]
+    spec = t.shards if train else t.eval_shards
+    if spec is None:
+        raise DataError(f"task {task}: tasks.{task}.{'shards' if train else 'eval_shards'} is not set")
+    return TaskLoader(
+        task, spec, batch_size=batch_size or cfg.train.micro_batch_size, transform=build_transform(cfg, task, train),
+        rank_in_group=rank_in_group, group_size=group_size,
+        num_workers=cfg.data.num_workers if num_workers is None else num_workers,
+        seed=cfg.train.seed, mode=cfg.data.mode if train else "exact",
+        shuffle_buffer=cfg.data.shuffle_buffer if train else 0, num_classes=t.num_classes,
+        samples_per_epoch=t.samples_per_epoch if train else None, log=log)

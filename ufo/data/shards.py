@@ -1,0 +1,175 @@
+"""Task shards on disk: writing them with webdataset's ShardWriter, their manifest, and finding them.
+
+A task's shards are standard WebDataset tars (`NAME-000000.tar`; a sample is `__key__`, an
+image `.png`/`.jpg`, a `.cls` label and optional `.json`). `manifest.json` beside them records
+the task, kind, classes and, per shard, its sample count, size and sha256.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import random
+import tarfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import braceexpand
+import webdataset as wds
+from webdataset.tariterators import base_plus_ext
+
+from ufo.atomic import atomic_dir
+from ufo.data.sources import Source
+from ufo.errors import DataError
+
+MANIFEST = "manifest.json"
+FORMAT = "ufo-shards/1"
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://")
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str  # what webdataset opens: a local path, pipe:..., or a URL
+    samples: int | None  # known from a manifest or a local scan; None for remote shards without one
+    local: bool
+
+
+def write_task_shards(source: Source, task: str, out: Path, *, kind: str, maxcount: int = 10000,
+                      maxsize: float = 1e9, seed: int = 0, eval_fraction: float = 0.0, overwrite: bool = False,
+                      log: Callable[[str], None] = print) -> list[dict]:
+    """Write a source as shuffled task shards (and an eval split); returns the manifests written."""
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise DataError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+    if not 0.0 <= eval_fraction < 1.0:
+        raise DataError(f"--eval-fraction {eval_fraction}: must be in [0, 1)")
+    order = list(range(len(source.items)))
+    random.Random(seed).shuffle(order)  # class-sorted sources must not give class-sorted shards
+    splits = {"": order}
+    if eval_fraction > 0:
+        by_class: dict[int, list[int]] = {}
+        for i in order:
+            by_class.setdefault(source.labels[i], []).append(i)
+        held = {i for members in by_class.values() for i in members[: max(1, round(eval_fraction * len(members)))]}
+        splits = {"train": [i for i in order if i not in held], "eval": [i for i in order if i in held]}
+    manifests = []
+    with atomic_dir(out) as tmp:
+        for split, indices in splits.items():
+            directory = tmp / split if split else tmp
+            manifest = _write_split(source, [source.items[i] for i in indices], directory, task, kind,
+                                    split or None, maxcount, maxsize)
+            where = out / split if split else out
+            log(f"  {task}{'/' + split if split else ''}: {manifest['samples']} samples, "
+                f"{len(manifest['shards'])} shard{'s' if len(manifest['shards']) != 1 else ''} -> {where}")
+            manifests.append(manifest)
+    return manifests
+
+
+def _write_split(source: Source, items: Sequence, directory: Path, task: str, kind: str, split: str | None,
+                 maxcount: int, maxsize: float) -> dict:
+    directory.mkdir(parents=True, exist_ok=True)
+    finished: list[tuple[str, int]] = []
+    writer = wds.ShardWriter(str(directory / f"{task}-%06d.tar"), maxcount=maxcount, maxsize=maxsize, verbose=0,
+                             post=lambda fname: finished.append((fname, writer.count)))
+    class_counts: Counter = Counter()
+    with writer:
+        for n, item in enumerate(items):
+            sample = source.load(item)
+            record = {"__key__": f"{task}_{n:07d}", sample.ext: sample.image, "cls": sample.label}
+            if sample.meta is not None:
+                record["json"] = sample.meta
+            writer.write(record)
+            class_counts[sample.label] += 1
+    shards = [{"file": Path(fname).name, "samples": count, "bytes": Path(fname).stat().st_size,
+               "sha256": sha256_file(Path(fname))} for fname, count in finished if count > 0]
+    for fname, count in finished:
+        if count == 0:
+            Path(fname).unlink()
+    manifest = {
+        "format": FORMAT, "task": task, "kind": kind, "split": split, "num_classes": len(source.classes),
+        "classes": source.classes, "source": source.description, "samples": sum(s["samples"] for s in shards),
+        "class_counts": {str(k): v for k, v in sorted(class_counts.items())}, "shards": shards,
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(directory: Path) -> dict | None:
+    file = directory / MANIFEST
+    if not file.is_file():
+        return None
+    try:
+        manifest = json.loads(file.read_text())
+        manifest["shards"]
+    except (ValueError, KeyError, TypeError):
+        raise DataError(f"{file}: not a valid shard manifest") from None
+    return manifest
+
+
+def resolve_shards(spec: str | Sequence[str], task: str) -> list[Shard]:
+    """The shards a task's `shards` value names, with sample counts where they can be known."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    shards: list[Shard] = []
+    for item in specs:
+        if item.startswith(REMOTE_PREFIXES):
+            shards += [Shard(url, None, False) for url in braceexpand.braceexpand(item)]
+            continue
+        path = Path(item)
+        if path.is_dir():
+            manifest = read_manifest(path)
+            if manifest is not None:
+                shards += [Shard(str(path / s["file"]), int(s["samples"]), True) for s in manifest["shards"]]
+            else:
+                shards += [_local(p) for p in sorted(path.glob("*.tar"))]
+            continue
+        files = sorted({f for pattern in braceexpand.braceexpand(item)
+                        for f in (glob.glob(pattern) if glob.has_magic(pattern) else [pattern])})
+        shards += [_local(Path(f)) for f in files if Path(f).exists()]
+    if not shards:
+        raise DataError(f"task {task}: shards {spec!r} match no shard file")
+    return shards
+
+
+def _local(path: Path) -> Shard:
+    manifest = read_manifest(path.parent)
+    if manifest is not None:
+        counts = {s["file"]: int(s["samples"]) for s in manifest["shards"]}
+        if path.name in counts:
+            return Shard(str(path), counts[path.name], True)
+    return Shard(str(path), count_samples(path)[0], True)
+
+
+def count_samples(path: Path) -> tuple[int, str | None]:
+    """Samples in a local tar (distinct keys), and the error that stopped the count, if any."""
+    keys, last = 0, None
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                key, _ = base_plus_ext(member.name)
+                if key is not None and key != last:
+                    keys, last = keys + 1, key
+    except (tarfile.TarError, OSError, EOFError) as e:
+        return keys, f"{type(e).__name__}: {e}"
+    return keys, None
+
+
+def probe_shard(path: str) -> str | None:
+    """Why a local shard cannot be opened (its first member is read), or None if it can."""
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            next(iter(tar), None)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
