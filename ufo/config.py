@@ -63,6 +63,7 @@ class TaskConfig(Section):
     eval_shards: str | None = None
     # resampled mode on shards whose sample counts are unknown (no manifest, not local)
     samples_per_epoch: int | None = Field(None, gt=0)
+    ranks: int | None = Field(None, gt=0)  # task_parallel: ranks serving this task (default: by weight)
     hflip: float | None = Field(None, ge=0, le=1)  # overrides data.hflip for this task
 
     @field_validator("path")
@@ -99,6 +100,9 @@ class TrainConfig(Section):
     seed: int = 0
     out_dir: str = "runs/demo"
     micro_batch_size: int = Field(32, gt=0)  # samples per rank per step (per task in mixed)
+    # task_parallel: each rank serves one task; mixed: each micro-batch holds every task;
+    # auto: task_parallel when there are at least as many ranks as tasks
+    layout: Literal["auto", "task_parallel", "mixed"] = "auto"
 
 
 class DeepSpeedConfig(Section):

@@ -1,0 +1,90 @@
+"""Which ranks serve which task.
+
+`task_parallel` (the UFO way): every rank serves exactly one task; ranks are divided among tasks
+by each task's `ranks`, or in proportion to task weights. `mixed`: every rank serves every task,
+each micro-batch holding a contiguous slice of each. The layout is pure arithmetic on
+(world size, tasks); the training loop builds process groups from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Mapping
+
+from ufo.config import UfoConfig
+from ufo.errors import ConfigError
+
+LayoutKind = Literal["task_parallel", "mixed"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    kind: LayoutKind
+    world_size: int
+    groups: dict[str, tuple[int, ...]]  # task -> the global ranks that serve it, ascending
+
+    def tasks_of(self, rank: int) -> list[str]:
+        """The tasks a rank serves (one in task_parallel, all in mixed), in config order."""
+        return [task for task, ranks in self.groups.items() if rank in ranks]
+
+    def rank_in_group(self, task: str, rank: int) -> int:
+        return self.groups[task].index(rank)
+
+    def group_size(self, task: str) -> int:
+        return len(self.groups[task])
+
+    def describe(self) -> str:
+        """One line per task, for the start of a run and the tracking store."""
+        lines = [f"layout {self.kind}: {self.world_size} rank{'s' if self.world_size > 1 else ''}"]
+        for task, ranks in self.groups.items():
+            lines.append(f"  {task:<14} ranks {_ranges(ranks)}")
+        return "\n".join(lines)
+
+
+def make_layout(cfg: UfoConfig, world_size: int, kind: LayoutKind | None = None) -> Layout:
+    """The layout for a run: `kind` (or `train.layout`), else task_parallel when there are enough ranks."""
+    tasks = cfg.tasks
+    kind = kind or cfg.train.layout
+    if kind == "auto":
+        kind = "task_parallel" if world_size >= len(tasks) else "mixed"
+    if kind == "mixed":
+        return Layout("mixed", world_size, {task: tuple(range(world_size)) for task in tasks})
+    if world_size < len(tasks):
+        raise ConfigError(f"train.layout: task_parallel needs at least one rank per task: {len(tasks)} tasks "
+                          f"({', '.join(tasks)}) but {world_size} rank{'s' if world_size > 1 else ''}; "
+                          "launch more ranks or set train.layout: mixed")
+    counts = _divide(world_size, {t: c.ranks for t, c in tasks.items()}, {t: c.weight for t, c in tasks.items()})
+    groups, start = {}, 0
+    for task, n in counts.items():
+        groups[task] = tuple(range(start, start + n))
+        start += n
+    return Layout("task_parallel", world_size, groups)
+
+
+def _divide(world: int, fixed: Mapping[str, int | None], weights: Mapping[str, float]) -> dict[str, int]:
+    """Ranks per task: fixed counts where given, the rest by weight (largest remainders), one at least."""
+    given = {t: n for t, n in fixed.items() if n is not None}
+    if sum(given.values()) > world or (len(given) == len(fixed) and sum(given.values()) != world):
+        raise ConfigError(f"tasks.*.ranks: the tasks ask for {sum(given.values())} ranks "
+                          f"({', '.join(f'{t}={n}' for t, n in given.items())}) but the run has {world}")
+    free = [t for t in fixed if fixed[t] is None]
+    left = world - sum(given.values())
+    if free and left < len(free):
+        raise ConfigError(f"tasks.*.ranks: {left} ranks remain for {len(free)} tasks without a fixed count")
+    counts = dict(given)
+    if free:
+        total = sum(weights[t] for t in free) or len(free)
+        share = {t: (weights[t] or 0.0) / total * left if total else left / len(free) for t in free}
+        base = {t: max(1, int(share[t])) for t in free}
+        while sum(base.values()) > left:  # the one-rank minimum overshot: take from the largest
+            base[max(base, key=lambda t: (base[t], -free.index(t)))] -= 1
+        by_remainder = sorted(free, key=lambda t: (-(share[t] - int(share[t])), free.index(t)))
+        for t in by_remainder[: left - sum(base.values())]:
+            base[t] += 1
+        counts.update(base)
+    return {t: counts[t] for t in fixed}
+
+
+def _ranges(ranks: tuple[int, ...]) -> str:
+    return f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}" if ranks == tuple(
+        range(ranks[0], ranks[-1] + 1)) else ",".join(map(str, ranks))
