@@ -168,3 +168,16 @@ def test_subnet_state_dict_keeps_the_path(supernet, tiny_cfg):
     assert torch.equal(sub["head.weight"], state["heads.face.embed.weight"])
     plain = VisionTransformer(**subnet_args(tiny_cfg, "face"))
     assert set(sub) == set(plain.state_dict())
+
+
+def test_empty_slices_touch_their_modules_and_add_nothing(supernet, tiny_cfg):
+    # what a task-parallel rank runs: its own rows, and an empty slice of every other task
+    calls = calls_per_ffn(supernet)
+    x, y = images(3, tiny_cfg), torch.tensor([1, 2, 3])
+    slices = [TaskSlice("face", "SSTT", 0), TaskSlice("person", "STST", 0), TaskSlice("digits", "TSSS", 3)]
+    losses = supernet(x, slices, y, reduction="sum")
+    assert [loss.item() for loss in losses[:2]] == [0.0, 0.0]
+    torch.testing.assert_close(losses[2], supernet(x, [TaskSlice("digits", "TSSS", 3)], y, reduction="sum")[0])
+    assert "blocks.2.mlp.task.face" in calls and "blocks.1.mlp.task.person" in calls  # called on zero rows
+    sum(losses).backward()
+    assert torch.count_nonzero(supernet.heads["face"].embed.weight.grad) == 0  # a zero gradient, not None

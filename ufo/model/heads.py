@@ -27,8 +27,8 @@ class ClassificationHead(nn.Module):
         """features: (B, C) -> logits (B, num_classes)."""
         return self.fc(features)
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing, reduction=reduction)
 
 
 class MarginSoftmax(nn.Module):
@@ -40,8 +40,8 @@ class MarginSoftmax(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
         self.kind, self.scale, self.margin = kind, scale, margin
 
-    def forward(self, embedding: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """embedding: (B, D), already L2-normalized -> scalar loss."""
+    def forward(self, embedding: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """embedding: (B, D), already L2-normalized -> scalar loss (mean or sum over B)."""
         cos = F.linear(embedding, F.normalize(self.weight, dim=-1)).clamp(-1.0, 1.0)
         target = cos.gather(1, labels[:, None])
         if self.kind == "cosface":
@@ -53,7 +53,7 @@ class MarginSoftmax(nn.Module):
             adjusted = torch.where(target > math.cos(math.pi - self.margin),
                                    adjusted, target - math.sin(math.pi - self.margin) * self.margin)
         logits = cos.scatter(1, labels[:, None], adjusted) * self.scale
-        return F.cross_entropy(logits, labels)
+        return F.cross_entropy(logits, labels, reduction=reduction)
 
 
 class RetrievalHead(nn.Module):
@@ -68,8 +68,8 @@ class RetrievalHead(nn.Module):
         """features: (B, C) -> L2-normalized embedding (B, embedding_dim)."""
         return F.normalize(self.embed(features), dim=-1)
 
-    def loss(self, embedding: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.margin(embedding, labels)
+    def loss(self, embedding: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return self.margin(embedding, labels, reduction)
 
 
 def build_head(task: TaskConfig, dim: int) -> nn.Module:

@@ -118,15 +118,19 @@ class SupernetViT(VisionTransformer):
         x = self.norm(x)
         return self.forward_head(x, pre_logits=True)
 
-    def forward(self, images: torch.Tensor, slices: Sequence[TaskSlice],
-                labels: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Per slice: the head's output (logits or normalized embedding), or its loss given labels."""
+    def forward(self, images: torch.Tensor, slices: Sequence[TaskSlice], labels: torch.Tensor | None = None,
+                reduction: str = "mean") -> list[torch.Tensor]:
+        """Per slice: the head's output (logits or normalized embedding), or its loss given labels.
+
+        A slice may be empty: its FFNs and head are still called (on zero rows), so that every
+        rank of a distributed run calls the same modules in the same order whatever its data.
+        """
         features = self.forward_features(images, slices)
         results, start = [], 0
         for s in slices:
             head = self.heads[s.task]
             out = head(features[start:start + s.size])
-            results.append(out if labels is None else head.loss(out, labels[start:start + s.size]))
+            results.append(out if labels is None else head.loss(out, labels[start:start + s.size], reduction))
             start += s.size
         return results
 
