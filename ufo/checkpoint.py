@@ -1,13 +1,18 @@
-"""Supernet checkpoints: the initial one that `ufo init` writes, and one reader for all of them.
+"""Supernet checkpoints: the initial one that `ufo init` writes, training checkpoints, and one
+reader for all of them.
 
 `ufo init` writes a single safetensors file whose metadata holds the format tag, the resolved
-config and the ufo version. `read_checkpoint` turns any supernet checkpoint into (config,
-consolidated state dict, step); `ufo export` and training start from it.
+config and the ufo version. Training writes DeepSpeed checkpoints (any ZeRO stage) as
+`OUT/checkpoints/stepNNNNNNNN/`; each rank adds its own state file (data position, RNG), and
+rank 0 writes the marker `ufo.json` last, after every rank has finished: a directory without
+it is torn and is never read. `read_checkpoint` turns any of them into (config, consolidated
+fp32 state dict, step); `ufo export` and training start from it.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +25,12 @@ import ufo
 from ufo.atomic import atomic_file
 from ufo.config import UfoConfig, config_from_dict
 from ufo.errors import CheckpointError
+from ufo.layout import import_deepspeed
 from ufo.model import SupernetViT, supernet_state_from_vit, vit_args
 
 FORMAT = "ufo-supernet"
+TRAIN_FORMAT = "ufo-train-checkpoint"
+MARKER = "ufo.json"
 
 
 @dataclass(frozen=True)
@@ -100,14 +108,69 @@ def save_supernet(model: SupernetViT, cfg: UfoConfig, out: str | Path, step: int
     return out
 
 
+def save_training_checkpoint(engine, directory: Path, step: int, meta: dict, rank_state: dict, rank: int,
+                             keep: int) -> Path:
+    """Save a DeepSpeed checkpoint of every rank, then mark it complete; keep the newest `keep`."""
+    import torch.distributed as dist
+
+    tag = f"step{step:08d}"
+    # DeepSpeed's own `latest` is written before all ranks finish: ufo's marker replaces it
+    engine.save_checkpoint(str(directory), tag=tag, client_state={"ufo": meta}, save_latest=False)
+    with atomic_file(directory / tag / f"ufo_rank{rank:05d}.pt") as tmp:
+        torch.save(rank_state, tmp)
+    dist.barrier()
+    if rank == 0:
+        with atomic_file(directory / tag / MARKER) as tmp:
+            tmp.write_text(json.dumps({"format": TRAIN_FORMAT, "tag": tag, "step": step,
+                                       "ufo_version": ufo.__version__, **meta}, indent=1))
+        for old in complete_checkpoints(directory)[:-keep]:
+            shutil.rmtree(old)
+    dist.barrier()
+    return directory / tag
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """Marked (complete) training checkpoints under `directory`, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for marker in directory.glob(f"step*/{MARKER}"):
+        try:
+            found.append((int(json.loads(marker.read_text())["step"]), marker.parent))
+        except (ValueError, KeyError, OSError):
+            continue  # a marker is written atomically; an unreadable one is not ours
+    return [path for _, path in sorted(found)]
+
+
+def read_rank_state(tag_dir: Path, rank: int) -> dict:
+    file = tag_dir / f"ufo_rank{rank:05d}.pt"
+    if not file.is_file():
+        raise CheckpointError(f"{tag_dir}: has no state for rank {rank} (was it written by as many ranks?)")
+    return torch.load(file, weights_only=False)
+
+
+def find_training_checkpoint(path: Path) -> Path | None:
+    """The checkpoint a path names: a marked step directory, else the newest under it (or OUT/checkpoints)."""
+    if (path / MARKER).is_file():
+        return path
+    for directory in (path / "checkpoints", path):
+        done = complete_checkpoints(directory)
+        if done:
+            return done[-1]
+    return None
+
+
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read any supernet checkpoint as its config and consolidated state dict."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint")
     if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, not a ufo supernet checkpoint "
-                              "(expected the .safetensors file that `ufo init` writes)")
+        tag_dir = find_training_checkpoint(path)
+        if tag_dir is None:
+            raise CheckpointError(f"{path}: holds no complete training checkpoint (a step directory with "
+                                  f"{MARKER}), nor is it the .safetensors file that `ufo init` writes")
+        return _read_training_checkpoint(tag_dir)
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
@@ -124,6 +187,30 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: its embedded config is damaged") from None
     cfg = config_from_dict(raw, source=f"{path} (embedded config)")
     return Checkpoint(path, cfg, state, step, metadata.get("ufo_version", "unknown"))
+
+
+def _read_training_checkpoint(tag_dir: Path) -> Checkpoint:
+    try:
+        marker = json.loads((tag_dir / MARKER).read_text())
+        raw, step = marker["config"], int(marker["step"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{tag_dir / MARKER}: damaged marker ({e})") from None
+    cfg = config_from_dict(raw, source=f"{tag_dir} (embedded config)")
+    import_deepspeed()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        if marker.get("zero_stage", 0) == 0 and marker.get("precision", "fp32") == "fp32":
+            # no ZeRO partitions: the module's own weights are the fp32 weights
+            module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+            state = module["module"]
+        else:  # ZeRO shards, or the fp32 master weights kept by the bf16/fp16 optimizer
+            state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError) as e:
+        raise CheckpointError(f"{tag_dir}: cannot consolidate the DeepSpeed checkpoint "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    return Checkpoint(tag_dir, cfg, state, step, marker.get("ufo_version", "unknown"))
 
 
 def load_supernet(ckpt: Checkpoint) -> SupernetViT:

@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ufo", description="Train UFO multi-task ViT supernets and "
                                      "export deployable single-task timm subnets.")
     parser.add_argument("--version", action="version", version=f"ufo {ufo.__version__}")
+    # the deepspeed launcher passes --local_rank before the command; LOCAL_RANK is read from the environment
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def config_args(p: argparse.ArgumentParser) -> None:
@@ -42,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="initialise from a plain timm ViT state dict (.safetensors/.pth); every FFN takes its MLP")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
     p.set_defaults(run=_init)
+
+    p = commands.add_parser("train", help="train the supernet (one process, or under deepspeed / torchrun / srun)")
+    config_args(p)
+    p.set_defaults(run=_train)
 
     p = commands.add_parser("info", help="print the parameter table of a config's supernet and subnets")
     config_args(p)
@@ -123,6 +129,15 @@ def _init(args: argparse.Namespace) -> None:
     n = sum(p.numel() for p in model.parameters())
     source = f"from {args.from_timm}" if args.from_timm else f"seed {cfg.train.seed}"
     print(f"wrote {args.out}: supernet of {len(cfg.tasks)} tasks, {n / 1e6:.2f} M parameters ({source})")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ufo.config import load_config
+    from ufo.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg)
+    return 3 if result.stopped_by else 0  # 3: stopped early by a signal, checkpointed; rerun to resume
 
 
 def _info(args: argparse.Namespace) -> None:

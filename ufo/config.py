@@ -97,17 +97,41 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
+    """The training loop: steps, optimizer and schedule, paths, evaluation and checkpoints."""
+
     seed: int = 0
-    out_dir: str = "runs/demo"
-    micro_batch_size: int = Field(32, gt=0)  # samples per rank per step (per task in mixed)
+    out_dir: str = "runs/demo"  # checkpoints, metrics and the resolved config; reruns resume here
+    init: str | None = None  # a supernet checkpoint to start from (`ufo init`), else a seeded init
+    steps: int = Field(300, gt=0)  # optimizer steps
+    micro_batch_size: int = Field(32, gt=0)  # samples per rank per micro-step (per task in mixed)
+    gradient_accumulation_steps: int = Field(1, gt=0)
     # task_parallel: each rank serves one task; mixed: each micro-batch holds every task;
     # auto: task_parallel when there are at least as many ranks as tasks
     layout: Literal["auto", "task_parallel", "mixed"] = "auto"
+    lr: float = Field(1e-3, gt=0)  # peak learning rate (AdamW), reached after warmup_steps
+    min_lr_ratio: float = Field(0.01, ge=0, le=1)  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    layer_decay: float | None = Field(None, gt=0, le=1)  # layer-wise lr decay (None: off)
+    gradient_clipping: float = Field(1.0, ge=0)  # max global grad norm; 0 turns clipping off
+    # fixed: each task's configured path; sample: every step each task draws its path (one-shot
+    # supernet training), each block task-specific with probability path_sample_p
+    path_policy: Literal["fixed", "sample"] = "fixed"
+    path_sample_p: float = Field(0.5, ge=0, le=1)
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(0, ge=0)  # 0: evaluate at the end only
+    eval_batch_size: int = Field(128, gt=0)
+    checkpoint_every: int = Field(0, ge=0)  # 0: at the end (and on SIGTERM/SIGUSR1) only
+    keep_checkpoints: int = Field(3, gt=0)
 
 
 class DeepSpeedConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp16 uses dynamic loss scaling (CUDA only)
+    # merged last into the DeepSpeed config ufo builds, for anything DeepSpeed offers
+    # (e.g. {zero_optimization: {offload_optimizer: {device: cpu}}})
+    overrides: dict[str, Any] = {}
 
 
 class TrackingConfig(Section):

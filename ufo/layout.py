@@ -3,11 +3,14 @@
 `task_parallel` (the UFO way): every rank serves exactly one task; ranks are divided among tasks
 by each task's `ranks`, or in proportion to task weights. `mixed`: every rank serves every task,
 each micro-batch holding a contiguous slice of each. The layout is pure arithmetic on
-(world size, tasks); the training loop builds process groups from it.
+(world size, tasks); `init_distributed` joins (or makes) the process group the layout runs on.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
 from dataclasses import dataclass
 from typing import Literal, Mapping
 
@@ -88,3 +91,44 @@ def _divide(world: int, fixed: Mapping[str, int | None], weights: Mapping[str, f
 def _ranges(ranks: tuple[int, ...]) -> str:
     return f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}" if ranks == tuple(
         range(ranks[0], ranks[-1] + 1)) else ",".join(map(str, ranks))
+
+
+def import_deepspeed():
+    """deepspeed, told to use its CPU accelerator where torch sees no GPU (this CUDA build of torch
+    would otherwise make it look for one)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    return deepspeed
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Join the launcher's process group (deepspeed, torchrun, srun) or make a one-rank one.
+
+    Returns (rank, world size, local rank). gloo on CPU, nccl on GPUs.
+    """
+    import torch
+    import torch.distributed as dist
+
+    deepspeed = import_deepspeed()
+    if "WORLD_SIZE" not in os.environ:  # a plain `ufo train`: one process
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
