@@ -108,7 +108,9 @@ class TrainConfig(Section):
     # task_parallel: each rank serves one task; mixed: each micro-batch holds every task;
     # auto: task_parallel when there are at least as many ranks as tasks
     layout: Literal["auto", "task_parallel", "mixed"] = "auto"
-    lr: float = Field(1e-3, gt=0)  # peak learning rate (AdamW), reached after warmup_steps
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
+    lr: float = Field(1e-3, gt=0)  # peak learning rate, reached after warmup_steps
     min_lr_ratio: float = Field(0.01, ge=0, le=1)  # cosine decay ends at lr * min_lr_ratio
     warmup_steps: int = Field(20, ge=0)
     weight_decay: float = Field(0.05, ge=0)

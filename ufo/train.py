@@ -53,6 +53,7 @@ class TrainResult:
     stopped_by: str | None  # the signal that stopped the run early, after its checkpoint
     checkpoint: Path | None
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    engine: Any = None  # the DeepSpeed engine, for callers that go on with it (tests, notebooks)
 
 
 def deepspeed_config(cfg: UfoConfig) -> dict[str, Any]:
@@ -68,13 +69,26 @@ def deepspeed_config(cfg: UfoConfig) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": d.precision == "bf16"},
         "fp16": {"enabled": d.precision == "fp16", "loss_scale": 0},
-        "scheduler": {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": t.steps, "warmup_num_steps": t.warmup_steps, "warmup_min_ratio": 0.0,
-            "cos_min_ratio": t.min_lr_ratio, "warmup_type": "linear"}},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
     return _merge(config, d.overrides)
+
+
+def lr_schedule(cfg: UfoConfig) -> Callable[[int], float]:
+    """The lr factor at optimizer step s: linear warmup from lr/warmup_steps, then cosine to min_lr_ratio.
+
+    (DeepSpeed's WarmupCosineLR spends the first step at lr 0; torch's LambdaLR with this does not.)
+    """
+    t = cfg.train
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -85,7 +99,7 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def param_groups(model: SupernetViT, cfg: UfoConfig) -> list[dict]:
-    """AdamW groups: no weight decay on norms, biases and embeddings; optional layer-wise lr decay."""
+    """Optimizer groups: no weight decay on norms, biases and embeddings; optional layer-wise lr decay."""
     t, depth = cfg.train, len(model.blocks)
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
@@ -155,8 +169,13 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
     loader = _make_loader(cfg, layout, rank)
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = load_supernet(read_checkpoint(t.init)) if t.init else init_supernet(cfg)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=t.lr, betas=t.betas)
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
+    if t.optimizer == "sgd":
+        optimizer = torch.optim.SGD(param_groups(model, cfg), lr=t.lr, momentum=t.momentum)
+    else:
+        optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=t.lr, betas=t.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg))
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=deepspeed_config(cfg))
     policy = PathPolicy(t.path_policy, {task: cfg.path_of(task) for task in tasks}, t.seed, t.path_sample_p)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
     device = engine.device
@@ -174,7 +193,7 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
     weights = torch.tensor([cfg.tasks[task].weight for task in tasks], dtype=torch.float64)
     batches = _endless(loader)
     meter = _Meter(tasks)
-    result = TrainResult(step, None, resume)
+    result = TrainResult(step, None, resume, engine=engine)
     start_step, started = step, time.perf_counter()
     with _Signals() as signals:
         while step < t.steps:

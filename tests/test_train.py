@@ -1,0 +1,206 @@
+"""Distributed training with real DeepSpeed engines in 2 CPU processes (gloo), real shards."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tiny import TINY
+from ufo.checkpoint import read_checkpoint
+from ufo.config import config_from_dict
+from ufo.data import open_source, write_task_shards
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.dist
+
+
+def write_data(root: Path, tasks: dict) -> dict:
+    """Small shards for each task; returns the config's tasks with their shard paths."""
+    out = {}
+    for name, task in tasks.items():
+        generator = "shapes" if task["kind"] == "classification" else "instances"
+        source = open_source(f"synth:{generator}", name, classes=task["num_classes"], samples=60, image_size=16)
+        write_task_shards(source, name, root / name, kind=task["kind"], maxcount=25, eval_fraction=0.25,
+                          log=lambda _: None)
+        out[name] = {**task, "shards": str(root / name / "train"), "eval_shards": str(root / name / "eval")}
+    return out
+
+
+def tiny_run(tmp_path: Path, tasks: tuple[str, ...], **train) -> dict:
+    raw = copy.deepcopy(TINY)
+    raw["tasks"] = write_data(tmp_path / "data", {t: raw["tasks"][t] for t in tasks})
+    raw["data"] = {"num_workers": 0, "hflip": 0.0, "scale": [1.0, 1.0], "shuffle_buffer": 8}
+    raw["train"] = {"seed": 3, "out_dir": str(tmp_path / "run"), "micro_batch_size": 6, "log_every": 1,
+                    **train}
+    return raw
+
+
+def _rank_main(rank: int, world: int, port: int, raw: dict, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    from ufo.train import train
+
+    result = train(config_from_dict(raw, "test"), log=lambda _: None)
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    params = {}
+    for name, param in result.engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param)  # None without ZeRO: the parameter is whole
+        params[name] = (param if full is None else full).detach().clone()
+    torch.save(params, Path(out) / f"params{rank}.pt")
+
+
+def run_ranks(raw: dict, tmp_path: Path, world: int = 2) -> list[dict]:
+    port = 29000 + os.getpid() % 1000
+    mp.start_processes(_rank_main, args=(world, port, raw, str(tmp_path)), nprocs=world, start_method="spawn")
+    return [torch.load(tmp_path / f"params{r}.pt") for r in range(world)]
+
+
+def reference_step(raw: dict, world: int) -> dict:
+    """One plain SGD step of a single process on the union of every rank's first batch."""
+    from ufo.checkpoint import init_supernet
+    from ufo.layout import make_layout
+    from ufo.model import TaskSlice
+    from ufo.train import _make_loader
+
+    cfg = config_from_dict(raw, "test")
+    layout = make_layout(cfg, world)
+    rows: dict[str, list] = {t: [] for t in cfg.tasks}
+    for rank in range(world):
+        batch = next(iter(_make_loader(cfg, layout, rank)))
+        if "slices" in batch:
+            start = 0
+            for task, n in batch["slices"]:
+                rows[task].append((batch["images"][start:start + n], batch["labels"][start:start + n]))
+                start += n
+        else:
+            rows[batch["task"]].append((batch["images"], batch["labels"]))
+    images = torch.cat([x for t in cfg.tasks for x, _ in rows[t]])
+    labels = torch.cat([y for t in cfg.tasks for _, y in rows[t]])
+    slices = [TaskSlice(t, cfg.path_of(t), sum(len(y) for _, y in rows[t])) for t in cfg.tasks]
+    torch.manual_seed(cfg.train.seed)
+    model = init_supernet(cfg)
+    losses = model(images, slices, labels)
+    sum(cfg.tasks[s.task].weight * loss for s, loss in zip(slices, losses)).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= cfg.train.lr * p.grad
+    return dict(model.named_parameters())
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("layout,tasks", [("task_parallel", ("face", "digits")),
+                                          ("mixed", ("face", "person", "digits"))])
+def test_one_distributed_step_equals_one_big_process(tmp_path, stage, layout, tasks):
+    raw = tiny_run(tmp_path, tasks, steps=1, layout=layout, optimizer="sgd", momentum=0.0, lr=0.5,
+                   warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, gradient_clipping=0.0)
+    raw["tasks"]["digits"]["weight"] = 2.0
+    raw["deepspeed"] = {"zero_stage": stage}
+    replicas = run_ranks(raw, tmp_path)
+    expected = reference_step(raw, 2)
+    moved = 0
+    for name, want in expected.items():
+        for rank, params in enumerate(replicas):
+            diff = (params[name] - want.detach()).abs().max().item()
+            assert diff < 2e-5, f"{name} on rank {rank} differs by {diff}"
+        # replicas identical, task-specific parameters included
+        assert torch.equal(replicas[0][name], replicas[1][name]), name
+        moved += int(not torch.equal(replicas[0][name], init_params(raw)[name]))
+    assert moved > len(expected) // 2  # the step really moved most parameters
+    ckpt = read_checkpoint(tmp_path / "run")  # and export's reader consolidates the same weights
+    for name, want in expected.items():
+        assert (ckpt.state_dict[name] - want.detach()).abs().max().item() < 2e-5, name
+
+
+_init_cache: dict = {}
+
+
+def init_params(raw: dict) -> dict:
+    from ufo.checkpoint import init_supernet
+
+    key = str(raw["tasks"])
+    if key not in _init_cache:
+        cfg = config_from_dict(raw, "test")
+        torch.manual_seed(cfg.train.seed)
+        _init_cache[key] = {n: p.detach() for n, p in init_supernet(cfg).named_parameters()}
+    return _init_cache[key]
+
+
+def launch(args: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                            start_new_session=True)
+
+
+def torchrun(config: Path, out: Path, *sets: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(29500 + os.getpid() % 400), "-m", "ufo.cli", "train", str(config),
+            "--set", f"train.out_dir={out}", *[a for s in sets for a in ("--set", s)]]
+
+
+def final_weights(out: Path) -> dict:
+    return read_checkpoint(out).state_dict
+
+
+def test_kill_9_and_resume_equals_the_straight_run(tmp_path):
+    import yaml
+
+    raw = tiny_run(tmp_path, ("face", "person", "digits"), steps=8, checkpoint_every=4, eval_every=0,
+                   layout="mixed")
+    raw["model"]["drop_path_rate"] = 0.1  # RNG state must be restored too
+    raw["data"]["num_workers"] = 1
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+
+    straight = launch(torchrun(config, tmp_path / "straight"), tmp_path / "straight.log")
+    assert straight.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-3000:]
+
+    first = launch(torchrun(config, tmp_path / "cut"), tmp_path / "cut.log")
+    marker = tmp_path / "cut" / "checkpoints" / "step00000004" / "ufo.json"
+    deadline = time.time() + 600
+    while not marker.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), (tmp_path / "cut.log").read_text()[-3000:]
+    os.killpg(first.pid, signal.SIGKILL)  # the launcher and its ranks, no goodbye
+    first.wait()
+    assert not (tmp_path / "cut" / "checkpoints" / "step00000008" / "ufo.json").exists()
+
+    second = launch(torchrun(config, tmp_path / "cut"), tmp_path / "resume.log")
+    assert second.wait(timeout=600) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    assert "at step 4" in (tmp_path / "resume.log").read_text()
+    want, got = final_weights(tmp_path / "straight"), final_weights(tmp_path / "cut")
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+
+def test_sigusr1_checkpoints_stops_and_resumes(tmp_path):
+    import yaml
+
+    raw = tiny_run(tmp_path, ("face", "digits"), steps=400, log_every=1, eval_every=0)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    args = [sys.executable, "-m", "ufo.cli", "train", str(config)]
+    run = launch(args, tmp_path / "run.log")
+    deadline = time.time() + 300
+    while "step 3/" not in (tmp_path / "run.log").read_text() and time.time() < deadline:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGUSR1)
+    assert run.wait(timeout=300) == 3
+    text = (tmp_path / "run.log").read_text()
+    assert "stopped by SIGUSR1" in text
+    stopped_at = read_checkpoint(tmp_path / "run").step
+    assert 3 <= stopped_at < 400
+    again = launch(args + ["--set", f"train.steps={stopped_at + 2}"], tmp_path / "again.log")
+    assert again.wait(timeout=300) == 0
+    assert f"at step {stopped_at}" in (tmp_path / "again.log").read_text()
+    assert read_checkpoint(tmp_path / "run").step == stopped_at + 2
