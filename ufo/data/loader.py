@@ -276,7 +276,9 @@ class TaskLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         stream = _TaskStream(self, self.epoch, self.position)
-        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers)
+        # its own generator: a DataLoader otherwise draws its seed from the global torch RNG, which
+        # would make the trainer's randomness (drop path) depend on when epochs start
+        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, generator=torch.Generator())
         for batch in loader:
             self.position += 1
             self._epoch_samples += len(batch["labels"])
