@@ -18,16 +18,18 @@ $(VENV)/.installed: pyproject.toml
 data: venv
 	$(BIN)/ufo data write --task digits --from sklearn:digits --out $(DATA)/digits \
 		--eval-fraction 0.2 --maxcount 500 --overwrite
-	$(BIN)/ufo data write --task shapes --from synth:shapes --classes 8 --samples 3000 --difficulty 0.3 \
+	$(BIN)/ufo data write --task shapes --from synth:shapes --classes 8 --samples 3000 --difficulty 0.15 \
 		--out $(DATA)/shapes --eval-fraction 0.2 --maxcount 1000 --overwrite
 	$(BIN)/ufo data write --task products --from synth:instances --classes 50 --samples 3000 --difficulty 0.3 \
 		--out $(DATA)/products --eval-fraction 0.2 --maxcount 1000 --seed 1 --overwrite
 	$(BIN)/ufo data inspect $(DATA)/products/train --sheet $(DATA)/products-contact-sheet.png
 
+# train on 2 CPU ranks with DeepSpeed (a rerun resumes, or just evaluates a finished run), then
+# export every task's subnet from the newest checkpoint and verify it
 demo: data
 	$(BIN)/ufo info configs/demo.yaml
-	$(BIN)/ufo init configs/demo.yaml --out runs/demo/supernet.safetensors --overwrite
-	$(BIN)/ufo export runs/demo/supernet.safetensors --all-tasks --out runs/demo/subnets --overwrite
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/deepspeed --num_gpus 2 --module ufo.cli train configs/demo.yaml
+	$(BIN)/ufo export runs/demo --all-tasks --out runs/demo/subnets --overwrite
 
 test: venv
 	$(BIN)/python -m pytest -q

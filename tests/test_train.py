@@ -23,7 +23,6 @@ from ufo.config import config_from_dict
 from ufo.data import open_source, write_task_shards
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.dist
 
 
 def write_data(root: Path, tasks: dict) -> dict:
@@ -101,6 +100,7 @@ def reference_step(raw: dict, world: int) -> dict:
     return dict(model.named_parameters())
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("layout,tasks", [("task_parallel", ("face", "digits")),
                                           ("mixed", ("face", "person", "digits"))])
@@ -155,6 +155,7 @@ def final_weights(out: Path) -> dict:
     return read_checkpoint(out).state_dict
 
 
+@pytest.mark.dist
 def test_kill_9_and_resume_equals_the_straight_run(tmp_path):
     import yaml
 
@@ -213,3 +214,49 @@ def test_sigusr1_checkpoints_stops_and_resumes(tmp_path):
     assert again.wait(timeout=300) == 0
     assert f"at step {stopped_at}" in (tmp_path / "again.log").read_text()
     assert read_checkpoint(tmp_path / "run").step == stopped_at + 2
+
+
+def test_deepspeed_config_from_the_run_config(tiny_cfg):
+    from ufo.train import deepspeed_config
+
+    cfg = config_from_dict({**tiny_cfg.to_dict(), "deepspeed": {
+        "zero_stage": 2, "precision": "bf16", "overrides": {"zero_optimization": {"overlap_comm": True}}}}, "t")
+    ds = deepspeed_config(cfg)
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["gradient_clipping"] == 1.0 and ds["train_micro_batch_size_per_gpu"] == 32
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused only without CUDA")
+def test_fp16_on_a_cpu_is_refused(tiny_cfg):
+    from ufo.errors import ConfigError
+    from ufo.train import deepspeed_config
+
+    cfg = config_from_dict({**tiny_cfg.to_dict(), "deepspeed": {"precision": "fp16"}}, "t")
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        deepspeed_config(cfg)
+
+
+def test_lr_schedule_warms_up_then_decays(tiny_cfg):
+    from ufo.train import lr_schedule
+
+    cfg = config_from_dict({**tiny_cfg.to_dict(), "train": {"steps": 110, "warmup_steps": 10,
+                                                            "min_lr_ratio": 0.1}}, "t")
+    f = lr_schedule(cfg)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+
+
+def test_param_groups_skip_decay_on_norms_and_apply_layer_decay(tiny_cfg):
+    from ufo.model import SupernetViT
+    from ufo.train import param_groups
+
+    cfg = config_from_dict({**tiny_cfg.to_dict(), "train": {"lr": 1.0, "layer_decay": 0.5}}, "t")
+    model = SupernetViT.from_config(cfg)
+    groups = param_groups(model, cfg)
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert lr_of[id(model.pos_embed)] == (0.5 ** 5, 0.0)
+    assert lr_of[id(model.blocks[3].mlp.task["face"].fc1.weight)] == (0.5, 0.05)
+    assert lr_of[id(model.blocks[3].norm1.weight)] == (0.5, 0.0)
+    assert lr_of[id(model.heads["digits"].fc.weight)] == (1.0, 0.05)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))

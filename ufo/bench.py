@@ -158,3 +158,124 @@ def format_data_bench(r: dict[str, Any]) -> str:
         verdict = "meets" if worst >= r["target"] else "MISSES"
         lines.append(f"  with data.num_workers = {w}: worst ratio {worst:.1f}x ({verdict} the target)")
     return "\n".join(lines)
+
+
+class _PlainWithHeads(torch.nn.Module):
+    """A plain timm ViT (one FFN per block) ending in the supernet's task heads, with its forward."""
+
+    def __init__(self, cfg: UfoConfig, heads: torch.nn.ModuleDict):
+        super().__init__()
+        self.vit = VisionTransformer(**vit_args(cfg.model), num_classes=0)
+        self.heads = copy.deepcopy(heads)
+
+    def forward(self, images, slices, labels=None, reduction="mean"):
+        features = self.vit.forward_head(self.vit.forward_features(images), pre_logits=True)
+        results, start = [], 0
+        for s in slices:
+            head = self.heads[s.task]
+            out = head(features[start:start + s.size])
+            results.append(out if labels is None else head.loss(out, labels[start:start + s.size], reduction))
+            start += s.size
+        return results
+
+
+def _train_bench_rank(rank: int, world: int, port: int, raw: dict, steps: int, plain: bool, out: str) -> None:
+    import json
+    import os
+    import resource
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    from ufo.config import config_from_dict
+    from ufo.layout import import_deepspeed, init_distributed, make_layout
+    from ufo.train import deepspeed_config, micro_step, param_groups
+
+    init_distributed()
+    deepspeed = import_deepspeed()
+    cfg = config_from_dict(raw, "bench")
+    layout = make_layout(cfg, world)
+    tasks, m, b = list(cfg.tasks), cfg.model, cfg.train.micro_batch_size
+    sizes = {t: (b if t in layout.tasks_of(rank) else 0) for t in tasks}
+    slices = [TaskSlice(t, cfg.path_of(t), sizes[t]) for t in tasks]
+    images = torch.randn(sum(sizes.values()), m.in_chans, m.img_size, m.img_size)
+    labels = torch.cat([torch.randint(cfg.tasks[t].num_classes, (sizes[t],)) for t in tasks])
+    weights = torch.tensor([cfg.tasks[t].weight for t in tasks], dtype=torch.float64)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
+    cuda = torch.cuda.is_available()
+    result = {}
+    for name in (["supernet", "plain"] if plain else ["supernet"]):
+        torch.manual_seed(0)
+        supernet = SupernetViT.from_config(cfg)
+        model = _PlainWithHeads(cfg, supernet.heads) if name == "plain" else supernet
+        optimizer = torch.optim.AdamW(param_groups(supernet, cfg) if name == "supernet" else model.parameters(),
+                                      lr=cfg.train.lr)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
+        x, y = images.to(engine.device, dtype=dtype), labels.to(engine.device)
+        micro_step(engine, x, y, slices, weights, world)  # warm-up
+        torch.distributed.barrier()
+        start = time.perf_counter()
+        for _ in range(steps):
+            micro_step(engine, x, y, slices, weights, world)
+        torch.distributed.barrier()
+        seconds = (time.perf_counter() - start) / steps
+        result[name] = {"s_per_step": seconds, "samples_per_s": world * len(y) / seconds,
+                        "params": sum(p.numel() for p in model.parameters())}
+        del engine, model, supernet, optimizer
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["peak_bytes"] = peak
+    result["peak_kind"] = "cuda max allocated" if cuda else "process peak RSS"
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(result, f)
+
+
+def _spawn_bench(raw: dict, steps: int, plain: bool, world: int) -> list[dict]:
+    import json
+    import os
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as out:
+        port = 29600 + os.getpid() % 300
+        mp.start_processes(_train_bench_rank, args=(world, port, raw, steps, plain, out), nprocs=world,
+                           start_method="spawn")
+        return [json.loads(open(f"{out}/rank{r}.json").read()) for r in range(world)]
+
+
+def bench_train(cfg: UfoConfig, steps: int = 5, world: int = 2, memory_config: UfoConfig | None = None,
+                stages: Sequence[int] = (0, 1, 2, 3), memory_batch: int = 1) -> dict[str, Any]:
+    """Training throughput, supernet vs plain ViT under the same DeepSpeed config (one run), and
+    peak memory per rank for each ZeRO stage on `memory_config` with a synthetic batch."""
+    ranks = _spawn_bench(cfg.to_dict(), steps, plain=True, world=world)
+    sup, plain = ranks[0]["supernet"], ranks[0]["plain"]
+    result: dict[str, Any] = {
+        "world": world, "zero_stage": cfg.deepspeed.zero_stage, "precision": cfg.deepspeed.precision,
+        "micro_batch_size": cfg.train.micro_batch_size, "supernet": sup, "plain": plain,
+        "ratio": sup["samples_per_s"] / plain["samples_per_s"], "target": 0.95, "memory": {},
+    }
+    if memory_config is not None:
+        for stage in stages:
+            raw = memory_config.to_dict()
+            raw["deepspeed"]["zero_stage"] = stage
+            raw["train"]["micro_batch_size"] = memory_batch
+            ranks = _spawn_bench(raw, 1, plain=False, world=world)
+            result["memory"][stage] = {"peak_bytes_per_rank": [r["peak_bytes"] for r in ranks],
+                                       "kind": ranks[0]["peak_kind"],
+                                       "supernet_params": ranks[0]["supernet"]["params"]}
+    return result
+
+
+def format_train_bench(r: dict[str, Any]) -> str:
+    verdict = "meets" if r["ratio"] >= r["target"] else "MISSES"
+    lines = [f"ufo bench train: {r['world']} ranks, ZeRO {r['zero_stage']}, {r['precision']}, "
+             f"micro-batch {r['micro_batch_size']} per task",
+             f"  supernet      {r['supernet']['samples_per_s']:9.1f} samples/s  "
+             f"({r['supernet']['params'] / 1e6:.2f} M parameters)",
+             f"  plain ViT     {r['plain']['samples_per_s']:9.1f} samples/s  "
+             f"({r['plain']['params'] / 1e6:.2f} M parameters, same heads)",
+             f"  ratio         {r['ratio']:9.3f}   ({verdict} the target >= {r['target']})"]
+    for stage, mem in r["memory"].items():
+        gib = ", ".join(f"{b / 2**30:.2f}" for b in mem["peak_bytes_per_rank"])
+        lines.append(f"  ZeRO {stage}: peak {mem['kind']} per rank {gib} GiB "
+                     f"(supernet {mem['supernet_params'] / 1e6:.0f} M parameters)")
+    return "\n".join(lines)

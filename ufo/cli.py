@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
     p.set_defaults(run=_init)
 
-    p = commands.add_parser("train", help="train the supernet (one process, or under deepspeed / torchrun / srun)")
+    p = commands.add_parser("train", help="train the supernet (one process, or under deepspeed or torchrun); reruns resume")
     config_args(p)
     p.set_defaults(run=_train)
 
@@ -114,6 +114,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--batches", type=int, default=20, help="timed batches per task and worker count")
     b.add_argument("--json", action="store_true", help="print the result as JSON")
     b.set_defaults(run=_bench_data)
+    b = benches.add_parser("train", help="training throughput vs a plain ViT, and peak memory per ZeRO stage")
+    config_args(b)
+    b.add_argument("--steps", type=int, default=5, help="timed steps per model")
+    b.add_argument("--ranks", type=int, default=2, help="ranks to start (CPU processes with gloo, or GPUs)")
+    b.add_argument("--memory-config", type=Path, help="config for the ZeRO 0-3 memory figures "
+                   "(e.g. configs/ufo_vit_b.yaml); none: skip them")
+    b.add_argument("--memory-stages", default="0,1,2,3", help="ZeRO stages to measure")
+    b.add_argument("--json", action="store_true", help="print the result as JSON")
+    b.set_defaults(run=_bench_train)
     return parser
 
 
@@ -208,6 +217,19 @@ def _bench_data(args: argparse.Namespace) -> None:
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     result = bench_data(cfg, workers=workers, batches=args.batches)
     print(json.dumps(result, indent=2) if args.json else format_data_bench(result))
+
+
+def _bench_train(args: argparse.Namespace) -> None:
+    import json
+
+    from ufo.bench import bench_train, format_train_bench
+    from ufo.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    memory = load_config(args.memory_config) if args.memory_config else None
+    stages = [int(s) for s in args.memory_stages.split(",") if s.strip()]
+    result = bench_train(cfg, steps=args.steps, world=args.ranks, memory_config=memory, stages=stages)
+    print(json.dumps(result, indent=2) if args.json else format_train_bench(result))
 
 
 def _bench_model(args: argparse.Namespace) -> None:

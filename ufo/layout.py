@@ -108,7 +108,7 @@ def import_deepspeed():
 
 
 def init_distributed() -> tuple[int, int, int]:
-    """Join the launcher's process group (deepspeed, torchrun, srun) or make a one-rank one.
+    """Join the launcher's process group (deepspeed, torchrun) or make a one-rank one.
 
     Returns (rank, world size, local rank). gloo on CPU, nccl on GPUs.
     """
@@ -125,6 +125,10 @@ def init_distributed() -> tuple[int, int, int]:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # CPU ranks of one host share its cores; more threads than cores makes every rank crawl
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 

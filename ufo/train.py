@@ -206,14 +206,8 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
                     images = torch.zeros(0, m.in_chans, m.img_size, m.img_size)
                 images = images.to(device=device, dtype=dtype)
                 labels = batch["labels"].to(device)
-                counts = torch.tensor([s.size for s in slices], dtype=torch.float64)
-                dist.all_reduce(counts)  # N_t: task t's samples in this micro-step, all ranks
-                sums = engine(images, slices, labels, reduction="sum")
-                scale = torch.where(counts > 0, world * weights / counts.clamp_min(1), 0.0)
-                loss = sum(float(c) * s.float() for c, s in zip(scale, sums))
-                engine.backward(loss)
-                engine.step()
-                meter.add(torch.stack([s.detach().double().cpu() for s in sums]), counts)
+                sums, counts = micro_step(engine, images, labels, slices, weights, world)
+                meter.add(sums, counts)
             step += 1
             stop = torch.tensor([signals.received or 0])
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # any rank's signal stops every rank
@@ -244,6 +238,21 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
         if rank == 0:
             (out / "metrics.json").write_text(json.dumps({"step": step, "eval": result.metrics}, indent=2) + "\n")
     return result
+
+
+def micro_step(engine, images: torch.Tensor, labels: torch.Tensor, slices: list[TaskSlice],
+               weights: torch.Tensor, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, task-weighted loss, backward and (at the accumulation boundary) step.
+
+    Returns each task's summed sample loss on this rank and each task's sample count over all ranks.
+    """
+    counts = torch.tensor([s.size for s in slices], dtype=torch.float64)
+    dist.all_reduce(counts)  # N_t: task t's samples in this micro-step, all ranks
+    sums = engine(images, slices, labels, reduction="sum")
+    scale = torch.where(counts > 0, world * weights / counts.clamp_min(1), 0.0)
+    engine.backward(sum(float(c) * s.float() for c, s in zip(scale, sums)))
+    engine.step()
+    return torch.stack([s.detach().double().cpu() for s in sums]), counts
 
 
 def _make_loader(cfg: UfoConfig, layout: Layout, rank: int):
