@@ -1,3 +1,5 @@
+import pytest
+
 from ufo.bench import bench_data, bench_model, format_data_bench, format_model_bench
 from ufo.config import load_config
 from ufo.data import open_source, write_task_shards
@@ -24,3 +26,14 @@ def test_bench_data_reports_rates_and_ratios(tmp_path, tiny_config_file):
         assert t["loader_samples_per_s"][0] > 0 and t["train_step_samples_per_s"] > 0
         assert t["ratio"][0] == t["loader_samples_per_s"][0] / t["train_step_samples_per_s"]
     assert "decoded samples/s" in format_data_bench(result)
+
+
+@pytest.mark.dist
+def test_bench_train_compares_with_a_plain_vit_and_measures_memory(tiny_cfg):
+    from ufo.bench import bench_train, format_train_bench
+
+    result = bench_train(tiny_cfg, steps=1, world=2, memory_config=tiny_cfg, stages=[3])
+    assert result["supernet"]["params"] > result["plain"]["params"] > 0
+    assert result["ratio"] == result["supernet"]["samples_per_s"] / result["plain"]["samples_per_s"]
+    assert len(result["memory"][3]["peak_bytes_per_rank"]) == 2
+    assert "ZeRO 3: peak" in format_train_bench(result)
