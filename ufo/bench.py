@@ -18,6 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ufo.config import UfoConfig
 from ufo.model import SupernetViT, TaskSlice, vit_args
+from ufo.model.supernet import apply_heads
 
 
 def bench_model(cfg: UfoConfig, batch_per_task: int = 16, steps: int = 10, warmup: int = 3,
@@ -43,12 +44,8 @@ def bench_model(cfg: UfoConfig, batch_per_task: int = 16, steps: int = 10, warmu
 
     def plain_step() -> None:
         features = plain.forward_head(plain.forward_features(images), pre_logits=True)
-        total, start = 0.0, 0
-        for w, s in zip(weights, slices):
-            head = plain.heads[s.task]
-            total = total + w * head.loss(head(features[start:start + s.size]), labels[start:start + s.size])
-            start += s.size
-        total.backward()
+        losses = apply_heads(plain.heads, features, slices, labels)
+        sum(w * loss for w, loss in zip(weights, losses)).backward()
         plain.zero_grad(set_to_none=True)
 
     for _ in range(warmup):
@@ -170,13 +167,7 @@ class _PlainWithHeads(torch.nn.Module):
 
     def forward(self, images, slices, labels=None, reduction="mean"):
         features = self.vit.forward_head(self.vit.forward_features(images), pre_logits=True)
-        results, start = [], 0
-        for s in slices:
-            head = self.heads[s.task]
-            out = head(features[start:start + s.size])
-            results.append(out if labels is None else head.loss(out, labels[start:start + s.size], reduction))
-            start += s.size
-        return results
+        return apply_heads(self.heads, features, slices, labels, reduction)
 
 
 def _train_bench_rank(rank: int, world: int, port: int, raw: dict, steps: int, plain: bool, out: str) -> None:

@@ -125,18 +125,23 @@ class SupernetViT(VisionTransformer):
         A slice may be empty: its FFNs and head are still called (on zero rows), so that every
         rank of a distributed run calls the same modules in the same order whatever its data.
         """
-        features = self.forward_features(images, slices)
-        results, start = [], 0
-        for s in slices:
-            head = self.heads[s.task]
-            out = head(features[start:start + s.size])
-            results.append(out if labels is None else head.loss(out, labels[start:start + s.size], reduction))
-            start += s.size
-        return results
+        return apply_heads(self.heads, self.forward_features(images, slices), slices, labels, reduction)
 
     def forward_task(self, images: torch.Tensor, task: str, path: str) -> torch.Tensor:
         """The whole batch as one task on one path."""
         return self(images, [TaskSlice(task, path, images.shape[0])])[0]
+
+
+def apply_heads(heads: nn.ModuleDict, features: torch.Tensor, slices: Sequence[TaskSlice],
+                labels: torch.Tensor | None = None, reduction: str = "mean") -> list[torch.Tensor]:
+    """Each slice's rows of the pooled features through its task's head (and loss, given labels)."""
+    results, start = [], 0
+    for s in slices:
+        head = heads[s.task]
+        out = head(features[start:start + s.size])
+        results.append(out if labels is None else head.loss(out, labels[start:start + s.size], reduction))
+        start += s.size
+    return results
 
 
 def subnet_state_dict(state: Mapping[str, torch.Tensor], task: str, path: str,
