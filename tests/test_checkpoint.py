@@ -89,3 +89,22 @@ def test_init_from_a_vit_of_another_width(tmp_path, tiny_cfg):
 def test_init_from_a_missing_file(tmp_path, tiny_cfg):
     with pytest.raises(CheckpointError, match="no such weights file"):
         init_supernet(tiny_cfg, from_timm=tmp_path / "none.pth")
+
+
+def test_only_marked_training_checkpoints_count(tmp_path):
+    import json
+
+    from ufo.checkpoint import complete_checkpoints, find_training_checkpoint
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    for step, marked in [(10, True), (20, True), (30, False)]:  # step 30 was torn while being written
+        d = ckpts / f"step{step:08d}"
+        d.mkdir(parents=True)
+        (d / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+        if marked:
+            (d / "ufo.json").write_text(json.dumps({"step": step}))
+    assert [p.name for p in complete_checkpoints(ckpts)] == ["step00000010", "step00000020"]
+    assert find_training_checkpoint(tmp_path / "run").name == "step00000020"
+    assert find_training_checkpoint(ckpts / "step00000010").name == "step00000010"
+    with pytest.raises(CheckpointError, match="holds no complete training checkpoint"):
+        read_checkpoint(ckpts / "step00000030")

@@ -67,8 +67,9 @@ def run_ranks(raw: dict, tmp_path: Path, world: int = 2) -> list[dict]:
     return [torch.load(tmp_path / f"params{r}.pt") for r in range(world)]
 
 
-def reference_step(raw: dict, world: int) -> dict:
-    """One plain SGD step of a single process on the union of every rank's first batch."""
+def reference_step(raw: dict, world: int, accumulation: int = 1) -> dict:
+    """One plain SGD step of a single process on the union of every rank's batches: with
+    gradient accumulation, the mean of the micro-steps' losses (what DeepSpeed averages)."""
     from ufo.checkpoint import init_supernet
     from ufo.layout import make_layout
     from ufo.model import TaskSlice
@@ -76,23 +77,26 @@ def reference_step(raw: dict, world: int) -> dict:
 
     cfg = config_from_dict(raw, "test")
     layout = make_layout(cfg, world)
-    rows: dict[str, list] = {t: [] for t in cfg.tasks}
+    micro = [{t: [] for t in cfg.tasks} for _ in range(accumulation)]
     for rank in range(world):
-        batch = next(iter(_make_loader(cfg, layout, rank)))
-        if "slices" in batch:
-            start = 0
-            for task, n in batch["slices"]:
-                rows[task].append((batch["images"][start:start + n], batch["labels"][start:start + n]))
-                start += n
-        else:
-            rows[batch["task"]].append((batch["images"], batch["labels"]))
-    images = torch.cat([x for t in cfg.tasks for x, _ in rows[t]])
-    labels = torch.cat([y for t in cfg.tasks for _, y in rows[t]])
-    slices = [TaskSlice(t, cfg.path_of(t), sum(len(y) for _, y in rows[t])) for t in cfg.tasks]
+        stream = iter(_make_loader(cfg, layout, rank))
+        for rows in micro:
+            batch = next(stream)
+            if "slices" in batch:
+                start = 0
+                for task, n in batch["slices"]:
+                    rows[task].append((batch["images"][start:start + n], batch["labels"][start:start + n]))
+                    start += n
+            else:
+                rows[batch["task"]].append((batch["images"], batch["labels"]))
     torch.manual_seed(cfg.train.seed)
     model = init_supernet(cfg)
-    losses = model(images, slices, labels)
-    sum(cfg.tasks[s.task].weight * loss for s, loss in zip(slices, losses)).backward()
+    for rows in micro:
+        images = torch.cat([x for t in cfg.tasks for x, _ in rows[t]])
+        labels = torch.cat([y for t in cfg.tasks for _, y in rows[t]])
+        slices = [TaskSlice(t, cfg.path_of(t), sum(len(y) for _, y in rows[t])) for t in cfg.tasks]
+        losses = model(images, slices, labels)
+        (sum(cfg.tasks[s.task].weight * loss for s, loss in zip(slices, losses)) / accumulation).backward()
     with torch.no_grad():
         for p in model.parameters():
             if p.grad is not None:
@@ -100,17 +104,21 @@ def reference_step(raw: dict, world: int) -> dict:
     return dict(model.named_parameters())
 
 
+TP, MIXED = ("task_parallel", ("face", "digits")), ("mixed", ("face", "person", "digits"))
+
+
 @pytest.mark.dist
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-@pytest.mark.parametrize("layout,tasks", [("task_parallel", ("face", "digits")),
-                                          ("mixed", ("face", "person", "digits"))])
-def test_one_distributed_step_equals_one_big_process(tmp_path, stage, layout, tasks):
+@pytest.mark.parametrize("stage,layout,tasks,accumulation", [
+    (0, *TP, 1), (1, *TP, 1), (2, *TP, 1), (3, *TP, 1),
+    (0, *MIXED, 1), (1, *MIXED, 1), (2, *MIXED, 1), (3, *MIXED, 1), (2, *MIXED, 2)])
+def test_one_distributed_step_equals_one_big_process(tmp_path, stage, layout, tasks, accumulation):
     raw = tiny_run(tmp_path, tasks, steps=1, layout=layout, optimizer="sgd", momentum=0.0, lr=0.5,
-                   warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, gradient_clipping=0.0)
+                   warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, gradient_clipping=0.0,
+                   gradient_accumulation_steps=accumulation)
     raw["tasks"]["digits"]["weight"] = 2.0
     raw["deepspeed"] = {"zero_stage": stage}
     replicas = run_ranks(raw, tmp_path)
-    expected = reference_step(raw, 2)
+    expected = reference_step(raw, 2, accumulation)
     moved = 0
     for name, want in expected.items():
         for rank, params in enumerate(replicas):
