@@ -210,7 +210,7 @@ def _train_bench_rank(rank: int, world: int, port: int, raw: dict, steps: int, p
         torch.distributed.barrier()
         seconds = (time.perf_counter() - start) / steps
         result[name] = {"s_per_step": seconds, "samples_per_s": world * len(y) / seconds,
-                        "params": sum(p.numel() for p in model.parameters())}
+                        "params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}
         del engine, model, supernet, optimizer
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result["peak_bytes"] = peak
