@@ -94,7 +94,7 @@ def bench_data(cfg: UfoConfig, workers: Sequence[int] = (0, 1, 2), batches: int 
     """Decoded samples/s of each task's train loader per worker count, against what one training
     step of the supernet (fwd+bwd+AdamW on one task's micro-batch, as a task-parallel rank runs)
     consumes per second."""
-    from ufo.data import task_loader
+    from ufo.data import endless, task_loader
 
     batch = cfg.train.micro_batch_size
     torch.manual_seed(cfg.train.seed)
@@ -121,7 +121,7 @@ def bench_data(cfg: UfoConfig, workers: Sequence[int] = (0, 1, 2), batches: int 
         rates = {}
         for w in workers:
             loader = task_loader(cfg, task, num_workers=w, log=lambda _: None)
-            stream = _endless(loader)
+            stream = endless(loader)
             next(stream)  # worker start-up is not throughput
             start, samples = time.perf_counter(), 0
             for _ in range(batches):
@@ -133,11 +133,6 @@ def bench_data(cfg: UfoConfig, workers: Sequence[int] = (0, 1, 2), batches: int 
                                  "ratio": {w: r / consume for w, r in rates.items()}}
     result["target"] = 3.0
     return result
-
-
-def _endless(loader):
-    while True:
-        yield from loader
 
 
 def format_data_bench(r: dict[str, Any]) -> str:

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -37,7 +36,7 @@ from ufo.checkpoint import (
     save_training_checkpoint,
 )
 from ufo.config import UfoConfig
-from ufo.data import MixedLoader, task_loader
+from ufo.data import MixedLoader, endless, task_loader
 from ufo.errors import ConfigError, UfoError
 from ufo.layout import Layout, import_deepspeed, init_distributed, make_layout
 from ufo.metrics import retrieval, top1
@@ -191,7 +190,7 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
 
     m = cfg.model
     weights = torch.tensor([cfg.tasks[task].weight for task in tasks], dtype=torch.float64)
-    batches = _endless(loader)
+    batches = endless(loader)
     meter = _Meter(tasks)
     result = TrainResult(step, None, resume, engine=engine)
     start_step, started = step, time.perf_counter()
@@ -262,11 +261,6 @@ def _make_loader(cfg: UfoConfig, layout: Layout, rank: int):
     (task,) = layout.tasks_of(rank)
     return task_loader(cfg, task, rank_in_group=layout.rank_in_group(task, rank),
                        group_size=layout.group_size(task))
-
-
-def _endless(loader) -> Iterator[dict]:
-    while True:
-        yield from loader
 
 
 def _slices(batch: dict, tasks: list[str], paths: dict[str, str], layout: Layout) -> list[TaskSlice]:

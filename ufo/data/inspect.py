@@ -14,10 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw
-from webdataset.tariterators import base_plus_ext
 
 from ufo.data.loader import IMAGE_EXTS
-from ufo.data.shards import sha256_file, read_manifest, resolve_shards
+from ufo.data.shards import read_manifest, resolve_shards, sha256_file, tar_members
 from ufo.errors import DataError
 
 
@@ -83,18 +82,14 @@ def _inspect_one(path: Path, thumbs: dict, per_class: int, decode: bool) -> Shar
     samples: dict[str, dict[str, bytes]] = {}
     order: list[str] = []
     try:
-        with tarfile.open(path, mode="r|*") as tar:
-            for member in tar:
-                if not member.isreg():
-                    continue
-                key, ext = base_plus_ext(member.name)
-                if key is None:
-                    report.problems.append(f"member {member.name}: no key.extension name")
-                    continue
-                if key not in samples:
-                    samples[key] = {}
-                    order.append(key)
-                samples[key][ext.lower()] = tar.extractfile(member).read()
+        for key, ext, tar, member in tar_members(path):
+            if key is None:
+                report.problems.append(f"member {member.name}: no key.extension name")
+                continue
+            if key not in samples:
+                samples[key] = {}
+                order.append(key)
+            samples[key][ext.lower()] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as e:
         after = f" after key {order[-1]}" if order else ""
         report.problems.append(f"unreadable{after}: {type(e).__name__}: {e}")

@@ -340,7 +340,7 @@ class MixedLoader:
             loader.load_state_dict(state["tasks"][task])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        streams = {task: _endless(loader) for task, loader in self.loaders.items()}
+        streams = {task: endless(loader) for task, loader in self.loaders.items()}
         while self.position < self.batches_per_epoch:
             parts = [next(stream) for stream in streams.values()]
             self.position += 1
@@ -354,7 +354,8 @@ class MixedLoader:
         self.epoch, self.position = self.epoch + 1, 0
 
 
-def _endless(loader: TaskLoader) -> Iterator[dict[str, Any]]:
+def endless(loader: TaskLoader | MixedLoader) -> Iterator[dict[str, Any]]:
+    """Batches epoch after epoch (the loader's position advances as they are taken)."""
     while True:
         yield from loader
 

@@ -15,7 +15,7 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import braceexpand
 import webdataset as wds
@@ -149,17 +149,22 @@ def _local(path: Path) -> Shard:
     return Shard(str(path), count_samples(path)[0], True)
 
 
+def tar_members(path: Path) -> Iterator[tuple[str | None, str | None, tarfile.TarFile, tarfile.TarInfo]]:
+    """The regular members of a local tar, streamed, with their webdataset key and extension."""
+    with tarfile.open(path, mode="r|*") as tar:
+        for member in tar:
+            if member.isreg():
+                key, ext = base_plus_ext(member.name)
+                yield key, ext, tar, member
+
+
 def count_samples(path: Path) -> tuple[int, str | None]:
     """Samples in a local tar (distinct keys), and the error that stopped the count, if any."""
     keys, last = 0, None
     try:
-        with tarfile.open(path, mode="r|*") as tar:
-            for member in tar:
-                if not member.isreg():
-                    continue
-                key, _ = base_plus_ext(member.name)
-                if key is not None and key != last:
-                    keys, last = keys + 1, key
+        for key, _, _, _ in tar_members(path):
+            if key is not None and key != last:
+                keys, last = keys + 1, key
     except (tarfile.TarError, OSError, EOFError) as e:
         return keys, f"{type(e).__name__}: {e}"
     return keys, None
