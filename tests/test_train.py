@@ -91,12 +91,15 @@ def reference_step(raw: dict, world: int, accumulation: int = 1) -> dict:
                 rows[batch["task"]].append((batch["images"], batch["labels"]))
     torch.manual_seed(cfg.train.seed)
     model = init_supernet(cfg)
+    features: list = []
+    model.head_drop.register_forward_hook(lambda _, __, out: features.append(out))
     for rows in micro:
         images = torch.cat([x for t in cfg.tasks for x, _ in rows[t]])
         labels = torch.cat([y for t in cfg.tasks for _, y in rows[t]])
         slices = [TaskSlice(t, cfg.path_of(t), sum(len(y) for _, y in rows[t])) for t in cfg.tasks]
         losses = model(images, slices, labels)
-        (sum(cfg.tasks[s.task].weight * loss for s, loss in zip(slices, losses)) / accumulation).backward()
+        weights = reference_weights(cfg, losses, features.pop())
+        (sum(w * loss for w, loss in zip(weights, losses)) / accumulation).backward()
     with torch.no_grad():
         for p in model.parameters():
             if p.grad is not None:
@@ -104,17 +107,32 @@ def reference_step(raw: dict, world: int, accumulation: int = 1) -> dict:
     return dict(model.named_parameters())
 
 
+def reference_weights(cfg, losses: list, z: torch.Tensor) -> list[float]:
+    """The weights of the strategies the step test covers, from the whole batch's losses (by hand)."""
+    name = cfg.train.weighting.name
+    if name == "static":
+        return [cfg.tasks[t].weight for t in cfg.tasks]
+    if name == "realtime":
+        return [1.0 / loss.item() for loss in losses]
+    assert name == "gradnorm_static"
+    return [1.0 / torch.autograd.grad(loss, z, retain_graph=True)[0].norm().item() for loss in losses]
+
+
 TP, MIXED = ("task_parallel", ("face", "digits")), ("mixed", ("face", "person", "digits"))
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("stage,layout,tasks,accumulation", [
-    (0, *TP, 1), (1, *TP, 1), (2, *TP, 1), (3, *TP, 1),
-    (0, *MIXED, 1), (1, *MIXED, 1), (2, *MIXED, 1), (3, *MIXED, 1), (2, *MIXED, 2)])
-def test_one_distributed_step_equals_one_big_process(tmp_path, stage, layout, tasks, accumulation):
+@pytest.mark.parametrize("stage,layout,tasks,accumulation,weighting", [
+    (0, *TP, 1, "static"), (1, *TP, 1, "static"), (2, *TP, 1, "static"), (3, *TP, 1, "static"),
+    (0, *MIXED, 1, "static"), (1, *MIXED, 1, "static"), (2, *MIXED, 1, "static"), (3, *MIXED, 1, "static"),
+    (2, *MIXED, 2, "static"),
+    # weights from every task's loss or gradient norm, all-reduced across ranks
+    (1, *TP, 1, "realtime"), (0, *TP, 1, "gradnorm_static"), (3, *TP, 1, "gradnorm_static"),
+    (2, *MIXED, 2, "gradnorm_static")])
+def test_one_distributed_step_equals_one_big_process(tmp_path, stage, layout, tasks, accumulation, weighting):
     raw = tiny_run(tmp_path, tasks, steps=1, layout=layout, optimizer="sgd", momentum=0.0, lr=0.5,
                    warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, gradient_clipping=0.0,
-                   gradient_accumulation_steps=accumulation)
+                   gradient_accumulation_steps=accumulation, weighting={"name": weighting})
     raw["tasks"]["digits"]["weight"] = 2.0
     raw["deepspeed"] = {"zero_stage": stage}
     replicas = run_ranks(raw, tmp_path)

@@ -160,9 +160,9 @@ class _PlainWithHeads(torch.nn.Module):
         self.vit = VisionTransformer(**vit_args(cfg.model), num_classes=0)
         self.heads = copy.deepcopy(heads)
 
-    def forward(self, images, slices, labels=None, reduction="mean"):
+    def forward(self, images, slices, labels=None, reduction="mean", hits=False):
         features = self.vit.forward_head(self.vit.forward_features(images), pre_logits=True)
-        return apply_heads(self.heads, features, slices, labels, reduction)
+        return apply_heads(self.heads, features, slices, labels, reduction, hits)
 
 
 def _train_bench_rank(rank: int, world: int, port: int, raw: dict, steps: int, plain: bool, out: str) -> None:
@@ -175,6 +175,7 @@ def _train_bench_rank(rank: int, world: int, port: int, raw: dict, steps: int, p
     from ufo.config import config_from_dict
     from ufo.layout import import_deepspeed, init_distributed, make_layout
     from ufo.train import deepspeed_config, micro_step, param_groups
+    from ufo.weighting import Static
 
     init_distributed()
     deepspeed = import_deepspeed()
@@ -185,7 +186,7 @@ def _train_bench_rank(rank: int, world: int, port: int, raw: dict, steps: int, p
     slices = [TaskSlice(t, cfg.path_of(t), sizes[t]) for t in tasks]
     images = torch.randn(sum(sizes.values()), m.in_chans, m.img_size, m.img_size)
     labels = torch.cat([torch.randint(cfg.tasks[t].num_classes, (sizes[t],)) for t in tasks])
-    weights = torch.tensor([cfg.tasks[t].weight for t in tasks], dtype=torch.float64)
+    weighting = Static(tasks, [cfg.tasks[t].weight for t in tasks])
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
     cuda = torch.cuda.is_available()
     result = {}
@@ -197,11 +198,11 @@ def _train_bench_rank(rank: int, world: int, port: int, raw: dict, steps: int, p
                                       lr=cfg.train.lr)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
         x, y = images.to(engine.device, dtype=dtype), labels.to(engine.device)
-        micro_step(engine, x, y, slices, weights, world)  # warm-up
+        micro_step(engine, x, y, slices, weighting, world)  # warm-up
         torch.distributed.barrier()
         start = time.perf_counter()
         for _ in range(steps):
-            micro_step(engine, x, y, slices, weights, world)
+            micro_step(engine, x, y, slices, weighting, world)
         torch.distributed.barrier()
         seconds = (time.perf_counter() - start) / steps
         result[name] = {"s_per_step": seconds, "samples_per_s": world * len(y) / seconds,

@@ -96,6 +96,37 @@ class DataConfig(Section):
     auto_augment: str | None = None
 
 
+WEIGHTING_PARAMS = {  # which strategies read which keys of train.weighting
+    "alpha": ("gradnorm", "lbtw"),
+    "lr": ("uncertainty", "gradnorm"),
+    "temperature": ("dwa",),
+    "window": ("dwa",),
+    "gamma": ("dtp",),
+    "smoothing": ("dtp",),
+}
+
+
+class WeightingConfig(Section):
+    """How the tasks' losses are weighted into the total loss (`ufo/weighting.py`).
+
+    equal: mean of the losses; static: tasks.*.weight; initial: 1 / the task's first loss;
+    prior: 1 / the entropy of the task's label frequencies; realtime: 1 / the current loss;
+    gradnorm_static: 1 / the norm of the task's gradient on the shared representation;
+    uncertainty: learned log-variances (Kendall 2018); gradnorm: learned weights balancing
+    gradient norms (Chen 2018); dwa: Dynamic Weight Average (Liu 2019); lbtw: (L / L0)^alpha
+    (Liu 2019); dtp: focal weights of a smoothed accuracy (Guo 2018).
+    """
+
+    name: Literal["equal", "static", "initial", "prior", "realtime", "gradnorm_static", "uncertainty",
+                  "gradnorm", "dwa", "lbtw", "dtp"] = "static"
+    alpha: float | None = Field(None, ge=0)  # gradnorm: restoring force (1.5); lbtw: exponent (0.5)
+    lr: float = Field(0.025, gt=0)  # uncertainty, gradnorm: Adam learning rate of the learned weights
+    temperature: float = Field(2.0, gt=0)  # dwa: softmax temperature
+    window: int = Field(20, gt=0)  # dwa: optimizer steps per window (its "epoch")
+    gamma: float = Field(1.0, ge=0)  # dtp: focusing exponent
+    smoothing: float = Field(0.5, gt=0, le=1)  # dtp: weight of the newest accuracy in its moving average
+
+
 class TrainConfig(Section):
     """The training loop: steps, optimizer and schedule, paths, evaluation and checkpoints."""
 
@@ -126,6 +157,7 @@ class TrainConfig(Section):
     eval_batch_size: int = Field(128, gt=0)
     checkpoint_every: int = Field(0, ge=0)  # 0: at the end (and on SIGTERM/SIGUSR1) only
     keep_checkpoints: int = Field(3, gt=0)
+    weighting: WeightingConfig = WeightingConfig()
 
 
 class DeepSpeedConfig(Section):
@@ -285,6 +317,8 @@ def _known_keys(parent: list[str]) -> list[str]:
     section = field.annotation if field else None
     if len(parent) == 1 and isinstance(section, type) and issubclass(section, BaseModel):
         return list(section.model_fields)
+    if parent == ["train", "weighting"]:
+        return list(WeightingConfig.model_fields)
     return []
 
 
@@ -310,6 +344,11 @@ def _check(cfg: UfoConfig, source: str, overridden: Mapping[str, str]) -> UfoCon
                                       f"(head dim {m.embed_dim / m.num_heads:g} is not an integer)")
     if not cfg.tasks:
         raise fail("tasks", "define at least one task")
+    w = cfg.train.weighting
+    for key in sorted(WEIGHTING_PARAMS):  # a resolved config holds every default: only other values count
+        if w.name not in WEIGHTING_PARAMS[key] and getattr(w, key) != WeightingConfig.model_fields[key].default:
+            raise fail(f"train.weighting.{key}", f"is read by {' and '.join(WEIGHTING_PARAMS[key])} only, "
+                                                 f"not by {w.name}", related="train.weighting.name")
     tasks = {}
     for name, task in cfg.tasks.items():
         key = f"tasks.{name}"

@@ -1,14 +1,16 @@
 """The DeepSpeed training loop of the supernet: `train(cfg)`.
 
-Built in order: process group and layout, data, model, engine. Then one loop: batch -> forward
--> per-task losses -> weights -> backward -> step -> log -> maybe eval -> maybe checkpoint.
+Built in order: process group and layout, data, model, engine, weighting. Then one loop: batch ->
+forward -> per-task losses -> weights -> backward -> step -> log -> maybe eval -> maybe checkpoint.
 
 Gradient semantics (DESIGN.md): every rank passes a slice of every task to the model, empty for
 the tasks it does not serve, so every rank calls the same modules in the same order (what ZeRO-3
 requires) and every parameter gets a gradient, zero where unused. Rank r's loss is
 `W * sum_t w_t * (sum of task t's sample losses on r) / N_t`, N_t the step's task t samples over
 all ranks: DeepSpeed's average over the W ranks then gives every parameter the gradient of
-`sum_t w_t * mean_t loss` over the global batch, exactly what one process would compute.
+`sum_t w_t * mean_t loss` over the global batch, exactly what one process would compute. The
+weights w_t come from `ufo.weighting`, fed with every task's mean loss over all ranks (one
+all-reduce of a few scalars per micro-step), so every rank uses the same weights.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 import ufo
+from ufo.atomic import atomic_file
 from ufo.checkpoint import (
     find_training_checkpoint,
     init_supernet,
@@ -36,12 +39,14 @@ from ufo.checkpoint import (
     save_training_checkpoint,
 )
 from ufo.config import UfoConfig
-from ufo.data import MixedLoader, endless, task_loader
+from ufo.data import MixedLoader, endless, label_counts, task_loader
 from ufo.errors import ConfigError, UfoError
 from ufo.layout import Layout, import_deepspeed, init_distributed, make_layout
 from ufo.metrics import retrieval, top1
 from ufo.model import SupernetViT, TaskSlice
+from ufo.model.supernet import apply_heads
 from ufo.model.paths import PathPolicy
+from ufo.weighting import Observation, Weighting, build_weighting, label_entropy
 
 Log = Callable[[str], None]
 
@@ -53,6 +58,8 @@ class TrainResult:
     checkpoint: Path | None
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     engine: Any = None  # the DeepSpeed engine, for callers that go on with it (tests, notebooks)
+    weighting: Weighting | None = None
+    history: list[dict] = field(default_factory=list)  # this process's per-step records (history.jsonl)
 
 
 def deepspeed_config(cfg: UfoConfig) -> dict[str, Any]:
@@ -176,6 +183,8 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=deepspeed_config(cfg))
     policy = PathPolicy(t.path_policy, {task: cfg.path_of(task) for task in tasks}, t.seed, t.path_sample_p)
+    weighting = _make_weighting(cfg, say)
+    features = _capture_features(engine.module) if weighting.needs_grad_norms else None
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
     device = engine.device
 
@@ -183,20 +192,21 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
     torch.manual_seed(t.seed + 1 + rank)  # drop path and the like differ between ranks
     resume = find_training_checkpoint(ckpt_dir)
     if resume is not None:
-        step = _resume(engine, loader, resume, cfg, world, rank)
+        step = _resume(engine, loader, weighting, resume, cfg, world, rank, say)
         say(f"resumed from {resume} at step {step}")
     if step >= t.steps:
         say(f"already trained {step} of {t.steps} steps")
 
     m = cfg.model
-    weights = torch.tensor([cfg.tasks[task].weight for task in tasks], dtype=torch.float64)
     batches = endless(loader)
     meter = _Meter(tasks)
-    result = TrainResult(step, None, resume, engine=engine)
+    history = _History(out / "history.jsonl", step, write=rank == 0)
+    result = TrainResult(step, None, resume, engine=engine, weighting=weighting, history=history.records)
     start_step, started = step, time.perf_counter()
     with _Signals() as signals:
         while step < t.steps:
             paths = policy.paths_at(step)
+            seen = _StepMean(len(tasks))
             for _ in range(t.gradient_accumulation_steps):
                 batch = next(batches)
                 slices = _slices(batch, tasks, paths, layout)
@@ -205,24 +215,30 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
                     images = torch.zeros(0, m.in_chans, m.img_size, m.img_size)
                 images = images.to(device=device, dtype=dtype)
                 labels = batch["labels"].to(device)
-                sums, counts = micro_step(engine, images, labels, slices, weights, world)
-                meter.add(sums, counts)
+                obs, weights, counts = micro_step(engine, images, labels, slices, weighting, world, features)
+                seen.add(obs, counts)
+                meter.add(obs, counts)
+            step_obs = seen.mean()
+            weighting.step(step_obs)
             step += 1
+            history.add(step, step_obs, weights, weighting, scheduler, tasks)
             stop = torch.tensor([signals.received or 0])
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # any rank's signal stops every rank
             if step % t.log_every == 0 or step == t.steps:
                 losses = meter.take()
-                say(_progress(step, t.steps, losses, meter.rate, scheduler, paths, policy.name,
+                say(_progress(step, t.steps, losses, dict(zip(tasks, weights.tolist())), meter.rate, scheduler,
+                              paths, policy.name,
                               eta=(time.perf_counter() - started) / (step - start_step) * (t.steps - step),
                               tokens=(m.img_size // m.patch_size) ** 2 + 1))
             if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                 result.metrics = evaluate(engine, cfg, layout, rank, policy.paths_at(step), dtype, say)
             final = step == t.steps or stop.item()
             if final or (t.checkpoint_every and step % t.checkpoint_every == 0):
-                state = {"step": step, "data": loader.state_dict(), "rng": _rng_state()}
+                state = {"step": step, "data": loader.state_dict(), "rng": _rng_state(),
+                         "weighting": {"name": weighting.name, "state": weighting.state_dict()}}
                 meta = {"config": cfg.to_dict(), "zero_stage": cfg.deepspeed.zero_stage,
                         "precision": cfg.deepspeed.precision, "world_size": world, "layout": layout.kind,
-                        "path_policy": policy.state_dict()}
+                        "path_policy": policy.state_dict(), "weighting": weighting.name}
                 result.checkpoint = save_training_checkpoint(engine, ckpt_dir, step, meta, state, rank,
                                                              t.keep_checkpoints)
                 say(f"checkpoint {result.checkpoint}")
@@ -230,8 +246,12 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
                 name = signal.Signals(int(stop.item())).name
                 say(f"stopped by {name} at step {step}; rerun the same command to resume")
                 result.step, result.stopped_by = step, name
+                history.close()
                 return result
     result.step = step
+    history.close()
+    if rank == 0 and history.path.is_file():
+        plot_history(history.path, out / "weighting.png", title=f"{out.name}: {weighting.name} weighting")
     if t.steps > 0:
         result.metrics = evaluate(engine, cfg, layout, rank, policy.paths_at(max(step - 1, 0)), dtype, say)
         if rank == 0:
@@ -239,19 +259,184 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
     return result
 
 
-def micro_step(engine, images: torch.Tensor, labels: torch.Tensor, slices: list[TaskSlice],
-               weights: torch.Tensor, world: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward, task-weighted loss, backward and (at the accumulation boundary) step.
+def micro_step(engine, images: torch.Tensor, labels: torch.Tensor, slices: list[TaskSlice], weighting: Weighting,
+               world: int, features: list | None = None) -> tuple[Observation, torch.Tensor, torch.Tensor]:
+    """Forward, per-task losses over all ranks, weights, weighted backward and (at the accumulation
+    boundary) step.
 
-    Returns each task's summed sample loss on this rank and each task's sample count over all ranks.
+    Returns what the weighting observed (identical on every rank), the weights used, and each
+    task's sample count over all ranks. `features` collects the pooled features (see
+    `_capture_features`) when the weighting needs gradient norms.
     """
+    T = len(slices)
     counts = torch.tensor([s.size for s in slices], dtype=torch.float64)
     dist.all_reduce(counts)  # N_t: task t's samples in this micro-step, all ranks
-    sums = engine(images, slices, labels, reduction="sum")
-    scale = torch.where(counts > 0, world * weights / counts.clamp_min(1), 0.0)
+    outputs = engine(images, slices, labels, reduction="sum", hits=weighting.needs_accuracy)
+    sums = [o[0] for o in outputs] if weighting.needs_accuracy else outputs
+    hits = torch.stack([o[1].double().cpu() for o in outputs]) if weighting.needs_accuracy else torch.zeros(T)
+    grad_sq = torch.zeros(T, dtype=torch.float64)
+    per_sample = torch.where(counts > 0, 1.0 / counts.clamp_min(1), 0.0)
+    if weighting.needs_grad_norms:
+        grad_sq = _feature_grad_sq(engine.module, features.pop(), slices, labels, per_sample)
+    seen = torch.cat([torch.stack([s.detach().double().cpu() for s in sums]), hits.double(), grad_sq])
+    dist.all_reduce(seen)
+    known = counts > 0
+    nan = torch.full((T,), math.nan, dtype=torch.float64)
+    obs = Observation(
+        losses=torch.where(known, seen[:T] * per_sample, nan),
+        grad_norms=torch.where(known, seen[2 * T:].sqrt(), nan) if weighting.needs_grad_norms else None,
+        accuracies=torch.where(known, seen[T:2 * T] * per_sample, nan) if weighting.needs_accuracy else None)
+    weights = weighting.weights(obs)
+    scale = torch.where(known, world * weights * per_sample, 0.0)
     engine.backward(sum(float(c) * s.float() for c, s in zip(scale, sums)))
     engine.step()
-    return torch.stack([s.detach().double().cpu() for s in sums]), counts
+    return obs, weights, counts
+
+
+def _feature_grad_sq(module: SupernetViT, z: torch.Tensor, slices: list[TaskSlice], labels: torch.Tensor,
+                     per_sample: torch.Tensor) -> torch.Tensor:
+    """This rank's share of ||d L_t / d z||^2 for every task, L_t its mean loss over all ranks.
+
+    The rows of the pooled features z are the samples, so the ranks' squared row gradients add up
+    to the global one. The heads run again on a detached z: a backward through them alone, apart
+    from the engine's graph (DeepSpeed allows no second backward through its outputs).
+    """
+    z = z.detach().requires_grad_()
+    losses = apply_heads(module.heads, z, slices, labels, reduction="sum")
+    local = sum(float(c) * loss.float() for c, loss in zip(per_sample, losses))
+    (grad,) = torch.autograd.grad(local, z, allow_unused=True)
+    grad_sq = torch.zeros(len(slices), dtype=torch.float64)
+    if grad is not None:
+        start = 0
+        for i, s in enumerate(slices):
+            grad_sq[i] = grad[start:start + s.size].double().pow(2).sum().cpu()
+            start += s.size
+    return grad_sq
+
+
+def _capture_features(module: SupernetViT) -> list:
+    """Collects the pooled features every head reads (timm's `head_drop` output) at each forward."""
+    captured: list = []
+    module.head_drop.register_forward_hook(lambda _, __, out: captured.append(out))
+    return captured
+
+
+def _make_weighting(cfg: UfoConfig, say: Log) -> Weighting:
+    entropies = None
+    if cfg.train.weighting.name == "prior":
+        entropies = {}
+        for task, tc in cfg.tasks.items():
+            counts = label_counts(tc.shards, task)
+            if len(counts) < 2:
+                raise UfoError(f"task {task}: its shards hold {len(counts)} label(s); prior weighting needs a "
+                               "label distribution with some entropy (use another train.weighting.name)")
+            entropies[task] = label_entropy(counts)
+        say("prior weighting: label entropy " + " ".join(f"{t} {h:.3f}" for t, h in entropies.items()))
+    return build_weighting(cfg, entropies)
+
+
+class _StepMean:
+    """The observations of one optimizer step's micro-steps, averaged (losses and accuracies per sample)."""
+
+    def __init__(self, tasks: int):
+        self.loss = torch.zeros(tasks, dtype=torch.float64)
+        self.hits = torch.zeros(tasks, dtype=torch.float64)
+        self.norms = torch.zeros(tasks, dtype=torch.float64)
+        self.counts = torch.zeros(tasks, dtype=torch.float64)
+        self.micro = torch.zeros(tasks, dtype=torch.float64)
+        self.last: Observation | None = None
+
+    def add(self, obs: Observation, counts: torch.Tensor) -> None:
+        known = counts > 0
+        self.loss += torch.where(known, obs.losses * counts, 0.0)
+        if obs.accuracies is not None:
+            self.hits += torch.where(known, obs.accuracies * counts, 0.0)
+        if obs.grad_norms is not None:
+            self.norms += torch.where(known, obs.grad_norms, 0.0)
+        self.counts += counts
+        self.micro += known.double()
+        self.last = obs
+
+    def mean(self) -> Observation:
+        known = self.counts > 0
+        nan = torch.full_like(self.counts, math.nan)
+        per_sample = torch.where(known, 1.0 / self.counts.clamp_min(1), nan)
+        return Observation(
+            losses=self.loss * per_sample,
+            grad_norms=None if self.last.grad_norms is None else self.norms / self.micro.where(known, nan),
+            accuracies=None if self.last.accuracies is None else self.hits * per_sample)
+
+
+class _History:
+    """Per-step records (losses, weights, learned weighting values, lr): kept in memory on every rank,
+    appended to `history.jsonl` by rank 0; a resumed run first drops the records after its checkpoint."""
+
+    def __init__(self, path: Path, step: int, write: bool):
+        self.path, self.records = path, []
+        self.file = None
+        if write:
+            kept = []
+            if step > 0 and path.is_file():
+                for line in path.read_text().splitlines():
+                    try:
+                        if json.loads(line)["step"] <= step:
+                            kept.append(line)
+                    except (ValueError, KeyError, TypeError):
+                        break  # a torn last line of a killed run
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(line + "\n" for line in kept))
+            self.file = open(path, "a")
+
+    def add(self, step: int, obs: Observation, weights: torch.Tensor, weighting: Weighting, scheduler,
+            tasks: list[str]) -> None:
+        record = {"step": step, "lr": scheduler.get_last_lr()[0],
+                  "loss": _by_task(tasks, obs.losses), "weight": _by_task(tasks, weights)}
+        if obs.accuracies is not None:
+            record["accuracy"] = _by_task(tasks, obs.accuracies)
+        if obs.grad_norms is not None:
+            record["grad_norm"] = _by_task(tasks, obs.grad_norms)
+        for name, values in weighting.values().items():
+            record[name] = _by_task(tasks, values)
+        self.records.append(record)
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def _by_task(tasks: list[str], values: torch.Tensor) -> dict[str, float | None]:
+    return {t: (float(v) if math.isfinite(v) else None) for t, v in zip(tasks, values.tolist())}
+
+
+def plot_history(history: Path, png: Path, title: str = "") -> Path:
+    """Each task's loss and weight over the steps of a run's `history.jsonl`, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+    tasks = list(records[0]["loss"]) if records else []
+    steps = [r["step"] for r in records]
+    fig, (ax_loss, ax_weight) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    for task in tasks:
+        ax_loss.plot(steps, [r["loss"].get(task) for r in records], label=task)
+        ax_weight.plot(steps, [r["weight"].get(task) for r in records], label=task)
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_yscale("log")
+    ax_weight.set_ylabel("weight")
+    ax_weight.set_xlabel("step")
+    ax_loss.legend()
+    ax_loss.set_title(title)
+    fig.tight_layout()
+    with atomic_file(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return png
 
 
 def _make_loader(cfg: UfoConfig, layout: Layout, rank: int):
@@ -269,7 +454,8 @@ def _slices(batch: dict, tasks: list[str], paths: dict[str, str], layout: Layout
     return [TaskSlice(task, paths[task], sizes.get(task, 0)) for task in tasks]
 
 
-def _resume(engine, loader, tag_dir: Path, cfg: UfoConfig, world: int, rank: int) -> int:
+def _resume(engine, loader, weighting: Weighting, tag_dir: Path, cfg: UfoConfig, world: int, rank: int,
+            say: Log) -> int:
     marker = json.loads((tag_dir / "ufo.json").read_text())
     if marker["world_size"] != world:
         raise UfoError(f"{tag_dir}: was written by {marker['world_size']} ranks, this run has {world}; "
@@ -278,6 +464,12 @@ def _resume(engine, loader, tag_dir: Path, cfg: UfoConfig, world: int, rank: int
     state = read_rank_state(tag_dir, rank)
     loader.load_state_dict(state["data"])
     _set_rng_state(state["rng"])
+    saved = state.get("weighting", {"name": "static", "state": {}})
+    if saved["name"] == weighting.name:
+        weighting.load_state_dict(saved["state"])
+    else:
+        say(f"warning: {tag_dir} was trained with {saved['name']} weighting, this run uses {weighting.name}: "
+            "its weighting starts afresh")
     return int(state["step"])
 
 
@@ -290,12 +482,11 @@ class _Meter:
         self.counts = torch.zeros(len(tasks), dtype=torch.float64)
         self.since, self.rate = time.perf_counter(), 0.0
 
-    def add(self, sums: torch.Tensor, counts: torch.Tensor) -> None:
-        self.sums += sums
+    def add(self, obs: Observation, counts: torch.Tensor) -> None:
+        self.sums += torch.where(counts > 0, obs.losses * counts, 0.0)
         self.counts += counts
 
     def take(self) -> dict[str, float]:
-        dist.all_reduce(self.sums)
         now = time.perf_counter()
         self.rate = float(self.counts.sum()) / max(now - self.since, 1e-9)
         losses = {t: float(s / c) for t, s, c in zip(self.tasks, self.sums, self.counts) if c > 0}
@@ -305,11 +496,11 @@ class _Meter:
         return losses
 
 
-def _progress(step: int, steps: int, losses: dict[str, float], rate: float, scheduler, paths: dict[str, str],
-              policy: str, eta: float, tokens: int) -> str:
+def _progress(step: int, steps: int, losses: dict[str, float], weights: dict[str, float], rate: float, scheduler,
+              paths: dict[str, str], policy: str, eta: float, tokens: int) -> str:
     lr = scheduler.get_last_lr()[0] if scheduler is not None else float("nan")
     parts = [f"step {step}/{steps}",
-             "loss " + " ".join(f"{t} {v:.3f}" for t, v in losses.items()),
+             "loss (weight) " + " ".join(f"{t} {v:.3f} ({weights[t]:.3g})" for t, v in losses.items()),
              f"{rate:.0f} samples/s {rate * tokens / 1000:.0f}k tokens/s",
              f"lr {lr:.2e}", f"eta {_duration(eta)}"]
     if policy == "sample":

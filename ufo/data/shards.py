@@ -140,6 +140,30 @@ def resolve_shards(spec: str | Sequence[str], task: str) -> list[Shard]:
     return shards
 
 
+def label_counts(spec: str | Sequence[str], task: str) -> Counter:
+    """How often each label occurs in a task's shards: from manifests, else by reading local tars' `.cls`."""
+    counts: Counter = Counter()
+    manifests: dict[Path, dict | None] = {}
+    for shard in resolve_shards(spec, task):
+        if not shard.local:
+            raise DataError(f"task {task}: shard {shard.url} is remote and has no manifest with class counts")
+        path = Path(shard.url)
+        if path.parent not in manifests:
+            manifests[path.parent] = read_manifest(path.parent)
+            manifest = manifests[path.parent]
+            if manifest is not None and "class_counts" in manifest:
+                counts.update({int(k): int(v) for k, v in manifest["class_counts"].items()})
+        if manifests[path.parent] is None or "class_counts" not in manifests[path.parent]:
+            try:
+                for _, ext, tar, member in tar_members(path):
+                    if ext == "cls":
+                        counts[int(tar.extractfile(member).read())] += 1
+            except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+                raise DataError(f"task {task}: shard {path}: cannot read its labels ({type(e).__name__}: {e})") \
+                    from None
+    return counts
+
+
 def _local(path: Path) -> Shard:
     manifest = read_manifest(path.parent)
     if manifest is not None:

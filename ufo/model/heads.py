@@ -30,6 +30,11 @@ class ClassificationHead(nn.Module):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing, reduction=reduction)
 
+    @torch.no_grad()
+    def hits(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """How many rows the head classifies right (a training KPI)."""
+        return (logits.argmax(dim=-1) == labels).sum()
+
 
 class MarginSoftmax(nn.Module):
     """CosFace (cos - m) or ArcFace (cos(theta + m)) logits over normalized class centers, then CE."""
@@ -55,6 +60,12 @@ class MarginSoftmax(nn.Module):
         logits = cos.scatter(1, labels[:, None], adjusted) * self.scale
         return F.cross_entropy(logits, labels, reduction=reduction)
 
+    @torch.no_grad()
+    def hits(self, embedding: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """How many rows are nearest to their own class center."""
+        cos = F.linear(embedding, F.normalize(self.weight, dim=-1))
+        return (cos.argmax(dim=-1) == labels).sum()
+
 
 class RetrievalHead(nn.Module):
     deployed = "embed"
@@ -70,6 +81,9 @@ class RetrievalHead(nn.Module):
 
     def loss(self, embedding: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         return self.margin(embedding, labels, reduction)
+
+    def hits(self, embedding: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.margin.hits(embedding, labels)
 
 
 def build_head(task: TaskConfig, dim: int) -> nn.Module:

@@ -119,13 +119,14 @@ class SupernetViT(VisionTransformer):
         return self.forward_head(x, pre_logits=True)
 
     def forward(self, images: torch.Tensor, slices: Sequence[TaskSlice], labels: torch.Tensor | None = None,
-                reduction: str = "mean") -> list[torch.Tensor]:
-        """Per slice: the head's output (logits or normalized embedding), or its loss given labels.
+                reduction: str = "mean", hits: bool = False) -> list:
+        """Per slice: the head's output (logits or normalized embedding), or its loss given labels
+        (with `hits`: a (loss, rows classified right) pair).
 
         A slice may be empty: its FFNs and head are still called (on zero rows), so that every
         rank of a distributed run calls the same modules in the same order whatever its data.
         """
-        return apply_heads(self.heads, self.forward_features(images, slices), slices, labels, reduction)
+        return apply_heads(self.heads, self.forward_features(images, slices), slices, labels, reduction, hits)
 
     def forward_task(self, images: torch.Tensor, task: str, path: str) -> torch.Tensor:
         """The whole batch as one task on one path."""
@@ -133,13 +134,18 @@ class SupernetViT(VisionTransformer):
 
 
 def apply_heads(heads: nn.ModuleDict, features: torch.Tensor, slices: Sequence[TaskSlice],
-                labels: torch.Tensor | None = None, reduction: str = "mean") -> list[torch.Tensor]:
+                labels: torch.Tensor | None = None, reduction: str = "mean", hits: bool = False) -> list:
     """Each slice's rows of the pooled features through its task's head (and loss, given labels)."""
     results, start = [], 0
     for s in slices:
         head = heads[s.task]
         out = head(features[start:start + s.size])
-        results.append(out if labels is None else head.loss(out, labels[start:start + s.size], reduction))
+        if labels is None:
+            results.append(out)
+        else:
+            y = labels[start:start + s.size]
+            loss = head.loss(out, y, reduction)
+            results.append((loss, head.hits(out, y)) if hits else loss)
         start += s.size
     return results
 
