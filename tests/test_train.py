@@ -41,6 +41,7 @@ def tiny_run(tmp_path: Path, tasks: tuple[str, ...], **train) -> dict:
     raw = copy.deepcopy(TINY)
     raw["tasks"] = write_data(tmp_path / "data", {t: raw["tasks"][t] for t in tasks})
     raw["data"] = {"num_workers": 0, "hflip": 0.0, "scale": [1.0, 1.0], "shuffle_buffer": 8}
+    raw["tracking"] = {"enabled": False}  # tests/test_tracking.py turns it on
     raw["train"] = {"seed": 3, "out_dir": str(tmp_path / "run"), "micro_batch_size": 6, "log_every": 1,
                     **train}
     return raw

@@ -9,14 +9,19 @@ ratio measures what the multi-path FFNs cost, not what the tasks' heads cost.
 from __future__ import annotations
 
 import copy
+import json
+import shutil
 import statistics
 import time
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from ufo.atomic import atomic_file
 from ufo.config import UfoConfig
+from ufo.errors import ConfigError
 from ufo.model import SupernetViT, TaskSlice, vit_args
 from ufo.model.supernet import apply_heads
 
@@ -265,4 +270,80 @@ def format_train_bench(r: dict[str, Any]) -> str:
         gib = ", ".join(f"{b / 2**30:.2f}" for b in mem["peak_bytes_per_rank"])
         lines.append(f"  ZeRO {stage}: peak {mem['kind']} per rank {gib} GiB "
                      f"(supernet {mem['supernet_params'] / 1e6:.0f} M parameters)")
+    return "\n".join(lines)
+
+
+def bench_weighting(cfg: UfoConfig, strategies: Sequence[str], steps: int, out: Path, overwrite: bool = False,
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train the config once per weighting strategy (one process, `mixed` layout, same seed and data)
+    and compare: each task's eval metric, seconds per step, weights and losses over time
+    (`OUT/<strategy>/history.jsonl`, one figure `OUT/weighting.png`)."""
+    from ufo.config import config_from_dict
+    from ufo.train import train
+    from ufo.weighting import STRATEGIES
+
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise ConfigError(f"--strategies: unknown {', '.join(unknown)} (known: {', '.join(STRATEGIES)})")
+    for name in strategies:  # a run directory left from before would be resumed, not benchmarked
+        if (out / name).exists():
+            if not overwrite:
+                raise ConfigError(f"{out / name}: exists; pass --overwrite to replace it or choose another --out")
+            shutil.rmtree(out / name)
+    result: dict[str, Any] = {"steps": steps, "tasks": {t: c.kind for t, c in cfg.tasks.items()}, "strategies": {}}
+    for name in strategies:
+        raw = cfg.to_dict()
+        raw["train"].update(steps=steps, out_dir=str(out / name), layout="mixed", eval_every=0, checkpoint_every=0,
+                            warmup_steps=min(raw["train"]["warmup_steps"], steps // 2),
+                            weighting={"name": name})
+        raw["tracking"]["enabled"] = False
+        log(f"== {name}")
+        start = time.perf_counter()
+        run = train(config_from_dict(raw, f"bench weighting ({name})"),
+                    log=lambda line: log("   " + line) if line.startswith(("step", "eval")) else None)
+        seconds = time.perf_counter() - start
+        result["strategies"][name] = {
+            "s_per_step": seconds / steps, "eval": run.metrics,
+            "final_weight": run.history[-1]["weight"], "final_loss": run.history[-1]["loss"]}
+    _plot_strategies(out, list(strategies), out / "weighting.png")
+    (out / "weighting.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _plot_strategies(out: Path, strategies: list[str], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(strategies), 2, figsize=(10, 2.2 * len(strategies)), squeeze=False, sharex=True)
+    for row, name in zip(axes, strategies):
+        records = [json.loads(line) for line in (out / name / "history.jsonl").read_text().splitlines() if line]
+        steps = [r["step"] for r in records]
+        for task in records[0]["loss"]:
+            row[0].plot(steps, [r["loss"][task] for r in records], label=task)
+            row[1].plot(steps, [r["weight"][task] for r in records], label=task)
+        row[0].set_ylabel(f"{name}\nloss")
+        row[0].set_yscale("log")
+        row[1].set_ylabel("weight")
+    axes[0][0].legend(fontsize="small")
+    axes[0][0].set_title("loss per task")
+    axes[0][1].set_title("weight per task")
+    axes[-1][0].set_xlabel("step")
+    axes[-1][1].set_xlabel("step")
+    fig.tight_layout()
+    with atomic_file(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+
+
+def format_weighting_bench(r: dict[str, Any]) -> str:
+    tasks = list(r["tasks"])
+    key = {t: "top1" if kind == "classification" else "recall@1" for t, kind in r["tasks"].items()}
+    head = f"{'strategy':<16} {'s/step':>7}  " + "  ".join(f"{t + ' ' + key[t]:>18}" for t in tasks) + "  final weights"
+    lines = [f"ufo bench weighting: {r['steps']} steps per strategy, one process, mixed layout", head]
+    for name, s in r["strategies"].items():
+        metrics = "  ".join(f"{s['eval'].get(t, {}).get(key[t], float('nan')):>18.4f}" for t in tasks)
+        weights = " ".join(f"{t}={s['final_weight'][t]:.3g}" for t in tasks)
+        lines.append(f"{name:<16} {s['s_per_step']:>7.3f}  {metrics}  {weights}")
     return "\n".join(lines)

@@ -123,6 +123,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--memory-stages", default="0,1,2,3", help="ZeRO stages to measure")
     b.add_argument("--json", action="store_true", help="print the result as JSON")
     b.set_defaults(run=_bench_train)
+    b = benches.add_parser("weighting", help="train once per loss-weighting strategy; metrics, weights and losses")
+    config_args(b)
+    b.add_argument("--strategies", default="all", help="comma-separated train.weighting names (default: all)")
+    b.add_argument("--steps", type=int, default=100, help="training steps per strategy")
+    b.add_argument("--out", type=Path, default=Path("runs/bench-weighting"),
+                   help="where each strategy's run and the comparison go (default: runs/bench-weighting)")
+    b.add_argument("--overwrite", action="store_true", help="replace the strategies' runs left in --out")
+    b.add_argument("--json", action="store_true", help="print the result as JSON")
+    b.set_defaults(run=_bench_weighting)
     return parser
 
 
@@ -230,6 +239,22 @@ def _bench_train(args: argparse.Namespace) -> None:
     stages = [int(s) for s in args.memory_stages.split(",") if s.strip()]
     result = bench_train(cfg, steps=args.steps, world=args.ranks, memory_config=memory, stages=stages)
     print(json.dumps(result, indent=2) if args.json else format_train_bench(result))
+
+
+def _bench_weighting(args: argparse.Namespace) -> None:
+    import json
+
+    from ufo.bench import bench_weighting, format_weighting_bench
+    from ufo.config import load_config
+    from ufo.weighting import STRATEGIES
+
+    cfg = load_config(args.config, args.overrides)
+    strategies = list(STRATEGIES) if args.strategies == "all" else [s.strip() for s in args.strategies.split(",")]
+    result = bench_weighting(cfg, strategies, args.steps, args.out, overwrite=args.overwrite,
+                             log=(lambda _: None) if args.json else print)
+    print(json.dumps(result, indent=2) if args.json else format_weighting_bench(result))
+    if not args.json:
+        print(f"weights and losses over time: {args.out / 'weighting.png'}")
 
 
 def _bench_model(args: argparse.Namespace) -> None:

@@ -169,6 +169,9 @@ class DeepSpeedConfig(Section):
 
 
 class TrackingConfig(Section):
+    """MLflow, on rank 0 (`ufo/tracking.py`)."""
+
+    enabled: bool = True
     uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite under train.out_dir
     experiment: str = "ufo"
     run_name: str | None = None

@@ -46,6 +46,7 @@ from ufo.metrics import retrieval, top1
 from ufo.model import SupernetViT, TaskSlice
 from ufo.model.supernet import apply_heads
 from ufo.model.paths import PathPolicy
+from ufo.tracking import Tracker, flatten
 from ufo.weighting import Observation, Weighting, build_weighting, label_entropy
 
 Log = Callable[[str], None]
@@ -184,6 +185,7 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
                                                    config=deepspeed_config(cfg))
     policy = PathPolicy(t.path_policy, {task: cfg.path_of(task) for task in tasks}, t.seed, t.path_sample_p)
     weighting = _make_weighting(cfg, say)
+    say(f"loss weighting: {weighting.name}")
     features = _capture_features(engine.module) if weighting.needs_grad_norms else None
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
     device = engine.device
@@ -198,65 +200,113 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
         say(f"already trained {step} of {t.steps} steps")
 
     m = cfg.model
+    tokens = (m.img_size // m.patch_size) ** 2 + 1
     batches = endless(loader)
     meter = _Meter(tasks)
     history = _History(out / "history.jsonl", step, write=rank == 0)
     result = TrainResult(step, None, resume, engine=engine, weighting=weighting, history=history.records)
     start_step, started = step, time.perf_counter()
-    with _Signals() as signals:
-        while step < t.steps:
-            paths = policy.paths_at(step)
-            seen = _StepMean(len(tasks))
-            for _ in range(t.gradient_accumulation_steps):
-                batch = next(batches)
-                slices = _slices(batch, tasks, paths, layout)
-                images = batch["images"]
-                if images.ndim != 4:  # every sample of this batch was bad
-                    images = torch.zeros(0, m.in_chans, m.img_size, m.img_size)
-                images = images.to(device=device, dtype=dtype)
-                labels = batch["labels"].to(device)
-                obs, weights, counts = micro_step(engine, images, labels, slices, weighting, world, features)
-                seen.add(obs, counts)
-                meter.add(obs, counts)
-            step_obs = seen.mean()
-            weighting.step(step_obs)
-            step += 1
-            history.add(step, step_obs, weights, weighting, scheduler, tasks)
-            stop = torch.tensor([signals.received or 0])
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # any rank's signal stops every rank
-            if step % t.log_every == 0 or step == t.steps:
-                losses = meter.take()
-                say(_progress(step, t.steps, losses, dict(zip(tasks, weights.tolist())), meter.rate, scheduler,
-                              paths, policy.name,
-                              eta=(time.perf_counter() - started) / (step - start_step) * (t.steps - step),
-                              tokens=(m.img_size // m.patch_size) ** 2 + 1))
-            if t.eval_every and step % t.eval_every == 0 and step < t.steps:
-                result.metrics = evaluate(engine, cfg, layout, rank, policy.paths_at(step), dtype, say)
-            final = step == t.steps or stop.item()
-            if final or (t.checkpoint_every and step % t.checkpoint_every == 0):
-                state = {"step": step, "data": loader.state_dict(), "rng": _rng_state(),
-                         "weighting": {"name": weighting.name, "state": weighting.state_dict()}}
-                meta = {"config": cfg.to_dict(), "zero_stage": cfg.deepspeed.zero_stage,
-                        "precision": cfg.deepspeed.precision, "world_size": world, "layout": layout.kind,
-                        "path_policy": policy.state_dict(), "weighting": weighting.name}
-                result.checkpoint = save_training_checkpoint(engine, ckpt_dir, step, meta, state, rank,
-                                                             t.keep_checkpoints)
-                say(f"checkpoint {result.checkpoint}")
-            if stop.item():
-                name = signal.Signals(int(stop.item())).name
-                say(f"stopped by {name} at step {step}; rerun the same command to resume")
-                result.step, result.stopped_by = step, name
-                history.close()
-                return result
-    result.step = step
-    history.close()
-    if rank == 0 and history.path.is_file():
-        plot_history(history.path, out / "weighting.png", title=f"{out.name}: {weighting.name} weighting")
-    if t.steps > 0:
-        result.metrics = evaluate(engine, cfg, layout, rank, policy.paths_at(max(step - 1, 0)), dtype, say)
-        if rank == 0:
-            (out / "metrics.json").write_text(json.dumps({"step": step, "eval": result.metrics}, indent=2) + "\n")
-    return result
+    tracker = _open_tracker(cfg, out, resume, layout, weighting, say) if rank == 0 and cfg.tracking.enabled else None
+    status = "FAILED"
+    try:
+        with _Signals() as signals:
+            while step < t.steps:
+                paths = policy.paths_at(step)
+                seen = _StepMean(len(tasks))
+                for _ in range(t.gradient_accumulation_steps):
+                    batch = next(batches)
+                    slices = _slices(batch, tasks, paths, layout)
+                    images = batch["images"]
+                    if images.ndim != 4:  # every sample of this batch was bad
+                        images = torch.zeros(0, m.in_chans, m.img_size, m.img_size)
+                    images = images.to(device=device, dtype=dtype)
+                    labels = batch["labels"].to(device)
+                    obs, weights, counts = micro_step(engine, images, labels, slices, weighting, world, features)
+                    seen.add(obs, counts)
+                    meter.add(obs, counts)
+                step_obs = seen.mean()
+                weighting.step(step_obs)
+                step += 1
+                record = history.add(step, step_obs, weights, weighting, scheduler, tasks)
+                stop = torch.tensor([signals.received or 0])
+                dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # any rank's signal stops every rank
+                if step % t.log_every == 0 or step == t.steps:
+                    losses = meter.take()
+                    say(_progress(step, t.steps, losses, dict(zip(tasks, weights.tolist())), meter.rate, scheduler,
+                                  paths, policy.name,
+                                  eta=(time.perf_counter() - started) / (step - start_step) * (t.steps - step),
+                                  tokens=tokens))
+                    record["samples_per_s"] = meter.rate
+                    record["tokens_per_s"] = meter.rate * tokens
+                if tracker:
+                    tracker.log_metrics(step, _metrics_of(record))
+                if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                    result.metrics = evaluate(engine, cfg, layout, rank, policy.paths_at(step), dtype, say)
+                    if tracker:
+                        tracker.log_metrics(step, _eval_metrics(result.metrics))
+                final = step == t.steps or stop.item()
+                if final or (t.checkpoint_every and step % t.checkpoint_every == 0):
+                    state = {"step": step, "data": loader.state_dict(), "rng": _rng_state(),
+                             "weighting": {"name": weighting.name, "state": weighting.state_dict()}}
+                    meta = {"config": cfg.to_dict(), "zero_stage": cfg.deepspeed.zero_stage,
+                            "precision": cfg.deepspeed.precision, "world_size": world, "layout": layout.kind,
+                            "path_policy": policy.state_dict(), "weighting": weighting.name,
+                            "mlflow_run_id": tracker.run_id if tracker else None}
+                    result.checkpoint = save_training_checkpoint(engine, ckpt_dir, step, meta, state, rank,
+                                                                 t.keep_checkpoints)
+                    say(f"checkpoint {result.checkpoint}")
+                if stop.item():
+                    name = signal.Signals(int(stop.item())).name
+                    say(f"stopped by {name} at step {step}; rerun the same command to resume")
+                    result.step, result.stopped_by = step, name
+                    status = "KILLED"
+                    return result
+        result.step = step
+        history.close()
+        if rank == 0 and history.path.is_file():
+            plot_history(history.path, out / "weighting.png", title=f"{out.name}: {weighting.name} weighting")
+        if t.steps > 0:
+            result.metrics = evaluate(engine, cfg, layout, rank, policy.paths_at(max(step - 1, 0)), dtype, say)
+            if rank == 0:
+                (out / "metrics.json").write_text(json.dumps({"step": step, "eval": result.metrics}, indent=2) + "\n")
+            if tracker:
+                tracker.log_metrics(step, _eval_metrics(result.metrics))
+        status = "FINISHED"
+        return result
+    finally:
+        history.close()
+        if tracker:
+            for name in ("history.jsonl", "weighting.png", "metrics.json"):
+                if (out / name).is_file():
+                    tracker.log_artifact(out / name)
+            tracker.close(status)
+
+
+def _open_tracker(cfg: UfoConfig, out: Path, resume: Path | None, layout: Layout, weighting: Weighting,
+                  say: Log) -> Tracker:
+    """Rank 0's MLflow run: a resumed training run continues the run its checkpoint names."""
+    run_id = json.loads((resume / "ufo.json").read_text()).get("mlflow_run_id") if resume else None
+    tracker = Tracker(cfg, out, run_id=run_id, say=say, params=flatten(cfg.to_dict()),
+                      artifacts=[out / "config.yaml"])
+    tracker.set_tags({"ufo.version": ufo.__version__, "ufo.layout": layout.kind, "ufo.world_size": layout.world_size,
+                      "ufo.weighting": weighting.name, "ufo.out_dir": str(out.resolve()),
+                      **{f"ufo.ranks.{task}": ",".join(map(str, ranks)) for task, ranks in layout.groups.items()}})
+    return tracker
+
+
+def _metrics_of(record: dict) -> dict[str, float | None]:
+    """A history record as MLflow metrics: `loss/face`, `weight/face`, `lr`, ..."""
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}/{task}": v for task, v in value.items()})
+        elif key != "step":
+            flat[key] = value
+    return flat
+
+
+def _eval_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {f"eval/{task}/{k}": float(v) for task, r in results.items() for k, v in r.items()}
 
 
 def micro_step(engine, images: torch.Tensor, labels: torch.Tensor, slices: list[TaskSlice], weighting: Weighting,
@@ -388,7 +438,7 @@ class _History:
             self.file = open(path, "a")
 
     def add(self, step: int, obs: Observation, weights: torch.Tensor, weighting: Weighting, scheduler,
-            tasks: list[str]) -> None:
+            tasks: list[str]) -> dict:
         record = {"step": step, "lr": scheduler.get_last_lr()[0],
                   "loss": _by_task(tasks, obs.losses), "weight": _by_task(tasks, weights)}
         if obs.accuracies is not None:
@@ -401,6 +451,7 @@ class _History:
         if self.file is not None:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+        return record
 
     def close(self) -> None:
         if self.file is not None:

@@ -1,0 +1,234 @@
+"""MLflow tracking of a training run, on rank 0: the config as params, per-step metrics, artifacts.
+
+Every MLflow call runs on one background thread, so a slow or unreachable tracking server never
+stops or slows training: what fails is kept and retried, and what still could not be logged is
+reported when the run ends. The store is MLflow's own: `tracking.uri`, else MLFLOW_TRACKING_URI,
+else an embedded sqlite store beside the run (`OUT/mlflow.db`, artifacts in `OUT/mlartifacts`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ufo.config import UfoConfig
+
+Log = Callable[[str], None]
+BATCH_METRICS, BATCH_PARAMS = 1000, 100  # MLflow's limits per log_batch call
+MAX_BACKLOG = 1_000_000  # metrics kept for retry while the store is unreachable; older ones are dropped
+_STOP = object()
+
+
+def tracking_uri(cfg: UfoConfig, out: Path) -> str:
+    """Where the run is tracked: the config's URI, MLFLOW_TRACKING_URI, or sqlite under the run's directory."""
+    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(out / 'mlflow.db').resolve()}"
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """A nested config as dotted MLflow params (`train.weighting.name`); lists and empty maps as JSON."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+            flat[name] = text[:6000]
+    return flat
+
+
+def metric_name(name: str) -> str:
+    """MLflow metric names allow letters, digits, `_ - . /` and spaces (`recall@1` -> `recall_1`)."""
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)
+
+
+class Tracker:
+    """One MLflow run, fed without blocking: `log_metrics`, `log_params`, `log_artifact`, then `close`.
+
+    With `run_id` (from a checkpoint) it continues that run, so a resumed training run's steps go
+    on in the same run instead of starting a new one.
+    """
+
+    def __init__(self, cfg: UfoConfig, out: Path, run_id: str | None = None, say: Log = print,
+                 params: Mapping[str, Any] | None = None, artifacts: tuple | list = (), wait_s: float = 15.0):
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        # bounded retries inside one MLflow call: ours are the ones that matter
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self.uri, self.out, self.say = tracking_uri(cfg, out), out, say
+        self.experiment, self.run_name, self.tags = cfg.tracking.experiment, cfg.tracking.run_name, cfg.tracking.tags
+        self.run_id: str | None = run_id
+        self.resumed = run_id is not None
+        self._first = [("params", dict(params or {}))] + [("artifact", str(a), None) for a in artifacts]
+        self._queue: queue.Queue = queue.Queue()
+        self._backlog: list[tuple] = []
+        self._started = threading.Event()
+        self._errors: list[str] = []
+        self._dropped = 0
+        self._client = None
+        self._thread = threading.Thread(target=self._work, name="ufo-mlflow", daemon=True)
+        self._thread.start()
+        self._queue.put(("start",))
+        if self._started.wait(wait_s) and self.run_id:
+            verb = "continues" if self.resumed else "started"
+            say(f"mlflow: {verb} run {self.run_id} (experiment {self.experiment}) in {self.uri}")
+        else:
+            say(f"mlflow: warning: no run in {self.uri} yet ({self._last_error()}); training goes on, "
+                "logging is retried")
+
+    # --- called by the training loop; none of these waits for MLflow ---
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self._queue.put(("params", dict(params)))
+
+    def log_metrics(self, step: int, metrics: Mapping[str, float | None]) -> None:
+        stamp = int(time.time() * 1000)
+        self._queue.put(("metrics", [(metric_name(k), float(v), stamp, step) for k, v in metrics.items()
+                                     if v is not None]))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self._queue.put(("tags", {k: str(v) for k, v in tags.items()}))
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._queue.put(("artifact", str(path), artifact_path))
+
+    def close(self, status: str = "FINISHED", timeout: float = 60.0) -> bool:
+        """Flush, set the run's status, and report what could not be logged. True when all was logged."""
+        self._queue.put(("status", status))
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+        left = self._backlog + [op for op in _drain(self._queue) if op is not _STOP]
+        metrics = sum(len(op[1]) for op in left if op[0] == "metrics") + self._dropped
+        others = sum(1 for op in left if op[0] != "metrics")
+        if self._thread.is_alive() or left or self._dropped:
+            self.say(f"mlflow: warning: could not log {metrics} metric values and {others} other records to "
+                     f"{self.uri} ({self._last_error()})")
+            return False
+        return True
+
+    # --- the background thread ---
+
+    def _work(self) -> None:
+        failures = 0
+        while True:
+            try:
+                self._take(self._queue.get(timeout=None if failures == 0 else min(30.0, 2.0 ** failures)))
+            except queue.Empty:
+                pass
+            for op in _drain(self._queue):
+                self._take(op)
+            try:
+                self._start()
+                self._flush()
+                failures = 0
+            except Exception as e:  # any MLflow, network or disk failure: warn, keep the backlog, retry
+                failures += 1
+                self._note(e)
+            self._started.set()  # the first attempt is over, successful or not
+            if self._stop_seen and (failures == 0 or failures >= 2):
+                return
+
+    _stop_seen = False
+
+    def _take(self, op) -> None:
+        if op is _STOP:
+            self._stop_seen = True
+            return
+        if op[0] == "start":  # only wakes the thread up
+            return
+        self._backlog.append(op)
+        if op[0] == "metrics":
+            waiting = sum(len(o[1]) for o in self._backlog if o[0] == "metrics")
+            while waiting > MAX_BACKLOG:
+                first = next(i for i, o in enumerate(self._backlog) if o[0] == "metrics")
+                waiting -= len(self._backlog[first][1])
+                self._dropped += len(self._backlog.pop(first)[1])
+
+    def _start(self) -> None:
+        if self._client is not None and self.run_id is not None:
+            return
+        from mlflow import MlflowClient
+
+        self._client = MlflowClient(self.uri)
+        client = self._client
+        if self.run_id is not None:
+            try:
+                client.get_run(self.run_id)
+                client.update_run(self.run_id, status="RUNNING")
+                return
+            except Exception as e:
+                self.say(f"mlflow: warning: run {self.run_id} is not in {self.uri} ({_first_line(e)}); "
+                         "starting a new run")
+                self.run_id, self.resumed = None, False
+        experiment = client.get_experiment_by_name(self.experiment)
+        if experiment is None:
+            location = None
+            if self.uri.startswith("sqlite:///"):  # else MLflow puts artifacts under the working directory
+                location = (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+            experiment_id = client.create_experiment(self.experiment, artifact_location=location)
+        else:
+            experiment_id = experiment.experiment_id
+        run = client.create_run(experiment_id, run_name=self.run_name, tags=dict(self.tags))
+        self.run_id = run.info.run_id
+        self._backlog[:0] = self._first  # a new run: the config as params and artifact, before anything else
+
+    def _flush(self) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        client, run = self._client, self.run_id
+        while self._backlog:
+            op = self._backlog[0]
+            if op[0] == "metrics":
+                count = 0  # one log_batch for every queued metric op, in chunks
+                while count < len(self._backlog) and self._backlog[count][0] == "metrics":
+                    count += 1
+                values = [Metric(*v) for o in self._backlog[:count] for v in o[1]]
+                for i in range(0, len(values), BATCH_METRICS):
+                    client.log_batch(run, metrics=values[i:i + BATCH_METRICS], synchronous=True)
+                del self._backlog[:count]
+                continue
+            if op[0] == "params":
+                items = [Param(k, v) for k, v in op[1].items()]
+                for i in range(0, len(items), BATCH_PARAMS):
+                    client.log_batch(run, params=items[i:i + BATCH_PARAMS], synchronous=True)
+            elif op[0] == "tags":
+                client.log_batch(run, tags=[RunTag(k, v) for k, v in op[1].items()], synchronous=True)
+            elif op[0] == "artifact":
+                if Path(op[1]).is_dir():
+                    client.log_artifacts(run, op[1], op[2])
+                elif Path(op[1]).is_file():
+                    client.log_artifact(run, op[1], op[2])
+            elif op[0] == "status":
+                client.set_terminated(run, status=op[1])
+            self._backlog.pop(0)
+
+    def _note(self, error: Exception) -> None:
+        line = _first_line(error)
+        if not self._errors:
+            self.say(f"mlflow: warning: {line}; training goes on, logging is retried")
+        self._errors.append(line)
+
+    def _last_error(self) -> str:
+        return self._errors[-1] if self._errors else "no answer yet"
+
+
+def _drain(q: queue.Queue) -> list:
+    ops = []
+    while True:
+        try:
+            ops.append(q.get_nowait())
+        except queue.Empty:
+            return ops
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
