@@ -33,6 +33,7 @@ class Weighting:
     name = ""
     needs_grad_norms = False  # the loop computes Observation.grad_norms (one extra backward through the heads)
     needs_accuracy = False
+    saved: tuple[str, ...] = ()  # the tensor attributes a checkpoint keeps
 
     def __init__(self, tasks: Sequence[str]):
         self.tasks = list(tasks)
@@ -43,8 +44,6 @@ class Weighting:
 
     def step(self, obs: Observation) -> None:
         """Learn from an optimizer step (the mean of its micro-steps' observations)."""
-
-    saved: tuple[str, ...] = ()  # the tensor attributes a checkpoint keeps
 
     def values(self) -> dict[str, torch.Tensor]:
         """Learned or remembered (T,) values worth logging beside the weights, by name."""
