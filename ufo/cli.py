@@ -153,8 +153,13 @@ def _train(args: argparse.Namespace) -> int:
     from ufo.config import load_config
     from ufo.train import train
 
+    import torch.distributed as dist
+
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
+    if dist.is_initialized():  # left to interpreter exit, gloo's threads can abort a rank (seen under srun)
+        dist.barrier()
+        dist.destroy_process_group()
     return 3 if result.stopped_by else 0  # 3: stopped early by a signal, checkpointed; rerun to resume
 
 

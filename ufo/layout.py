@@ -116,6 +116,8 @@ def init_distributed() -> tuple[int, int, int]:
     import torch.distributed as dist
 
     deepspeed = import_deepspeed()
+    if "WORLD_SIZE" not in os.environ and "SLURM_STEP_ID" in os.environ:
+        os.environ.update(slurm_ranks(os.environ))
     if "WORLD_SIZE" not in os.environ:  # a plain `ufo train`: one process
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
@@ -130,6 +132,38 @@ def init_distributed() -> tuple[int, int, int]:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def slurm_ranks(env: Mapping[str, str]) -> dict[str, str]:
+    """The launcher variables of a rank that `srun` started as one task of a job step.
+
+    Rank, world and local rank come from the step's task layout; the master is the step's first
+    node (or MASTER_ADDR), its port MASTER_PORT or one derived from the job id.
+    """
+    import subprocess
+
+    ntasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
+    if ntasks <= 1:
+        return {}
+    per_node = _expand_tasks(env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", str(ntasks))))
+    node = int(env.get("SLURM_NODEID", "0"))
+    master = env.get("MASTER_ADDR")
+    if not master:
+        nodelist = env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "localhost"))
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+        master = (hosts.stdout.split() or ["localhost"])[0]
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": str(ntasks), "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "LOCAL_WORLD_SIZE": str(per_node[node] if node < len(per_node) else 1), "MASTER_ADDR": master,
+            "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)}
+
+
+def _expand_tasks(spec: str) -> list[int]:
+    """Slurm's tasks per node, `2(x3),1` -> [2, 2, 2, 1]."""
+    counts = []
+    for part in spec.split(","):
+        n, _, times = part.partition("(x")
+        counts += [int(n)] * (int(times.rstrip(")")) if times else 1)
+    return counts
 
 
 def _free_port() -> int:
