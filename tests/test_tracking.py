@@ -27,7 +27,8 @@ def the_run(tmp_path):
 
 
 def test_a_training_run_is_tracked(tmp_path):
-    raw = tracked_run(tmp_path, steps=4, weighting={"name": "uncertainty"})
+    raw = tracked_run(tmp_path, steps=4, weighting={"name": "uncertainty"}, path_policy="sample")
+    raw["tracking"]["system_metrics_every"] = 0.2
     lines: list[str] = []
     train(config_from_dict(raw, "test"), log=lines.append)
     client, run = the_run(tmp_path)
@@ -41,6 +42,9 @@ def test_a_training_run_is_tracked(tmp_path):
     weights = client.get_metric_history(run.info.run_id, "weight/face")
     assert weights[0].value == 1.0 and weights[-1].value != 1.0  # exp(-s), s learned
     assert "eval/face/recall_1" in run.data.metrics and "eval/digits/top1" in run.data.metrics
+    assert "system/cpu_utilization_percentage" in run.data.metrics  # MLflow's system metrics
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "task_blocks/face")] == [1, 2, 3, 4]
+    assert run.data.tags["ufo.path.face"] == "SSTT" and run.data.tags["ufo.path_policy"] == "sample"
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
         "config.yaml", "history.jsonl", "weighting.png", "metrics.json"}
     assert any(f"mlflow: started run {run.info.run_id}" in line for line in lines)
@@ -63,7 +67,7 @@ def test_an_unreachable_server_never_stops_training(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
     raw = tracked_run(tmp_path, steps=3)
-    raw["tracking"]["uri"] = f"http://127.0.0.1:{port}"
+    raw["tracking"].update(uri=f"http://127.0.0.1:{port}", flush_timeout=1)
     lines: list[str] = []
     result = train(config_from_dict(raw, "test"), log=lines.append)
     assert result.step == 3 and result.metrics["digits"]["samples"] > 0
@@ -87,3 +91,90 @@ def test_tracking_uri_from_the_config(tmp_path, uri):
     runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     assert len(runs) == 1 and not (tmp_path / "run" / "mlflow.db").exists()
     assert runs[0].info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
+
+
+def test_export_logs_the_subnets_to_the_training_run(tmp_path):
+    from ufo.cli import main
+
+    raw = tracked_run(tmp_path, steps=2)
+    train(config_from_dict(raw, "test"), log=lambda _: None)
+    assert main(["export", str(tmp_path / "run"), "--all-tasks", "--out", str(tmp_path / "subnets")]) in (0, None)
+    client, run = the_run(tmp_path)
+    files = {a.path for a in client.list_artifacts(run.info.run_id, "subnets/digits")}
+    assert {"subnets/digits/config.json", "subnets/digits/model.safetensors"} <= files
+    assert run.data.metrics["export/digits/max_abs_diff/safetensors"] <= 1e-5
+    assert run.data.tags["ufo.export.face.path"] == "SSTT"
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on a free localhost port; yields (uri, start, stop)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri, procs = f"http://127.0.0.1:{port}", []
+
+    def start() -> None:
+        procs.append(subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+             "--artifacts-destination", str(tmp_path / "server-artifacts")],
+            stdout=open(tmp_path / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                if urllib.request.urlopen(f"{uri}/health", timeout=1).read() == b"OK":
+                    return
+            except OSError:
+                time.sleep(0.3)
+        pytest.fail("mlflow server did not start:\n" + (tmp_path / "server.log").read_text()[-2000:])
+
+    def stop() -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    start()
+    yield uri, start, stop
+    stop()
+
+
+def test_a_real_server_going_down_mid_run_loses_nothing(tmp_path, mlflow_server):
+    import sys
+    import time
+
+    import yaml
+
+    from test_train import launch
+
+    uri, start, stop = mlflow_server
+    raw = tracked_run(tmp_path, steps=150, log_every=1, warmup_steps=0)
+    raw["tracking"].update(uri=uri, system_metrics_every=0)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    run = launch([sys.executable, "-m", "ufo.cli", "train", str(config)], tmp_path / "train.log")
+    log = tmp_path / "train.log"
+    deadline = time.time() + 300
+    while "step 5/" not in log.read_text() and time.time() < deadline:
+        time.sleep(0.1)
+    stop()  # the server dies mid-run; training must not notice beyond a warning
+    while "step 20/" not in log.read_text() and time.time() < deadline:
+        time.sleep(0.1)
+    start()  # back before the end: what was refused meanwhile is retried
+    assert run.wait(timeout=300) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "mlflow: warning" in text and "could not log" not in text, text[-3000:]
+    client = MlflowClient(uri)
+    (found,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert found.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(found.info.run_id, "loss/face")] == list(range(1, 151))
+    assert "config.yaml" in {a.path for a in client.list_artifacts(found.info.run_id)}

@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip checking the exported files against the supernet")
     p.add_argument("--atol", type=float, help="largest accepted |subnet - supernet| (default: export.atol, 1e-5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--no-track", dest="track", action="store_false",
+                   help="do not log the subnets to the checkpoint's MLflow run")
     p.set_defaults(run=_export)
 
     p = commands.add_parser("data", help="write and inspect task shards (WebDataset)")
@@ -198,6 +200,10 @@ def _export(args: argparse.Namespace) -> None:
     verified = all(r.max_abs_diff for r in results)
     print(f"wrote {len(results)} subnet{'s' if len(results) > 1 else ''} to {args.out}"
           + (" (verified against the supernet)" if verified else " (not verified)"))
+    if args.track:
+        from ufo.tracking import log_export
+
+        log_export(ckpt.path, results)
 
 
 def _data_write(args: argparse.Namespace) -> None:

@@ -176,6 +176,8 @@ class TrackingConfig(Section):
     experiment: str = "ufo"
     run_name: str | None = None
     tags: dict[str, str] = {}
+    system_metrics_every: float = Field(10.0, ge=0)  # seconds between CPU/memory/GPU samples; 0: off
+    flush_timeout: float = Field(30.0, ge=0)  # seconds the end of a run retries what the store refused
 
 
 class ExportConfig(Section):

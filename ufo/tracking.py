@@ -74,6 +74,9 @@ class Tracker:
         self._errors: list[str] = []
         self._dropped = 0
         self._client = None
+        self._system_every = cfg.tracking.system_metrics_every
+        self.patience = cfg.tracking.flush_timeout  # how long the end of a run retries what the store refused
+        self._monitor = None
         self._thread = threading.Thread(target=self._work, name="ufo-mlflow", daemon=True)
         self._thread.start()
         self._queue.put(("start",))
@@ -104,7 +107,7 @@ class Tracker:
         """Flush, set the run's status, and report what could not be logged. True when all was logged."""
         self._queue.put(("status", status))
         self._queue.put(_STOP)
-        self._thread.join(timeout)
+        self._thread.join(max(timeout, self.patience + 30))
         left = self._backlog + [op for op in _drain(self._queue) if op is not _STOP]
         metrics = sum(len(op[1]) for op in left if op[0] == "metrics") + self._dropped
         others = sum(1 for op in left if op[0] != "metrics")
@@ -117,23 +120,32 @@ class Tracker:
     # --- the background thread ---
 
     def _work(self) -> None:
-        failures = 0
+        failures, give_up = 0, None
         while True:
             try:
-                self._take(self._queue.get(timeout=None if failures == 0 else min(30.0, 2.0 ** failures)))
+                wait = None if failures == 0 else 2.0 if self._stop_seen else min(30.0, 2.0 ** failures)
+                self._take(self._queue.get(timeout=wait))
             except queue.Empty:
                 pass
             for op in _drain(self._queue):
                 self._take(op)
             try:
                 self._start()
+                self._watch_system()
                 self._flush()
                 failures = 0
             except Exception as e:  # any MLflow, network or disk failure: warn, keep the backlog, retry
                 failures += 1
                 self._note(e)
             self._started.set()  # the first attempt is over, successful or not
-            if self._stop_seen and (failures == 0 or failures >= 2):
+            if self._stop_seen and give_up is None:
+                give_up = time.monotonic() + self.patience
+            if self._stop_seen and (failures == 0 or time.monotonic() > give_up):
+                if self._monitor is not None:
+                    try:
+                        self._monitor.finish()
+                    except Exception as e:
+                        self._note(e)
                 return
 
     _stop_seen = False
@@ -179,6 +191,16 @@ class Tracker:
         run = client.create_run(experiment_id, run_name=self.run_name, tags=dict(self.tags))
         self.run_id = run.info.run_id
         self._backlog[:0] = self._first  # a new run: the config as params and artifact, before anything else
+
+    def _watch_system(self) -> None:
+        """MLflow's own system metrics (CPU, memory, disk, network, GPUs) into the run, every few seconds."""
+        if self._monitor is not None or not self._system_every:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self._system_every,
+                                             resume_logging=self.resumed, tracking_uri=self.uri)
+        self._monitor.start()
 
     def _flush(self) -> None:
         from mlflow.entities import Metric, Param, RunTag
@@ -232,3 +254,37 @@ def _drain(q: queue.Queue) -> list:
 def _first_line(error: Exception) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
+
+
+def log_export(checkpoint: Path, exports: list, say: Log = print) -> str | None:
+    """Log exported subnets (their directories and verification figures) to the MLflow run that trained
+    the checkpoint, named in its marker. Returns the run id, or None where there is none or it failed."""
+    marker = checkpoint / "ufo.json"
+    try:
+        meta = json.loads(marker.read_text()) if marker.is_file() else {}
+    except ValueError:
+        meta = {}
+    run_id, uri = meta.get("mlflow_run_id"), meta.get("mlflow_uri")
+    if not run_id or not uri:
+        return None
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    try:
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric, RunTag
+
+        client = MlflowClient(uri)
+        stamp, step = int(time.time() * 1000), int(meta.get("step", 0))
+        for e in exports:
+            client.log_artifacts(run_id, str(e.out_dir), f"subnets/{e.task}")
+            metrics = [Metric(metric_name(f"export/{e.task}/max_abs_diff/{fmt}"), d, stamp, step)
+                       for fmt, d in e.max_abs_diff.items()]
+            metrics.append(Metric(f"export/{e.task}/params", float(e.param_count), stamp, step))
+            client.log_batch(run_id, metrics=metrics,
+                             tags=[RunTag(f"ufo.export.{e.task}.path", e.path),
+                                   RunTag(f"ufo.export.{e.task}.dir", str(Path(e.out_dir).resolve()))])
+    except Exception as e:  # the subnets are written and verified; tracking them is a bonus
+        say(f"mlflow: warning: could not log the export to run {run_id} in {uri} ({_first_line(e)})")
+        return None
+    say(f"mlflow: logged {len(exports)} subnet{'s' if len(exports) != 1 else ''} to run {run_id}")
+    return run_id

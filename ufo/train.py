@@ -228,6 +228,9 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
                 weighting.step(step_obs)
                 step += 1
                 record = history.add(step, step_obs, weights, weighting, scheduler, tasks)
+                if policy.name == "sample":  # the path each task trained on this step
+                    record["path"] = dict(paths)
+                    record["task_blocks"] = {task: path.count("T") for task, path in paths.items()}
                 stop = torch.tensor([signals.received or 0])
                 dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # any rank's signal stops every rank
                 if step % t.log_every == 0 or step == t.steps:
@@ -251,7 +254,8 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
                     meta = {"config": cfg.to_dict(), "zero_stage": cfg.deepspeed.zero_stage,
                             "precision": cfg.deepspeed.precision, "world_size": world, "layout": layout.kind,
                             "path_policy": policy.state_dict(), "weighting": weighting.name,
-                            "mlflow_run_id": tracker.run_id if tracker else None}
+                            "mlflow_run_id": tracker.run_id if tracker else None,
+                            "mlflow_uri": tracker.uri if tracker else None}
                     result.checkpoint = save_training_checkpoint(engine, ckpt_dir, step, meta, state, rank,
                                                                  t.keep_checkpoints)
                     say(f"checkpoint {result.checkpoint}")
@@ -290,6 +294,8 @@ def _open_tracker(cfg: UfoConfig, out: Path, resume: Path | None, layout: Layout
                       artifacts=[out / "config.yaml"])
     tracker.set_tags({"ufo.version": ufo.__version__, "ufo.layout": layout.kind, "ufo.world_size": layout.world_size,
                       "ufo.weighting": weighting.name, "ufo.out_dir": str(out.resolve()),
+                      "ufo.path_policy": cfg.train.path_policy,
+                      **{f"ufo.path.{task}": cfg.path_of(task) for task in cfg.tasks},
                       **{f"ufo.ranks.{task}": ",".join(map(str, ranks)) for task, ranks in layout.groups.items()}})
     return tracker
 
@@ -299,7 +305,7 @@ def _metrics_of(record: dict) -> dict[str, float | None]:
     flat = {}
     for key, value in record.items():
         if isinstance(value, dict):
-            flat.update({f"{key}/{task}": v for task, v in value.items()})
+            flat.update({f"{key}/{task}": v for task, v in value.items() if not isinstance(v, str)})
         elif key != "step":
             flat[key] = value
     return flat
