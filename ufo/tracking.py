@@ -120,15 +120,19 @@ class Tracker:
     # --- the background thread ---
 
     def _work(self) -> None:
-        failures, give_up = 0, None
+        failures, next_try, give_up = 0, 0.0, None
         while True:
+            wait = None if failures == 0 else max(0.0, next_try - time.monotonic())
             try:
-                wait = None if failures == 0 else 2.0 if self._stop_seen else min(30.0, 2.0 ** failures)
                 self._take(self._queue.get(timeout=wait))
             except queue.Empty:
                 pass
             for op in _drain(self._queue):
                 self._take(op)
+            if self._stop_seen and give_up is None:  # the run ended: one try now, then every 2 s
+                give_up, next_try = time.monotonic() + self.patience, time.monotonic()
+            if failures and time.monotonic() < next_try:
+                continue  # backing off: new records wait in the backlog
             try:
                 self._start()
                 self._watch_system()
@@ -136,10 +140,9 @@ class Tracker:
                 failures = 0
             except Exception as e:  # any MLflow, network or disk failure: warn, keep the backlog, retry
                 failures += 1
+                next_try = time.monotonic() + (2.0 if self._stop_seen else min(30.0, 2.0 ** failures))
                 self._note(e)
             self._started.set()  # the first attempt is over, successful or not
-            if self._stop_seen and give_up is None:
-                give_up = time.monotonic() + self.patience
             if self._stop_seen and (failures == 0 or time.monotonic() > give_up):
                 if self._monitor is not None:
                     try:
