@@ -202,11 +202,11 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
     m = cfg.model
     tokens = (m.img_size // m.patch_size) ** 2 + 1
     batches = endless(loader)
-    meter = _Meter(tasks)
     history = _History(out / "history.jsonl", step, write=rank == 0)
     result = TrainResult(step, None, resume, engine=engine, weighting=weighting, history=history.records)
-    start_step, started = step, time.perf_counter()
     tracker = _open_tracker(cfg, out, resume, layout, weighting, say) if rank == 0 and cfg.tracking.enabled else None
+    meter = _Meter(tasks)
+    start_step, started = step, time.perf_counter()
     status = "FAILED"
     try:
         with _Signals() as signals:
