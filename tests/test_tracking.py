@@ -178,3 +178,17 @@ def test_a_real_server_going_down_mid_run_loses_nothing(tmp_path, mlflow_server)
     assert found.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(found.info.run_id, "loss/face")] == list(range(1, 151))
     assert "config.yaml" in {a.path for a in client.list_artifacts(found.info.run_id)}
+
+
+def test_search_logs_to_the_training_run(tmp_path):
+    from ufo.cli import main
+
+    raw = tracked_run(tmp_path, steps=2)
+    train(config_from_dict(raw, "test"), log=lambda _: None)
+    assert main(["search", str(tmp_path / "run"), "--task", "digits", "--budget-evals", "4"]) in (0, None)
+    assert (tmp_path / "run" / "search-digits.json").is_file()
+    client, run = the_run(tmp_path)
+    assert 0.0 <= run.data.metrics["search/digits/best/top1"] <= 1.0
+    assert "search/digits/trained/top1" in run.data.metrics
+    assert len(run.data.tags["ufo.search.digits.best_path"]) == 4
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "search")} == {"search/search-digits.json"}

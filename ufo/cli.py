@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--all-tasks", action="store_true", help="export every task, one sub-directory each")
     p.add_argument("--out", type=Path, required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--path", help="path to export instead of the task's configured one, e.g. SSSSTTTT")
+    p.add_argument("--path-from", type=Path, metavar="SEARCH_JSON",
+                   help="export the best path of a `ufo search` result for --task")
     p.add_argument("--format", dest="formats", help="comma-separated: safetensors,onnx,torchscript "
                    "(default: the checkpoint config's export.formats)")
     p.add_argument("--no-verify", dest="verify", action="store_false", default=None,
@@ -70,6 +72,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-track", dest="track", action="store_false",
                    help="do not log the subnets to the checkpoint's MLflow run")
     p.set_defaults(run=_export)
+
+    p = commands.add_parser("search", help="find a task's best path on its eval shards (no retraining)")
+    p.add_argument("checkpoint", help="a supernet checkpoint: a training run directory, a step directory, "
+                   "or an `ufo init` file")
+    p.add_argument("--task", required=True, help="the task whose path to search")
+    p.add_argument("--budget-evals", type=int, default=32, help="paths to evaluate at most (default 32)")
+    p.add_argument("--population", type=int, default=8, help="paths per generation (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search (default 0)")
+    p.add_argument("--out", type=Path, help="result JSON (default: search-TASK.json in the run directory)")
+    p.add_argument("--no-track", dest="track", action="store_false",
+                   help="do not log the search to the checkpoint's MLflow run")
+    p.set_defaults(run=_search)
 
     p = commands.add_parser("data", help="write and inspect task shards (WebDataset)")
     data = p.add_subparsers(dest="data", required=True, metavar="ACTION")
@@ -188,8 +202,15 @@ def _export(args: argparse.Namespace) -> None:
     from ufo.export import export_all_tasks, export_subnet
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()] if args.formats else None
-    if args.all_tasks and args.path:
-        raise ExportError("--path applies to one --task; with --all-tasks each task uses its configured path")
+    if args.all_tasks and (args.path or args.path_from):
+        raise ExportError("--path and --path-from apply to one --task; with --all-tasks each task uses its "
+                          "configured path")
+    if args.path and args.path_from:
+        raise ExportError("give --path or --path-from, not both")
+    if args.path_from:
+        from ufo.search import read_path
+
+        args.path = read_path(args.path_from, args.task)
     ckpt = read_checkpoint(args.checkpoint)
     print(f"ufo export: {args.checkpoint} (step {ckpt.step}, tasks {', '.join(ckpt.config.tasks)}) -> {args.out}")
     common = dict(formats=formats, overwrite=args.overwrite, verify=args.verify, atol=args.atol)
@@ -204,6 +225,34 @@ def _export(args: argparse.Namespace) -> None:
         from ufo.tracking import log_export
 
         log_export(ckpt.path, results)
+
+
+def _search(args: argparse.Namespace) -> None:
+    import os
+
+    from ufo.checkpoint import read_checkpoint
+    from ufo.search import format_result, search_path, write_result
+
+    rank, world = 0, 1
+    if "WORLD_SIZE" in os.environ:  # under torchrun or deepspeed: the ranks share the evaluations
+        from ufo.layout import init_distributed
+
+        rank, world, _ = init_distributed()
+    say = print if rank == 0 else (lambda _: None)
+    ckpt = read_checkpoint(args.checkpoint)
+    result = search_path(ckpt, args.task, budget_evals=args.budget_evals, seed=args.seed,
+                         population=args.population, rank=rank, world=world, log=say)
+    if rank != 0:
+        return
+    run_dir = ckpt.path.parent.parent if (ckpt.path / "ufo.json").is_file() else ckpt.path.parent
+    out = write_result(result, args.out or run_dir / f"search-{args.task}.json")
+    print(format_result(result))
+    print(f"wrote {out}; export it with: ufo export {args.checkpoint} --task {args.task} --path-from {out} "
+          "--out DIR")
+    if args.track:
+        from ufo.tracking import log_search
+
+        log_search(ckpt.path, result, out)
 
 
 def _data_write(args: argparse.Namespace) -> None:

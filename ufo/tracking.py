@@ -259,9 +259,8 @@ def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
 
 
-def log_export(checkpoint: Path, exports: list, say: Log = print) -> str | None:
-    """Log exported subnets (their directories and verification figures) to the MLflow run that trained
-    the checkpoint, named in its marker. Returns the run id, or None where there is none or it failed."""
+def _checkpoint_run(checkpoint: Path):
+    """The MLflow client, run id and step of the run that trained a checkpoint (from its marker), or None."""
     marker = checkpoint / "ufo.json"
     try:
         meta = json.loads(marker.read_text()) if marker.is_file() else {}
@@ -272,12 +271,22 @@ def log_export(checkpoint: Path, exports: list, say: Log = print) -> str | None:
         return None
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri), run_id, int(meta.get("step", 0))
+
+
+def log_export(checkpoint: Path, exports: list, say: Log = print) -> str | None:
+    """Log exported subnets (their directories and verification figures) to the MLflow run that trained
+    the checkpoint, named in its marker. Returns the run id, or None where there is none or it failed."""
+    found = _checkpoint_run(checkpoint)
+    if found is None:
+        return None
+    client, run_id, step = found
     try:
-        from mlflow import MlflowClient
         from mlflow.entities import Metric, RunTag
 
-        client = MlflowClient(uri)
-        stamp, step = int(time.time() * 1000), int(meta.get("step", 0))
+        stamp = int(time.time() * 1000)
         for e in exports:
             client.log_artifacts(run_id, str(e.out_dir), f"subnets/{e.task}")
             metrics = [Metric(metric_name(f"export/{e.task}/max_abs_diff/{fmt}"), d, stamp, step)
@@ -287,7 +296,29 @@ def log_export(checkpoint: Path, exports: list, say: Log = print) -> str | None:
                              tags=[RunTag(f"ufo.export.{e.task}.path", e.path),
                                    RunTag(f"ufo.export.{e.task}.dir", str(Path(e.out_dir).resolve()))])
     except Exception as e:  # the subnets are written and verified; tracking them is a bonus
-        say(f"mlflow: warning: could not log the export to run {run_id} in {uri} ({_first_line(e)})")
+        say(f"mlflow: warning: could not log the export to run {run_id} ({_first_line(e)})")
         return None
     say(f"mlflow: logged {len(exports)} subnet{'s' if len(exports) != 1 else ''} to run {run_id}")
+    return run_id
+
+
+def log_search(checkpoint: Path, result, file: Path, say: Log = print) -> str | None:
+    """Log a path search (best and baseline values, the result file) to the checkpoint's MLflow run."""
+    found = _checkpoint_run(checkpoint)
+    if found is None:
+        return None
+    client, run_id, step = found
+    try:
+        from mlflow.entities import Metric, RunTag
+
+        stamp, task = int(time.time() * 1000), result.task
+        metrics = [Metric(metric_name(f"search/{task}/best/{result.metric}"), result.best, stamp, step)]
+        metrics += [Metric(metric_name(f"search/{task}/{name}/{result.metric}"), b["value"], stamp, step)
+                    for name, b in result.baselines.items()]
+        client.log_batch(run_id, metrics=metrics, tags=[RunTag(f"ufo.search.{task}.best_path", result.best_path)])
+        client.log_artifact(run_id, str(file), "search")
+    except Exception as e:
+        say(f"mlflow: warning: could not log the search to run {run_id} ({_first_line(e)})")
+        return None
+    say(f"mlflow: logged the search to run {run_id}")
     return run_id
