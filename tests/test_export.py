@@ -137,3 +137,35 @@ def test_corrupt_checkpoint_is_refused(tmp_path, tiny_checkpoint):
     with pytest.raises(Exception, match="unreadable or truncated"):
         export_subnet(cut, "face", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("task,depth,ratio", [("digits", 2, None), ("face", None, 1.0), ("person", 3, 0.5),
+                                              ("digits", 1, 0.25)])
+def test_elastic_subnet_equals_the_supernets_elastic_forward(tmp_path, tiny_checkpoint, task, depth, ratio):
+    ckpt = read_checkpoint(tiny_checkpoint)
+    path = ckpt.config.path_of(task)
+    result = export_subnet(ckpt, task, tmp_path / "out", depth=depth, mlp_ratio=ratio,
+                           formats=["safetensors", "onnx"], log=lambda _: None)
+    vit, config = rebuild_with_timm_alone(tmp_path / "out")  # a plain, smaller timm ViT
+    hidden = None if ratio is None else int(32 * ratio)
+    assert len(vit.blocks) == (depth or 4) and vit.blocks[0].mlp.fc1.out_features == (hidden or 64)
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        got = vit(x)
+        expected = load_supernet(ckpt).eval().forward_task(x, task, path, depth, hidden)
+    if config["ufo"]["kind"] == "retrieval":
+        got = F.normalize(got, dim=-1)
+    assert (got - expected).abs().max().item() <= 1e-5
+    assert result.max_abs_diff["safetensors"] <= 1e-5 and result.max_abs_diff["onnx"] <= 1e-5
+    full = export_subnet(ckpt, task, tmp_path / "full", formats=["safetensors"], verify=False, log=lambda _: None)
+    assert result.param_count < full.param_count
+    assert config["ufo"]["elastic"] == {"depth": depth, "mlp_ratio": ratio, "supernet_path": path}
+    assert config["ufo"]["path"] == path[:depth]
+
+
+@pytest.mark.parametrize("depth,ratio,message", [(5, None, "the supernet has 4 blocks"),
+                                                 (0, None, "give 1..4"), (None, 3.0, "in \\(0, 2\\]")])
+def test_elastic_sizes_out_of_range_are_refused(tmp_path, tiny_checkpoint, depth, ratio, message):
+    with pytest.raises(ExportError, match=message):
+        export_subnet(tiny_checkpoint, "digits", tmp_path / "out", depth=depth, mlp_ratio=ratio)
+    assert not (tmp_path / "out").exists()

@@ -181,3 +181,35 @@ def test_empty_slices_touch_their_modules_and_add_nothing(supernet, tiny_cfg):
     assert "blocks.2.mlp.task.face" in calls and "blocks.1.mlp.task.person" in calls  # called on zero rows
     sum(losses).backward()
     assert torch.count_nonzero(supernet.heads["face"].embed.weight.grad) == 0  # a zero gradient, not None
+
+
+def test_elastic_slices_of_different_depths_and_widths_in_one_batch(tiny_cfg):
+    """One micro-batch whose slices stop at different depths with different FFN widths gives each
+    slice what it gets alone, and the narrow FFN is the timm Mlp of the first hidden units."""
+    from timm.layers import Mlp
+
+    from ufo.model import SupernetViT, TaskSlice
+    from ufo.model.ffn import run_mlp
+
+    torch.manual_seed(0)
+    model = SupernetViT.from_config(tiny_cfg).eval()
+    x = torch.randn(7, 3, 16, 16)
+    slices = [TaskSlice("face", "SSTT", 2, 2, 16), TaskSlice("person", "STST", 3, None, 40),
+              TaskSlice("digits", "TSSS", 2, 3, None)]
+    with torch.no_grad():
+        together = model(x, slices)
+        start = 0
+        for s, out in zip(slices, together):
+            alone = model.forward_task(x[start:start + s.size], s.task, s.path, s.depth, s.hidden)
+            assert torch.allclose(out, alone, atol=1e-6), s
+            start += s.size
+        full = model.forward_task(x[:2], "face", "SSTT")
+        assert not torch.allclose(together[0], full, atol=1e-3)  # depth 2 and width 16 really differ
+        mlp = model.blocks[0].mlp.shared
+        narrow = Mlp(32, 16)
+        narrow.fc1.weight.copy_(mlp.fc1.weight[:16])
+        narrow.fc1.bias.copy_(mlp.fc1.bias[:16])
+        narrow.fc2.weight.copy_(mlp.fc2.weight[:, :16])
+        narrow.fc2.bias.copy_(mlp.fc2.bias)
+        tokens = torch.randn(3, 5, 32)
+        assert torch.allclose(run_mlp(mlp, tokens, 16), narrow(tokens), atol=1e-6)

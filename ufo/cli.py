@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--path", help="path to export instead of the task's configured one, e.g. SSSSTTTT")
     p.add_argument("--path-from", type=Path, metavar="SEARCH_JSON",
                    help="export the best path of a `ufo search` result for --task")
+    p.add_argument("--depth", type=int, help="elastic: keep the first DEPTH blocks (default: all)")
+    p.add_argument("--mlp-ratio", type=float, help="elastic: FFN hidden width as a ratio of the embedding width "
+                   "(default: the supernet's)")
     p.add_argument("--format", dest="formats", help="comma-separated: safetensors,onnx,torchscript "
                    "(default: the checkpoint config's export.formats)")
     p.add_argument("--no-verify", dest="verify", action="store_false", default=None,
@@ -207,6 +210,8 @@ def _export(args: argparse.Namespace) -> None:
                           "configured path")
     if args.path and args.path_from:
         raise ExportError("give --path or --path-from, not both")
+    if args.all_tasks and (args.depth or args.mlp_ratio):
+        raise ExportError("--depth and --mlp-ratio apply to one --task")
     if args.path_from:
         from ufo.search import read_path
 
@@ -217,7 +222,8 @@ def _export(args: argparse.Namespace) -> None:
     if args.all_tasks:
         results = export_all_tasks(ckpt, args.out, **common)
     else:
-        results = [export_subnet(ckpt, args.task, args.out, path=args.path, **common)]
+        results = [export_subnet(ckpt, args.task, args.out, path=args.path, depth=args.depth,
+                                 mlp_ratio=args.mlp_ratio, **common)]
     verified = all(r.max_abs_diff for r in results)
     print(f"wrote {len(results)} subnet{'s' if len(results) > 1 else ''} to {args.out}"
           + (" (verified against the supernet)" if verified else " (not verified)"))

@@ -61,18 +61,21 @@ class DeployedSubnet(nn.Module):
 
 def export_subnet(checkpoint: str | Path | Checkpoint, task: str, out: str | Path, path: str | None = None,
                   formats: Sequence[str] | None = None, overwrite: bool = False, verify: bool | None = None,
-                  atol: float | None = None, log: Log = print) -> SubnetExport:
-    """Export `task`'s subnet (on its configured path, or `path`) from a supernet checkpoint to `out`."""
+                  atol: float | None = None, log: Log = print, depth: int | None = None,
+                  mlp_ratio: float | None = None) -> SubnetExport:
+    """Export `task`'s subnet (on its configured path, or `path`) from a supernet checkpoint to `out`;
+    with `depth` and/or `mlp_ratio`, the smaller elastic subnet (first blocks, first FFN units)."""
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
     cfg = ckpt.config
     _check_task(cfg, task)
     path = _check_path(cfg, task, path)
+    elastic = _check_elastic(cfg, depth, mlp_ratio)
     formats, verify, atol = _resolve(cfg, formats, verify, atol)
     out = Path(out)
     _refuse_existing(out, overwrite)
     supernet = load_supernet(ckpt).eval()
     with atomic_dir(out) as tmp:
-        return _write_subnet(supernet, ckpt, task, path, tmp, out, formats, verify, atol, log)
+        return _write_subnet(supernet, ckpt, task, path, tmp, out, formats, verify, atol, log, elastic)
 
 
 def export_all_tasks(checkpoint: str | Path | Checkpoint, out: str | Path, formats: Sequence[str] | None = None,
@@ -91,22 +94,28 @@ def export_all_tasks(checkpoint: str | Path | Checkpoint, out: str | Path, forma
                 for task in cfg.tasks]
 
 
-def build_subnet(supernet: SupernetViT, cfg: UfoConfig, task: str, path: str) -> VisionTransformer:
-    """The timm ViT of `task` on `path`, created by timm's factory, with the supernet's weights."""
-    args = subnet_args(cfg, task)
+def build_subnet(supernet: SupernetViT, cfg: UfoConfig, task: str, path: str,
+                 elastic: "Elastic | None" = None) -> VisionTransformer:
+    """The timm ViT of `task` on `path` (an elastic size, if given), created by timm's factory, with the
+    supernet's weights."""
+    e = elastic or Elastic()
+    args = subnet_args(cfg, task, e.depth, e.mlp_ratio)
     vit = timm.create_model(_architecture(cfg), pretrained=False, weight_init="skip", **args)
-    state = subnet_state_dict(supernet.state_dict(), task, path, supernet.heads[task].deployed)
+    state = subnet_state_dict(supernet.state_dict(), task, path, supernet.heads[task].deployed, e.depth,
+                              e.hidden(cfg))
     vit.load_state_dict(state, strict=True)
     return vit.eval()
 
 
 def _write_subnet(supernet: SupernetViT, ckpt: Checkpoint, task: str, path: str, tmp: Path, final: Path,
-                  formats: Sequence[str], verify: bool, atol: float, log: Log) -> SubnetExport:
+                  formats: Sequence[str], verify: bool, atol: float, log: Log,
+                  elastic: "Elastic | None" = None) -> SubnetExport:
     cfg = ckpt.config
     kind = cfg.tasks[task].kind
-    vit = build_subnet(supernet, cfg, task, path)
+    e = elastic or Elastic()
+    vit = build_subnet(supernet, cfg, task, path, e)
     params = sum(p.numel() for p in vit.parameters())
-    args = subnet_args(cfg, task)
+    args = subnet_args(cfg, task, e.depth, e.mlp_ratio)
     preprocessing = dict(input_size=[cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size],
                          mean=list(cfg.data.mean), std=list(cfg.data.std),
                          interpolation=cfg.data.interpolation, crop_pct=cfg.data.crop_pct)
@@ -124,7 +133,7 @@ def _write_subnet(supernet: SupernetViT, ckpt: Checkpoint, task: str, path: str,
         images = torch.randn(4, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size,
                              generator=torch.Generator().manual_seed(cfg.train.seed))
         with torch.no_grad():
-            reference = supernet.forward_task(images, task, path)
+            reference = supernet.forward_task(images, task, path, e.depth, e.hidden(cfg))
         for fmt in formats:
             result.max_abs_diff[fmt] = diff = _max_abs_diff(fmt, tmp, kind, images, reference)
             if not diff <= atol:  # also catches NaN
@@ -136,7 +145,9 @@ def _write_subnet(supernet: SupernetViT, ckpt: Checkpoint, task: str, path: str,
     config["pretrained_cfg"]["tag"] = f"ufo_{task}"
     config["pretrained_cfg"].pop("license", None)
     config["ufo"] = dict(
-        task=task, kind=kind, path=path, param_count=params,
+        task=task, kind=kind, path=path[:e.depth] if e.depth else path, param_count=params,
+        elastic={"depth": e.depth, "mlp_ratio": e.mlp_ratio, "supernet_path": path} if e.depth or e.mlp_ratio
+        else None,
         output="l2-normalized embedding" if kind == "retrieval" else "logits",
         postprocess="l2_normalize" if kind == "retrieval" else None,
         preprocessing=preprocessing, files={fmt: FILES[fmt] for fmt in formats},
@@ -147,7 +158,9 @@ def _write_subnet(supernet: SupernetViT, ckpt: Checkpoint, task: str, path: str,
     if "safetensors" not in formats:
         (tmp / FILES["safetensors"]).unlink()
     checks = "  ".join(f"{fmt} max|diff| {d:.2e}" for fmt, d in result.max_abs_diff.items())
-    log(f"  {task:<12} {kind:<14} path {path}  {params / 1e6:8.3f} M params  {checks or 'not verified'}")
+    size = f" depth {e.depth or cfg.model.depth} mlp_ratio {e.mlp_ratio or cfg.model.mlp_ratio:g}" \
+        if e.depth or e.mlp_ratio else ""
+    log(f"  {task:<12} {kind:<14} path {path}{size}  {params / 1e6:8.3f} M params  {checks or 'not verified'}")
     return result
 
 
@@ -193,6 +206,27 @@ def _architecture(cfg: UfoConfig) -> str:
     """A timm architecture name for config.json; every argument that matters is in model_args."""
     size = {192: "tiny", 384: "small", 768: "base", 1024: "large"}.get(cfg.model.embed_dim, "base")
     return f"vit_{size}_patch16_224"
+
+
+@dataclass(frozen=True)
+class Elastic:
+    """An elastic subnet size: the first `depth` blocks, FFNs of `mlp_ratio` (None: the supernet's)."""
+
+    depth: int | None = None
+    mlp_ratio: float | None = None
+
+    def hidden(self, cfg: UfoConfig) -> int | None:
+        return None if self.mlp_ratio is None else int(cfg.model.embed_dim * self.mlp_ratio)
+
+
+def _check_elastic(cfg: UfoConfig, depth: int | None, mlp_ratio: float | None) -> Elastic:
+    m = cfg.model
+    if depth is not None and not 1 <= depth <= m.depth:
+        raise ExportError(f"--depth {depth}: the supernet has {m.depth} blocks; give 1..{m.depth}")
+    if mlp_ratio is not None and not (0 < mlp_ratio <= m.mlp_ratio and int(m.embed_dim * mlp_ratio) >= 1):
+        raise ExportError(f"--mlp-ratio {mlp_ratio:g}: the supernet's FFNs have mlp_ratio {m.mlp_ratio:g}; "
+                          f"give a ratio in (0, {m.mlp_ratio:g}]")
+    return Elastic(depth, mlp_ratio)
 
 
 def _check_task(cfg: UfoConfig, task: str) -> None:

@@ -1,7 +1,9 @@
 """The multi-path feed-forward layer: one FFN-shared and one FFN-task per task in every block.
 
 A token runs through exactly one of them. Rows of a micro-batch come as contiguous per-task
-slices; rows that use the same FFN in this block are computed by one call (one matmul pair).
+slices; rows that use the same FFN (at the same width) in this block are computed by one call.
+An elastic width keeps a prefix of the FFN's hidden units: the rest are masked to zero, which
+is exactly the narrower FFN whose weights are the first rows of fc1 and columns of fc2.
 """
 
 from __future__ import annotations
@@ -12,10 +14,22 @@ import torch
 from timm.layers import Mlp
 from torch import nn
 
-# A route says, for rows [start, end) of the batch, which FFN they take: a task name for its
-# FFN-task, or SHARED for FFN-shared.
+# A route says, for rows [start, end) of the batch, which FFN they take (a task name for its
+# FFN-task, or SHARED for FFN-shared) and how many of its hidden units (None: all).
 SHARED = None
-Route = tuple[str | None, int, int]
+Route = tuple[str | None, int, int, int | None]
+
+
+def run_mlp(mlp: Mlp, x: torch.Tensor, hidden: int | None = None) -> torch.Tensor:
+    """timm's Mlp on x, keeping only its first `hidden` hidden units (None: all).
+
+    The modules themselves are called (not their weights), so a ZeRO-3 engine gathers them as usual.
+    """
+    if hidden is None or hidden >= mlp.fc1.out_features:
+        return mlp(x)
+    h = mlp.drop1(mlp.act(mlp.fc1(x)))
+    keep = torch.arange(h.shape[-1], device=h.device) < hidden
+    return mlp.drop2(mlp.fc2(mlp.norm(h * keep.to(h.dtype))))
 
 
 class MultiPathFFN(nn.Module):
@@ -31,27 +45,27 @@ class MultiPathFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, routes: Sequence[Route]) -> torch.Tensor:
         """x: (B, N, C); routes cover rows 0..B in order."""
-        runs: list[list] = []  # consecutive routes with the same FFN merge into one row range
-        for key, start, end in routes:
-            if runs and runs[-1][0] == key and runs[-1][2] == start:
+        runs: list[list] = []  # consecutive routes with the same FFN and width merge into one row range
+        for key, start, end, hidden in routes:
+            if runs and runs[-1][0] == key and runs[-1][3] == hidden and runs[-1][2] == start:
                 runs[-1][2] = end
             else:
-                runs.append([key, start, end])
+                runs.append([key, start, end, hidden])
         if len(runs) == 1:
-            return self.ffn(runs[0][0])(x)
+            return run_mlp(self.ffn(runs[0][0]), x, runs[0][3])
 
         pieces: list[torch.Tensor | None] = [None] * len(runs)
-        by_ffn: dict[str | None, list[int]] = {}
-        for i, (key, _, _) in enumerate(runs):
-            by_ffn.setdefault(key, []).append(i)
-        for key, idx in by_ffn.items():
+        by_ffn: dict[tuple, list[int]] = {}
+        for i, (key, _, _, hidden) in enumerate(runs):
+            by_ffn.setdefault((key, hidden), []).append(i)
+        for (key, hidden), idx in by_ffn.items():
             ffn = self.ffn(key)
             if len(idx) == 1:
-                _, start, end = runs[idx[0]]
-                pieces[idx[0]] = ffn(x[start:end])
+                _, start, end, _ = runs[idx[0]]
+                pieces[idx[0]] = run_mlp(ffn, x[start:end], hidden)
                 continue
             # slices that share this FFN but are not adjacent: one call over their rows
-            y = ffn(torch.cat([x[runs[i][1]:runs[i][2]] for i in idx]))
+            y = run_mlp(ffn, torch.cat([x[runs[i][1]:runs[i][2]] for i in idx]), hidden)
             for i, part in zip(idx, y.split([runs[i][2] - runs[i][1] for i in idx])):
                 pieces[i] = part
         return torch.cat(pieces)  # type: ignore[arg-type]

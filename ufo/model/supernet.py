@@ -20,11 +20,14 @@ from ufo.model.heads import build_head, head_out_dim
 
 
 class TaskSlice(NamedTuple):
-    """`size` consecutive rows of a micro-batch that belong to `task` and run on `path`."""
+    """`size` consecutive rows of a micro-batch that belong to `task` and run on `path`, through the
+    first `depth` blocks (None: all) with `hidden` FFN units (None: all): an elastic subnet."""
 
     task: str
     path: str
     size: int
+    depth: int | None = None
+    hidden: int | None = None
 
 
 def vit_args(model: ModelConfig) -> dict[str, Any]:
@@ -44,9 +47,15 @@ def vit_args(model: ModelConfig) -> dict[str, Any]:
     )
 
 
-def subnet_args(cfg: UfoConfig, task: str) -> dict[str, Any]:
-    """Arguments that rebuild `task`'s subnet: `VisionTransformer(**subnet_args(cfg, task))`."""
-    return dict(vit_args(cfg.model), num_classes=head_out_dim(cfg.tasks[task], cfg.model.embed_dim))
+def subnet_args(cfg: UfoConfig, task: str, depth: int | None = None, mlp_ratio: float | None = None) -> dict[str, Any]:
+    """Arguments that rebuild `task`'s subnet: `VisionTransformer(**subnet_args(cfg, task))`; an elastic
+    subnet keeps the first `depth` blocks with FFNs of `mlp_ratio`."""
+    args = dict(vit_args(cfg.model), num_classes=head_out_dim(cfg.tasks[task], cfg.model.embed_dim))
+    if depth is not None:
+        args["depth"] = depth
+    if mlp_ratio is not None:
+        args["mlp_ratio"] = mlp_ratio
+    return args
 
 
 class SupernetBlock(Block):
@@ -101,9 +110,14 @@ class SupernetViT(VisionTransformer):
                 raise KeyError(f"unknown task {s.task!r}; the supernet has {', '.join(self.task_kinds)}")
             if len(s.path) != depth or set(s.path) - {"S", "T"}:
                 raise ValueError(f"path {s.path!r} for task {s.task!r} is not {depth} letters of S/T")
+            if s.depth is not None and not 1 <= s.depth <= depth:
+                raise ValueError(f"elastic depth {s.depth} for task {s.task!r} is not in 1..{depth}")
+            if s.hidden is not None and not 1 <= s.hidden <= self.blocks[0].mlp.shared.fc1.out_features:
+                raise ValueError(f"elastic FFN width {s.hidden} for task {s.task!r} is not in "
+                                 f"1..{self.blocks[0].mlp.shared.fc1.out_features}")
             bounds.append((start, start + s.size))
             start += s.size
-        return [[(SHARED if s.path[i] == "S" else s.task, a, b) for s, (a, b) in zip(slices, bounds)]
+        return [[(SHARED if s.path[i] == "S" else s.task, a, b, s.hidden) for s, (a, b) in zip(slices, bounds)]
                 for i in range(depth)]
 
     def forward_features(self, images: torch.Tensor, slices: Sequence[TaskSlice]) -> torch.Tensor:
@@ -113,10 +127,36 @@ class SupernetViT(VisionTransformer):
         x = self._pos_embed(x)
         x = self.patch_drop(x)
         x = self.norm_pre(x)
-        for block, block_routes in zip(self.blocks, routes):
-            x = block(x, block_routes)
+        for i, (block, block_routes) in enumerate(zip(self.blocks, routes)):
+            if all(s.depth is None or s.depth > i for s in slices):
+                x = block(x, block_routes)
+            else:
+                x = self._partial_block(block, x, block_routes, [s.depth is None or s.depth > i for s in slices])
         x = self.norm(x)
         return self.forward_head(x, pre_logits=True)
+
+    @staticmethod
+    def _partial_block(block: nn.Module, x: torch.Tensor, routes: Sequence[Route], active: Sequence[bool]):
+        """Run a block on the rows of the slices still `active` at its depth; the others pass unchanged.
+
+        Every slice keeps its route (with zero rows when inactive), so the same modules are called
+        whatever the depths, as ZeRO-3 requires of every rank.
+        """
+        rows, moved, start = [], [], 0
+        for (key, a, b, hidden), on in zip(routes, active):
+            n = b - a if on else 0
+            rows.append(x[a:a + n])
+            moved.append((key, start, start + n, hidden))
+            start += n
+        out = block(torch.cat(rows), moved)
+        pieces, start = [], 0
+        for (_, a, b, _), on in zip(routes, active):
+            if on:
+                pieces.append(out[start:start + b - a])
+                start += b - a
+            else:
+                pieces.append(x[a:b])
+        return torch.cat(pieces)
 
     def forward(self, images: torch.Tensor, slices: Sequence[TaskSlice], labels: torch.Tensor | None = None,
                 reduction: str = "mean", hits: bool = False) -> list:
@@ -128,9 +168,10 @@ class SupernetViT(VisionTransformer):
         """
         return apply_heads(self.heads, self.forward_features(images, slices), slices, labels, reduction, hits)
 
-    def forward_task(self, images: torch.Tensor, task: str, path: str) -> torch.Tensor:
-        """The whole batch as one task on one path."""
-        return self(images, [TaskSlice(task, path, images.shape[0])])[0]
+    def forward_task(self, images: torch.Tensor, task: str, path: str, depth: int | None = None,
+                     hidden: int | None = None) -> torch.Tensor:
+        """The whole batch as one task on one path (of an elastic depth and FFN width, if given)."""
+        return self(images, [TaskSlice(task, path, images.shape[0], depth, hidden)])[0]
 
 
 def apply_heads(heads: nn.ModuleDict, features: torch.Tensor, slices: Sequence[TaskSlice],
@@ -150,12 +191,13 @@ def apply_heads(heads: nn.ModuleDict, features: torch.Tensor, slices: Sequence[T
     return results
 
 
-def subnet_state_dict(state: Mapping[str, torch.Tensor], task: str, path: str,
-                      deployed_head: str) -> dict[str, torch.Tensor]:
+def subnet_state_dict(state: Mapping[str, torch.Tensor], task: str, path: str, deployed_head: str,
+                      depth: int | None = None, hidden: int | None = None) -> dict[str, torch.Tensor]:
     """Rename a supernet state dict into the timm ViT state dict of `task` on `path`.
 
     Keeps the shared parts, each block's FFN on the path, and the task head's deployed layer
-    (as timm's `head`); drops every other FFN and head.
+    (as timm's `head`); drops every other FFN and head. An elastic subnet keeps only the first
+    `depth` blocks and the first `hidden` units of each FFN (rows of fc1, columns of fc2).
     """
     out = {}
     head_prefix = f"heads.{task}.{deployed_head}."
@@ -165,12 +207,21 @@ def subnet_state_dict(state: Mapping[str, torch.Tensor], task: str, path: str,
                 out["head." + name[len(head_prefix):]] = tensor
             continue
         parts = name.split(".")
+        if parts[0] == "blocks" and depth is not None and int(parts[1]) >= depth:
+            continue
         if len(parts) > 3 and parts[0] == "blocks" and parts[2] == "mlp":
             block, rest = int(parts[1]), parts[3:]
             if path[block] == "S" and rest[0] == "shared":
-                out[".".join(parts[:3] + rest[1:])] = tensor
+                key = ".".join(parts[:3] + rest[1:])
             elif path[block] == "T" and rest[0] == "task" and rest[1] == task:
-                out[".".join(parts[:3] + rest[2:])] = tensor
+                key = ".".join(parts[:3] + rest[2:])
+            else:
+                continue
+            if hidden is not None and key.endswith(("fc1.weight", "fc1.bias")):
+                tensor = tensor[:hidden]
+            elif hidden is not None and key.endswith("fc2.weight"):
+                tensor = tensor[:, :hidden]
+            out[key] = tensor.contiguous()
             continue
         out[name] = tensor
     return out
