@@ -36,7 +36,7 @@ def test_init_info_export(tmp_path, capsys, tiny_config_file):
     (["export", "{ckpt}", "--task", "face", "--path", "SS", "--out", "{tmp}/o"], "has 2 blocks"),
     (["export", "{tmp}/missing.safetensors", "--task", "face", "--out", "{tmp}/o"], "no such checkpoint"),
     (["export", "{ckpt}", "--task", "face", "--format", "pickle", "--out", "{tmp}/o"], "choose from"),
-    (["export", "{ckpt}", "--all-tasks", "--path", "SSSS", "--out", "{tmp}/o"], "--path applies to one --task"),
+    (["export", "{ckpt}", "--all-tasks", "--path", "SSSS", "--out", "{tmp}/o"], "--path and --path-from apply to one --task"),
     (["init", "{cfg}", "--out", "{ckpt}"], "exists; pass --overwrite"),
     (["init", "{cfg}", "--out", "{tmp}/x.safetensors", "--set", "model.depth=2"], "tasks.face.path"),
     (["info", "{tmp}/none.yaml"], "no such config file"),

@@ -121,8 +121,8 @@ def test_failed_verification_leaves_nothing_and_keeps_the_old_directory(tmp_path
 
     real = ufo.export.subnet_state_dict
 
-    def wrong_ffn(state, task, path, head):  # a pruning bug: the path's letters swapped
-        return real(state, task, path.translate(str.maketrans("ST", "TS")), head)
+    def wrong_ffn(state, task, path, head, *elastic):  # a pruning bug: the path's letters swapped
+        return real(state, task, path.translate(str.maketrans("ST", "TS")), head, *elastic)
 
     monkeypatch.setattr(ufo.export, "subnet_state_dict", wrong_ffn)
     with pytest.raises(ExportError, match="differs from the supernet by .* nothing was written"):
