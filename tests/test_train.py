@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import copy
 import os
 import re
@@ -292,3 +293,44 @@ def test_param_groups_skip_decay_on_norms_and_apply_layer_decay(tiny_cfg):
     assert lr_of[id(model.blocks[3].norm1.weight)] == (0.5, 0.0)
     assert lr_of[id(model.heads["digits"].fc.weight)] == (1.0, 0.05)
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_elastic_policy_follows_the_sandwich_rule():
+    from ufo.model.paths import ElasticPolicy
+
+    policy = ElasticPolicy({"face": ((2, 3), (16,)), "digits": ((), ())}, depth=4, hidden=64, seed=1)
+    assert policy.sizes_at(0) == {"face": (None, None)}  # largest: the full size; digits is not elastic
+    assert policy.sizes_at(1) == {"face": (2, 16)}  # smallest
+    drawn = [policy.sizes_at(s)["face"] for s in range(2, 60, 3)]
+    assert set(drawn) <= {(d, h) for d in (2, 3, None) for h in (16, None)} and len(set(drawn)) > 2
+    assert drawn == [ElasticPolicy({"face": ((2, 3), (16,))}, 4, 64, 1).sizes_at(s)["face"] for s in range(2, 60, 3)]
+
+
+def test_elastic_config_errors_name_the_key(tiny_config_file):
+    from ufo.config import load_config
+    from ufo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"tasks\.digits\.elastic\.depths: depth 9 is not in 1\.\.4"):
+        load_config(tiny_config_file, ["tasks.digits.elastic={depths: [2, 9]}"])
+    with pytest.raises(ConfigError, match=r"tasks\.digits\.elastic\.mlp_ratios: ratio 3 is not in \(0, 2\]"):
+        load_config(tiny_config_file, ["tasks.digits.elastic={mlp_ratios: [3.0]}"])
+    with pytest.raises(ConfigError, match=r"did you mean tasks\.digits\.elastic\.depths"):
+        load_config(tiny_config_file, ["tasks.digits.elastic={depth: [2]}"])
+
+
+@pytest.mark.dist
+def test_elastic_training_under_zero3_and_export_at_a_smaller_size(tmp_path):
+    from ufo.export import export_subnet
+
+    raw = tiny_run(tmp_path, ("face", "digits"), steps=3, layout="task_parallel")
+    raw["tasks"]["face"]["elastic"] = {"depths": [2], "mlp_ratios": [1.0]}  # only face is elastic
+    raw["deepspeed"] = {"zero_stage": 3}
+    replicas = run_ranks(raw, tmp_path)
+    for name in replicas[0]:
+        assert torch.equal(replicas[0][name], replicas[1][name]), name
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert [r["elastic_depth"]["face"] for r in history[:2]] == [4, 2]  # largest, then smallest
+    assert [r["elastic_hidden"]["face"] for r in history[:2]] == [64, 32]
+    result = export_subnet(tmp_path / "run", "face", tmp_path / "face-small", depth=2, mlp_ratio=1.0,
+                           log=lambda _: None)
+    assert result.max_abs_diff["safetensors"] <= 1e-5

@@ -43,6 +43,14 @@ class ModelConfig(Section):
     task_ffn_init: Literal["copy_shared", "random"] = "copy_shared"
 
 
+class ElasticConfig(Section):
+    """Elastic sizes a task trains besides the full one: every step it runs one of them, by the
+    sandwich rule (largest, smallest, a random one in between, in turn)."""
+
+    depths: tuple[int, ...] = ()  # prefixes of the blocks, e.g. [2, 4, 6]
+    mlp_ratios: tuple[float, ...] = ()  # FFN hidden widths as ratios of model.embed_dim, e.g. [1.0, 2.0, 4.0]
+
+
 class TaskConfig(Section):
     """One learning problem: its kind, classes, loss weight, path, head and data."""
 
@@ -65,6 +73,7 @@ class TaskConfig(Section):
     samples_per_epoch: int | None = Field(None, gt=0)
     ranks: int | None = Field(None, gt=0)  # task_parallel: ranks serving this task (default: by weight)
     hflip: float | None = Field(None, ge=0, le=1)  # overrides data.hflip for this task
+    elastic: ElasticConfig | None = None  # elastic depth / FFN width training (None: full size only)
 
     @field_validator("path")
     @classmethod
@@ -317,6 +326,8 @@ def _known_keys(parent: list[str]) -> list[str]:
     if not parent:
         return list(UfoConfig.model_fields)
     if parent[0] == "tasks":
+        if len(parent) == 3 and parent[2] == "elastic":
+            return list(ElasticConfig.model_fields)
         return list(TaskConfig.model_fields) if len(parent) == 2 else []
     field = UfoConfig.model_fields.get(parent[0])
     section = field.annotation if field else None
@@ -365,6 +376,14 @@ def _check(cfg: UfoConfig, source: str, overridden: Mapping[str, str]) -> UfoCon
                        related="model.depth")
         if task.kind == "classification" and task.embedding_dim is not None:
             raise fail(f"{key}.embedding_dim", "only retrieval tasks have an embedding; remove it or set kind: retrieval")
+        if task.elastic is not None:
+            bad_depth = [d for d in task.elastic.depths if not 1 <= d <= m.depth]
+            if bad_depth:
+                raise fail(f"{key}.elastic.depths", f"depth {bad_depth[0]} is not in 1..{m.depth} (model.depth)")
+            bad_ratio = [r for r in task.elastic.mlp_ratios if not (0 < r <= m.mlp_ratio and int(m.embed_dim * r) >= 1)]
+            if bad_ratio:
+                raise fail(f"{key}.elastic.mlp_ratios", f"ratio {bad_ratio[0]:g} is not in (0, {m.mlp_ratio:g}] "
+                                                         "(model.mlp_ratio)")
         if task.kind == "retrieval" and task.margin == "arcface" and task.margin_value >= 3.14159:
             raise fail(f"{key}.margin_value", "an ArcFace margin is an angle in radians below pi")
         tasks[name] = task.model_copy(update={"path": path})

@@ -45,7 +45,7 @@ from ufo.layout import Layout, import_deepspeed, init_distributed, make_layout
 from ufo.metrics import retrieval, top1
 from ufo.model import SupernetViT, TaskSlice
 from ufo.model.supernet import apply_heads
-from ufo.model.paths import PathPolicy
+from ufo.model.paths import ElasticPolicy, PathPolicy
 from ufo.tracking import Tracker, flatten
 from ufo.weighting import Observation, Weighting, build_weighting, label_entropy
 
@@ -184,6 +184,7 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=deepspeed_config(cfg))
     policy = PathPolicy(t.path_policy, {task: cfg.path_of(task) for task in tasks}, t.seed, t.path_sample_p)
+    elastic = _elastic_policy(cfg)
     weighting = _make_weighting(cfg, say)
     say(f"loss weighting: {weighting.name}")
     features = _capture_features(engine.module) if weighting.needs_grad_norms else None
@@ -211,11 +212,11 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
     try:
         with _Signals() as signals:
             while step < t.steps:
-                paths = policy.paths_at(step)
+                paths, sizes = policy.paths_at(step), elastic.sizes_at(step)
                 seen = _StepMean(len(tasks))
                 for _ in range(t.gradient_accumulation_steps):
                     batch = next(batches)
-                    slices = _slices(batch, tasks, paths, layout)
+                    slices = _slices(batch, tasks, paths, sizes)
                     images = batch["images"]
                     if images.ndim != 4:  # every sample of this batch was bad
                         images = torch.zeros(0, m.in_chans, m.img_size, m.img_size)
@@ -227,7 +228,10 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
                 step_obs = seen.mean()
                 weighting.step(step_obs)
                 step += 1
-                record = history.add(step, step_obs, weights, weighting, scheduler, tasks)
+                record = history.record(step, step_obs, weights, weighting, scheduler, tasks)
+                if sizes:  # the elastic size each task trained at this step
+                    record["elastic_depth"] = {task: d or m.depth for task, (d, _) in sizes.items()}
+                    record["elastic_hidden"] = {task: h or elastic.full[1] for task, (_, h) in sizes.items()}
                 if policy.name == "sample":  # the path each task trained on this step
                     record["path"] = dict(paths)
                     record["task_blocks"] = {task: path.count("T") for task, path in paths.items()}
@@ -241,6 +245,7 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
                                   tokens=tokens))
                     record["samples_per_s"] = meter.rate
                     record["tokens_per_s"] = meter.rate * tokens
+                history.append(record)
                 if tracker:
                     tracker.log_metrics(step, _metrics_of(record))
                 if t.eval_every and step % t.eval_every == 0 and step < t.steps:
@@ -443,8 +448,9 @@ class _History:
             path.write_text("".join(line + "\n" for line in kept))
             self.file = open(path, "a")
 
-    def add(self, step: int, obs: Observation, weights: torch.Tensor, weighting: Weighting, scheduler,
-            tasks: list[str]) -> dict:
+    def record(self, step: int, obs: Observation, weights: torch.Tensor, weighting: Weighting, scheduler,
+               tasks: list[str]) -> dict:
+        """A step's record; the loop adds what else it knows, then `append`s it."""
         record = {"step": step, "lr": scheduler.get_last_lr()[0],
                   "loss": _by_task(tasks, obs.losses), "weight": _by_task(tasks, weights)}
         if obs.accuracies is not None:
@@ -453,11 +459,13 @@ class _History:
             record["grad_norm"] = _by_task(tasks, obs.grad_norms)
         for name, values in weighting.values().items():
             record[name] = _by_task(tasks, values)
+        return record
+
+    def append(self, record: dict) -> None:
         self.records.append(record)
         if self.file is not None:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
-        return record
 
     def close(self) -> None:
         if self.file is not None:
@@ -505,10 +513,18 @@ def _make_loader(cfg: UfoConfig, layout: Layout, rank: int):
                        group_size=layout.group_size(task))
 
 
-def _slices(batch: dict, tasks: list[str], paths: dict[str, str], layout: Layout) -> list[TaskSlice]:
+def _slices(batch: dict, tasks: list[str], paths: dict[str, str],
+            elastic: dict[str, tuple[int | None, int | None]]) -> list[TaskSlice]:
     """A slice of every task, in config order; empty for the tasks this batch does not hold."""
-    sizes = dict(batch["slices"]) if "slices" in batch else {batch["task"]: len(batch["labels"])}
-    return [TaskSlice(task, paths[task], sizes.get(task, 0)) for task in tasks]
+    rows = dict(batch["slices"]) if "slices" in batch else {batch["task"]: len(batch["labels"])}
+    return [TaskSlice(task, paths[task], rows.get(task, 0), *elastic.get(task, (None, None))) for task in tasks]
+
+
+def _elastic_policy(cfg: UfoConfig) -> ElasticPolicy:
+    m = cfg.model
+    widths = {task: (tc.elastic.depths, tuple(int(m.embed_dim * r) for r in tc.elastic.mlp_ratios))
+              for task, tc in cfg.tasks.items() if tc.elastic is not None}
+    return ElasticPolicy(widths, m.depth, int(m.embed_dim * m.mlp_ratio), cfg.train.seed)
 
 
 def _resume(engine, loader, weighting: Weighting, tag_dir: Path, cfg: UfoConfig, world: int, rank: int,
