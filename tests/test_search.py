@@ -34,7 +34,7 @@ def test_evolve_stops_at_the_whole_space():
     assert sorted(p for p, _ in tried) == sorted({f"{a}{b}{c}" for a in "ST" for b in "ST" for c in "ST"})
 
 
-def planted_checkpoint(tmp_path, planted: str, noise: float = 0.05, ridge: float = 1.0):
+def planted_checkpoint(tmp_path, planted: str, noise: float = 0.05, ridge: float = 1.0, elastic: dict | None = None):
     """A tiny supernet whose digits head reads the planted path's features well, and the features of
     paths the worse the more blocks they change (FFN-task perturbed by `noise`, a ridge-fitted head)."""
     from ufo.checkpoint import init_supernet, save_supernet
@@ -46,6 +46,8 @@ def planted_checkpoint(tmp_path, planted: str, noise: float = 0.05, ridge: float
                       log=lambda _: None)
     raw = copy.deepcopy(TINY)
     raw["model"]["depth"] = len(planted)
+    if elastic:
+        raw["tasks"]["digits"]["elastic"] = elastic
     raw["tasks"] = {"digits": {**raw["tasks"]["digits"], "path": "S" * (len(planted) // 2) + "T" * (len(planted) - len(planted) // 2), "shards": str(tmp_path / "data" / "train"),
                                "eval_shards": str(tmp_path / "data" / "eval")}}
     raw["data"] = {"num_workers": 0}
@@ -113,3 +115,40 @@ def test_ranks_of_a_launched_job_share_the_evaluations(tmp_path):
     assert [e["path"] for e in both["evaluated"]] == [e["path"] for e in one["evaluated"]]
     for a, b in zip(one["evaluated"], both["evaluated"]):
         assert a["value"] == pytest.approx(b["value"], abs=1e-6)
+
+
+def test_a_budget_is_respected_and_the_pareto_front_exported(tmp_path, capsys):
+    from ufo.cli import main
+    from ufo.search import candidate_sizes, subnet_params
+
+    ckpt = planted_checkpoint(tmp_path, "TSTT", elastic={"depths": [1, 2, 3], "mlp_ratios": [0.5, 1.0]})
+    cfg = __import__("ufo.checkpoint", fromlist=["x"]).read_checkpoint(ckpt).config
+    full = subnet_params(cfg, "digits", 4, 2.0)
+    budget = subnet_params(cfg, "digits", 2, 1.0)  # excludes the full size and every deeper or wider one
+    out = tmp_path / "search.json"
+    assert main(["search", str(ckpt), "--task", "digits", "--budget-evals", "30", "--max-params", str(budget),
+                 "--out", str(out)]) in (0, None)
+    text = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["best_params"] <= budget < full and "Pareto front" in text
+    assert all(e["params"] <= budget for e in result["evaluated"])
+    fits = {(d, r) for d in (1, 2, 3, 4) for r in (0.5, 1.0, 2.0) if subnet_params(cfg, "digits", d, r) <= budget}
+    assert {(e["depth"], e["mlp_ratio"]) for e in result["evaluated"]} == fits and (4, 2.0) not in fits
+    front = result["pareto"]
+    assert front and all(not (o["value"] >= f["value"] and o["params"] <= f["params"] and o["latency_ms"] <=
+                                  f["latency_ms"] and o != f and (o["value"], -o["params"], -o["latency_ms"]) !=
+                                  (f["value"], -f["params"], -f["latency_ms"]))
+                         for f in front for o in result["evaluated"])
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert main(["export", str(ckpt), "--task", "digits", "--path-from", str(out), "--out",
+                 str(tmp_path / "subnet")]) in (0, None)
+    config = json.loads((tmp_path / "subnet" / "config.json").read_text())
+    assert config["ufo"]["param_count"] == result["best_params"] <= budget
+    assert config["model_args"]["depth"] == result["best_depth"]
+
+    capsys.readouterr()
+    assert main(["search", str(ckpt), "--task", "digits", "--max-params", "1000"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "no size fits --max-params 1000" in error
+    sizes = candidate_sizes(cfg, "digits")
+    assert len(sizes) == 4 * 3 and all(z.latency_ms > 0 for z in sizes)

@@ -83,7 +83,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-evals", type=int, default=32, help="paths to evaluate at most (default 32)")
     p.add_argument("--population", type=int, default=8, help="paths per generation (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the search (default 0)")
-    p.add_argument("--out", type=Path, help="result JSON (default: search-TASK.json in the run directory)")
+    p.add_argument("--max-params", type=float, help="budget: parameters of the exported subnet (e.g. 5e6); "
+                   "searches every elastic size of the task that fits")
+    p.add_argument("--max-latency-ms", type=float, help="budget: ms per image of the exported subnet, "
+                   "measured on this machine")
+    p.add_argument("--out", type=Path, help="result JSON (default: search-TASK.json in the run directory; "
+                   "with a budget also a Pareto plot, .png)")
     p.add_argument("--no-track", dest="track", action="store_false",
                    help="do not log the search to the checkpoint's MLflow run")
     p.set_defaults(run=_search)
@@ -213,9 +218,12 @@ def _export(args: argparse.Namespace) -> None:
     if args.all_tasks and (args.depth or args.mlp_ratio):
         raise ExportError("--depth and --mlp-ratio apply to one --task")
     if args.path_from:
-        from ufo.search import read_path
+        from ufo.search import read_result
 
-        args.path = read_path(args.path_from, args.task)
+        found = read_result(args.path_from, args.task)
+        args.path = found["best_path"]
+        args.depth = args.depth or found.get("best_depth")
+        args.mlp_ratio = args.mlp_ratio or found.get("best_mlp_ratio")
     ckpt = read_checkpoint(args.checkpoint)
     print(f"ufo export: {args.checkpoint} (step {ckpt.step}, tasks {', '.join(ckpt.config.tasks)}) -> {args.out}")
     common = dict(formats=formats, overwrite=args.overwrite, verify=args.verify, atol=args.atol)
@@ -237,7 +245,7 @@ def _search(args: argparse.Namespace) -> None:
     import os
 
     from ufo.checkpoint import read_checkpoint
-    from ufo.search import format_result, search_path, write_result
+    from ufo.search import format_result, plot_pareto, search_path, write_result
 
     rank, world = 0, 1
     if "WORLD_SIZE" in os.environ:  # under torchrun or deepspeed: the ranks share the evaluations
@@ -247,12 +255,16 @@ def _search(args: argparse.Namespace) -> None:
     say = print if rank == 0 else (lambda _: None)
     ckpt = read_checkpoint(args.checkpoint)
     result = search_path(ckpt, args.task, budget_evals=args.budget_evals, seed=args.seed,
-                         population=args.population, rank=rank, world=world, log=say)
+                         population=args.population, rank=rank, world=world, log=say,
+                         max_params=None if args.max_params is None else int(args.max_params),
+                         max_latency_ms=args.max_latency_ms)
     if rank != 0:
         return
     run_dir = ckpt.path.parent.parent if (ckpt.path / "ufo.json").is_file() else ckpt.path.parent
     out = write_result(result, args.out or run_dir / f"search-{args.task}.json")
     print(format_result(result))
+    if args.max_params is not None or args.max_latency_ms is not None:
+        print(f"Pareto plot: {plot_pareto(result, out.with_suffix('.png'))}")
     print(f"wrote {out}; export it with: ufo export {args.checkpoint} --task {args.task} --path-from {out} "
           "--out DIR")
     if args.track:

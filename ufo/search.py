@@ -29,14 +29,30 @@ Log = Callable[[str], None]
 FORMAT = "ufo-path-search/1"
 
 
+@dataclass(frozen=True)
+class Size:
+    """An elastic subnet size, with the exported timm model's parameters and latency on this machine."""
+
+    depth: int
+    mlp_ratio: float
+    params: int
+    latency_ms: float | None = None
+
+
 @dataclass
 class SearchResult:
     task: str
     metric: str
     best_path: str
     best: float
-    baselines: dict[str, dict]  # all_shared, all_task, trained: {"path", "value"}
-    evaluated: list[dict] = field(default_factory=list)  # every path tried, in order: {"path", "value"}
+    baselines: dict[str, dict]  # all_shared, all_task, trained (full size): {"path", "value"}
+    evaluated: list[dict] = field(default_factory=list)  # every candidate tried, in order
+    best_depth: int | None = None  # None: the supernet's own size
+    best_mlp_ratio: float | None = None
+    best_params: int = 0
+    best_latency_ms: float | None = None
+    budget: dict = field(default_factory=dict)  # max_params, max_latency_ms
+    pareto: list[dict] = field(default_factory=list)  # candidates no other beats on metric, params and latency
     budget_evals: int = 0
     seed: int = 0
     checkpoint: str = ""
@@ -64,8 +80,8 @@ class PathEvaluator:
         self.samples = sum(len(y) for _, y in self.batches)
 
     @torch.no_grad()
-    def __call__(self, path: str) -> float:
-        outputs = [self.model.forward_task(x, self.task, path) for x, _ in self.batches]
+    def __call__(self, path: str, depth: int | None = None, hidden: int | None = None) -> float:
+        outputs = [self.model.forward_task(x, self.task, path, depth, hidden) for x, _ in self.batches]
         out, y = torch.cat(outputs), torch.cat([y for _, y in self.batches])
         return top1(out, y) if self.kind == "classification" else retrieval(out, y)["recall@1"]
 
@@ -118,8 +134,13 @@ def _neighbours(path: str) -> list[str]:
 
 
 def search_path(checkpoint: str | Path | Checkpoint, task: str, budget_evals: int = 32, seed: int = 0,
-                population: int = 8, rank: int = 0, world: int = 1, log: Log = print) -> SearchResult:
-    """Find the best path for `task` in a supernet checkpoint (ranks share the evaluations)."""
+                population: int = 8, rank: int = 0, world: int = 1, max_params: int | None = None,
+                max_latency_ms: float | None = None, log: Log = print) -> SearchResult:
+    """Find the best path for `task` in a supernet checkpoint (ranks share the evaluations).
+
+    With a budget, every elastic size of the task (`tasks.<t>.elastic`) that fits it is searched,
+    `budget_evals` shared between them, and the result holds the Pareto front.
+    """
     started = time.perf_counter()
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
     cfg = ckpt.config
@@ -128,31 +149,150 @@ def search_path(checkpoint: str | Path | Checkpoint, task: str, budget_evals: in
     if cfg.tasks[task].eval_shards is None:
         raise UfoError(f"task {task}: tasks.{task}.eval_shards is not set in the checkpoint's config; "
                        "the search evaluates paths on them")
-    depth = cfg.model.depth
+    m = cfg.model
+    budgeted = max_params is not None or max_latency_ms is not None
+    sizes = candidate_sizes(cfg, task, measure_latency=budgeted) if budgeted else \
+        [Size(m.depth, m.mlp_ratio, subnet_params(cfg, task, m.depth, m.mlp_ratio))]
+    feasible = [z for z in sizes if (max_params is None or z.params <= max_params)
+                and (max_latency_ms is None or z.latency_ms <= max_latency_ms)]
+    if not feasible:
+        small = min(sizes, key=lambda z: z.params)
+        raise UfoError(f"task {task}: no size fits --max-params {max_params} / --max-latency-ms {max_latency_ms}; "
+                       f"the smallest, depth {small.depth} mlp_ratio {small.mlp_ratio:g}, has {small.params} "
+                       f"parameters and {small.latency_ms or 0:.2f} ms (tasks.{task}.elastic sets the sizes)")
     evaluate = PathEvaluator(load_supernet(ckpt), cfg, task)
+    full_hidden = int(m.embed_dim * m.mlp_ratio)
 
-    def evaluate_many(paths: list[str]) -> list[float]:
-        mine = {p: evaluate(p) for i, p in enumerate(paths) if i % world == rank}
+    def evaluate_many(keys: list[tuple[str, Size]]) -> list[float]:
+        def one(path: str, size: Size) -> float:
+            hidden = int(m.embed_dim * size.mlp_ratio)
+            return evaluate(path, None if size.depth == m.depth else size.depth,
+                            None if hidden == full_hidden else hidden)
+
+        mine = {i: one(*k) for i, k in enumerate(keys) if i % world == rank}
         if world > 1:
             import torch.distributed as dist
 
             shares: list = [None] * world
             dist.all_gather_object(shares, mine)
-            mine = {p: v for share in shares for p, v in share.items()}
-        return [mine[p] for p in paths]
+            mine = {i: v for share in shares for i, v in share.items()}
+        return [mine[i] for i in range(len(keys))]
 
-    trained, shared, own = cfg.path_of(task), "S" * depth, "T" * depth
-    log(f"ufo search: task {task} ({evaluate.metric} on {evaluate.samples} eval samples), depth {depth}, "
-        f"budget {budget_evals} paths, seed {seed}" + (f", {world} ranks" if world > 1 else ""))
-    tried = evolve(evaluate_many, depth, [trained, shared, own], budget_evals, seed, population, log)
-    values = dict(tried)
-    best_path = max(values, key=lambda p: (values[p], p == trained))  # ties: keep the trained path
+    trained = cfg.path_of(task)
+    log(f"ufo search: task {task} ({evaluate.metric} on {evaluate.samples} eval samples), depth {m.depth}, "
+        f"budget {budget_evals} evaluations, seed {seed}" + (f", {world} ranks" if world > 1 else "")
+        + (f", {len(feasible)} of {len(sizes)} sizes fit" if budgeted else ""))
+    evaluated: list[dict] = []
+    share = max(3, budget_evals // len(feasible))
+    for size in feasible:
+        d = size.depth
+        if budgeted:
+            log(f" size depth {d} mlp_ratio {size.mlp_ratio:g}: {size.params / 1e6:.3f} M params, "
+                f"{size.latency_ms:.2f} ms")
+        # letters past the depth are unused: they keep the trained path's
+        tried = evolve(lambda prefixes: evaluate_many([(p + trained[d:], size) for p in prefixes]), d,
+                       [trained[:d], "S" * d, "T" * d], share if budgeted else budget_evals, seed, population, log)
+        evaluated += [{"path": p + trained[d:], "value": v, "depth": d, "mlp_ratio": size.mlp_ratio,
+                       "params": size.params, "latency_ms": size.latency_ms} for p, v in tried]
+    full = Size(m.depth, m.mlp_ratio, subnet_params(cfg, task, m.depth, m.mlp_ratio))
+    reference = {name: p for name, p in (("trained", trained), ("all_shared", "S" * m.depth),
+                                         ("all_task", "T" * m.depth))}
+    known = {e["path"]: e["value"] for e in evaluated if e["depth"] == m.depth and e["mlp_ratio"] == m.mlp_ratio}
+    missing = [p for p in reference.values() if p not in known]
+    known.update(zip(missing, evaluate_many([(p, full) for p in missing])))
+    best = max(evaluated, key=lambda e: (e["value"], e["path"] == trained, -e["params"]))
+    front = pareto(evaluated)
     return SearchResult(
-        task=task, metric=evaluate.metric, best_path=best_path, best=values[best_path],
-        baselines={name: {"path": p, "value": values[p]} for name, p in
-                   (("trained", trained), ("all_shared", shared), ("all_task", own))},
-        evaluated=[{"path": p, "value": v} for p, v in tried], budget_evals=budget_evals, seed=seed,
-        checkpoint=str(ckpt.path), step=ckpt.step, seconds=time.perf_counter() - started)
+        task=task, metric=evaluate.metric, best_path=best["path"], best=best["value"],
+        baselines={name: {"path": p, "value": known[p]} for name, p in reference.items()},
+        evaluated=evaluated,
+        best_depth=None if best["depth"] == m.depth else best["depth"],
+        best_mlp_ratio=None if best["mlp_ratio"] == m.mlp_ratio else best["mlp_ratio"],
+        best_params=best["params"], best_latency_ms=best["latency_ms"],
+        budget={"max_params": max_params, "max_latency_ms": max_latency_ms}, pareto=front,
+        budget_evals=budget_evals, seed=seed, checkpoint=str(ckpt.path), step=ckpt.step,
+        seconds=time.perf_counter() - started)
+
+
+def subnet_params(cfg, task: str, depth: int, mlp_ratio: float) -> int:
+    """Parameters of the exported timm subnet of that size (counted on the meta device)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from ufo.model import subnet_args
+
+    with torch.device("meta"):
+        vit = VisionTransformer(**subnet_args(cfg, task, depth, mlp_ratio))
+    return sum(p.numel() for p in vit.parameters())
+
+
+def subnet_latency_ms(cfg, task: str, depth: int, mlp_ratio: float, runs: int = 10) -> float:
+    """Median milliseconds of one image through the exported timm subnet of that size, on this machine."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from ufo.model import subnet_args
+
+    vit = VisionTransformer(**subnet_args(cfg, task, depth, mlp_ratio)).eval()
+    x = torch.randn(1, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
+    times = []
+    with torch.no_grad():
+        for i in range(runs + 3):
+            start = time.perf_counter()
+            vit(x)
+            if i >= 3:
+                times.append(time.perf_counter() - start)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+def candidate_sizes(cfg, task: str, measure_latency: bool = True) -> list[Size]:
+    """Every size the task trained (its elastic depths and widths, and the full one)."""
+    m, e = cfg.model, cfg.tasks[task].elastic
+    depths = sorted(set(e.depths if e else ()) | {m.depth})
+    ratios = sorted(set(e.mlp_ratios if e else ()) | {m.mlp_ratio})
+    return [Size(d, r, subnet_params(cfg, task, d, r), subnet_latency_ms(cfg, task, d, r) if measure_latency else None)
+            for d in depths for r in ratios]
+
+
+def pareto(candidates: list[dict]) -> list[dict]:
+    """The candidates no other is at least as good as on metric, parameters and latency, and better on one."""
+    def beats(a: dict, b: dict) -> bool:
+        keys = [(a["value"], b["value"]), (-a["params"], -b["params"])]
+        if a["latency_ms"] is not None and b["latency_ms"] is not None:
+            keys.append((-a["latency_ms"], -b["latency_ms"]))
+        return all(x >= y for x, y in keys) and any(x > y for x, y in keys)
+
+    front = [c for c in candidates if not any(beats(o, c) for o in candidates)]
+    unique = {(c["path"], c["depth"], c["mlp_ratio"]): c for c in front}
+    return sorted(unique.values(), key=lambda c: c["params"])
+
+
+def plot_pareto(result: SearchResult, png: Path) -> Path:
+    """Metric against parameters (and latency) of every candidate, the Pareto front drawn as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    latency = all(e["latency_ms"] is not None for e in result.evaluated)
+    fig, axes = plt.subplots(1, 2 if latency else 1, figsize=(10 if latency else 5, 4), squeeze=False)
+    for ax, key, label in [(axes[0][0], "params", "parameters (M)")] + (
+            [(axes[0][1], "latency_ms", "latency (ms, this machine)")] if latency else []):
+        scale = 1e-6 if key == "params" else 1.0
+        ax.scatter([e[key] * scale for e in result.evaluated], [e["value"] for e in result.evaluated],
+                   s=12, alpha=0.5, label="evaluated")
+        front = sorted(result.pareto, key=lambda e: e[key])
+        ax.plot([e[key] * scale for e in front], [e["value"] for e in front], "r.-", label="Pareto front")
+        limit = result.budget.get("max_params" if key == "params" else "max_latency_ms")
+        if limit is not None:
+            ax.axvline(limit * scale, color="gray", linestyle="--", label="budget")
+        ax.set_xlabel(label)
+        ax.set_ylabel(result.metric)
+        ax.legend(fontsize="small")
+    axes[0][0].set_title(f"ufo search: {result.task}")
+    fig.tight_layout()
+    with atomic_file(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return png
 
 
 def write_result(result: SearchResult, out: Path) -> Path:
@@ -161,8 +301,8 @@ def write_result(result: SearchResult, out: Path) -> Path:
     return out
 
 
-def read_path(file: str | Path, task: str) -> str:
-    """The best path a search result file holds for `task` (what `ufo export --path-from` takes)."""
+def read_result(file: str | Path, task: str) -> dict:
+    """A `ufo search` result file for `task` (what `ufo export --path-from` takes)."""
     file = Path(file)
     try:
         result = json.loads(file.read_text())
@@ -174,12 +314,26 @@ def read_path(file: str | Path, task: str) -> str:
         raise UfoError(f"{file}: not a `ufo search` result (no format {FORMAT!r})")
     if result.get("task") != task:
         raise UfoError(f"{file}: is the search result of task {result.get('task')!r}, not {task!r}")
-    return result["best_path"]
+    return result
+
+
+def read_path(file: str | Path, task: str) -> str:
+    """The best path a search result file holds for `task`."""
+    return read_result(file, task)["best_path"]
 
 
 def format_result(r: SearchResult) -> str:
-    lines = [f"best path for {r.task}: {r.best_path}  {r.metric} {r.best:.4f}"]
+    size = "" if r.best_depth is None and r.best_mlp_ratio is None else \
+        f" at depth {r.best_depth or '(full)'} mlp_ratio {r.best_mlp_ratio or '(full)'}"
+    lines = [f"best path for {r.task}: {r.best_path}{size}  {r.metric} {r.best:.4f}  "
+             f"{r.best_params / 1e6:.3f} M params" + (f", {r.best_latency_ms:.2f} ms" if r.best_latency_ms else "")]
     for name, b in r.baselines.items():
         lines.append(f"  {name:<11} {b['path']}  {r.metric} {b['value']:.4f}  ({r.best - b['value']:+.4f} for the best)")
-    lines.append(f"  {len(r.evaluated)} paths evaluated in {r.seconds:.1f} s")
+    if r.budget.get("max_params") is not None or r.budget.get("max_latency_ms") is not None:
+        lines.append(f"  Pareto front ({r.metric} against parameters and latency):")
+        lines.append(f"    {'path':<14} {'depth':>5} {'mlp_ratio':>9} {'params (M)':>10} {'latency (ms)':>12} {r.metric:>9}")
+        for e in r.pareto:
+            lines.append(f"    {e['path']:<14} {e['depth']:>5} {e['mlp_ratio']:>9g} {e['params'] / 1e6:>10.3f} "
+                         f"{e['latency_ms'] or 0:>12.2f} {e['value']:>9.4f}")
+    lines.append(f"  {len(r.evaluated)} candidates evaluated in {r.seconds:.1f} s")
     return "\n".join(lines)
