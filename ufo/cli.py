@@ -156,6 +156,14 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="replace the strategies' runs left in --out")
     b.add_argument("--json", action="store_true", help="print the result as JSON")
     b.set_defaults(run=_bench_weighting)
+    b = benches.add_parser("elastic", help="metric at 25/50/100%% of the subnet's parameters: elastic vs from scratch")
+    config_args(b)
+    b.add_argument("--steps", type=int, default=150, help="training steps of each run")
+    b.add_argument("--out", type=Path, default=Path("runs/bench-elastic"),
+                   help="where the runs and the comparison go (default: runs/bench-elastic)")
+    b.add_argument("--overwrite", action="store_true", help="replace the runs left in --out")
+    b.add_argument("--json", action="store_true", help="print the result as JSON")
+    b.set_defaults(run=_bench_elastic)
     return parser
 
 
@@ -333,6 +341,18 @@ def _bench_weighting(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2) if args.json else format_weighting_bench(result))
     if not args.json:
         print(f"weights and losses over time: {args.out / 'weighting.png'}")
+
+
+def _bench_elastic(args: argparse.Namespace) -> None:
+    import json
+
+    from ufo.bench import bench_elastic, format_elastic_bench
+    from ufo.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    result = bench_elastic(cfg, args.steps, args.out, overwrite=args.overwrite,
+                           log=(lambda _: None) if args.json else print)
+    print(json.dumps(result, indent=2) if args.json else format_elastic_bench(result))
 
 
 def _bench_model(args: argparse.Namespace) -> None:
