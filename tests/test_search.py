@@ -152,3 +152,9 @@ def test_a_budget_is_respected_and_the_pareto_front_exported(tmp_path, capsys):
     assert error.count("\n") == 1 and "no size fits --max-params 1000" in error
     sizes = candidate_sizes(cfg, "digits")
     assert len(sizes) == 4 * 3 and all(z.latency_ms > 0 for z in sizes)
+    limit = sorted(z.latency_ms for z in sizes)[len(sizes) // 2]
+    assert main(["search", str(ckpt), "--task", "digits", "--budget-evals", "12", "--max-latency-ms", str(limit),
+                 "--out", str(tmp_path / "fast.json")]) in (0, None)
+    fast = json.loads((tmp_path / "fast.json").read_text())
+    assert fast["budget"]["max_latency_ms"] == limit
+    assert all(e["latency_ms"] <= limit for e in fast["evaluated"]) and fast["best_latency_ms"] <= limit
