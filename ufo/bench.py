@@ -285,11 +285,7 @@ def bench_weighting(cfg: UfoConfig, strategies: Sequence[str], steps: int, out: 
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise ConfigError(f"--strategies: unknown {', '.join(unknown)} (known: {', '.join(STRATEGIES)})")
-    for name in strategies:  # a run directory left from before would be resumed, not benchmarked
-        if (out / name).exists():
-            if not overwrite:
-                raise ConfigError(f"{out / name}: exists; pass --overwrite to replace it or choose another --out")
-            shutil.rmtree(out / name)
+    _fresh_runs(out, strategies, overwrite)
     result: dict[str, Any] = {"steps": steps, "tasks": {t: c.kind for t, c in cfg.tasks.items()}, "strategies": {}}
     for name in strategies:
         raw = cfg.to_dict()
@@ -308,6 +304,15 @@ def bench_weighting(cfg: UfoConfig, strategies: Sequence[str], steps: int, out: 
     _plot_strategies(out, list(strategies), out / "weighting.png")
     (out / "weighting.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _fresh_runs(out: Path, names: Sequence[str], overwrite: bool) -> None:
+    """A run directory left from before would be resumed, not benchmarked: refuse it, or remove it."""
+    for name in names:
+        if (out / name).exists():
+            if not overwrite:
+                raise ConfigError(f"{out / name}: exists; pass --overwrite to replace it or choose another --out")
+            shutil.rmtree(out / name)
 
 
 def _plot_strategies(out: Path, strategies: list[str], png: Path) -> None:
@@ -368,11 +373,7 @@ def bench_elastic(cfg: UfoConfig, steps: int, out: Path, fractions: Sequence[flo
     for f in fractions:  # the grid size whose parameters come closest to the fraction (ties: deeper)
         d, r = min(grid, key=lambda z: (abs(subnet_params(cfg, task0, *z) / full - f), -z[0]))
         sizes.append({"fraction": f, "depth": d, "mlp_ratio": r})
-    for name in ["elastic"] + [f"scratch-{s['depth']}-{s['mlp_ratio']:g}" for s in sizes]:
-        if (out / name).exists():
-            if not overwrite:
-                raise ConfigError(f"{out / name}: exists; pass --overwrite to replace it or choose another --out")
-            shutil.rmtree(out / name)
+    _fresh_runs(out, ["elastic"] + [f"scratch-{s['depth']}-{s['mlp_ratio']:g}" for s in sizes], overwrite)
 
     def run(raw: dict, name: str) -> Path:
         raw["train"].update(steps=steps, out_dir=str(out / name), layout="mixed", eval_every=0, checkpoint_every=0,
