@@ -61,6 +61,15 @@ def _rank_main(rank: int, world: int, port: int, raw: dict, out: str) -> None:
         full = safe_get_full_fp32_param(param)  # None without ZeRO: the parameter is whole
         params[name] = (param if full is None else full).detach().clone()
     torch.save(params, Path(out) / f"params{rank}.pt")
+    leave()
+
+
+def leave() -> None:
+    """Leave the process group before exiting: left to interpreter exit, gloo's threads can abort a rank."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def run_ranks(raw: dict, tmp_path: Path, world: int = 2) -> list[dict]:

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from test_train import leave
 from tiny import TINY
 from ufo.config import config_from_dict
 from ufo.errors import ConfigError
@@ -179,6 +180,7 @@ def _rank_main(rank: int, world: int, port: int, runs: list[dict], out: str) -> 
         params = {n: p.detach().clone() for n, p in result.engine.module.named_parameters()}
         results[run["key"]] = {"history": result.history, "state": result.weighting.state_dict(), "params": params}
     torch.save(results, Path(out) / f"rank{rank}.pt")
+    leave()
 
 
 @pytest.mark.dist

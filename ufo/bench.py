@@ -218,6 +218,8 @@ def _train_bench_rank(rank: int, world: int, port: int, raw: dict, steps: int, p
     result["peak_kind"] = "cuda max allocated" if cuda else "process peak RSS"
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump(result, f)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # left to interpreter exit, gloo's threads can abort a rank
 
 
 def _spawn_bench(raw: dict, steps: int, plain: bool, world: int) -> list[dict]:

@@ -266,6 +266,11 @@ def _search(args: argparse.Namespace) -> None:
                          population=args.population, rank=rank, world=world, log=say,
                          max_params=None if args.max_params is None else int(args.max_params),
                          max_latency_ms=args.max_latency_ms)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
     if rank != 0:
         return
     run_dir = ckpt.path.parent.parent if (ckpt.path / "ufo.json").is_file() else ckpt.path.parent
