@@ -34,7 +34,8 @@ def test_evolve_stops_at_the_whole_space():
     assert sorted(p for p, _ in tried) == sorted({f"{a}{b}{c}" for a in "ST" for b in "ST" for c in "ST"})
 
 
-def planted_checkpoint(tmp_path, planted: str, noise: float = 0.05, ridge: float = 1.0, elastic: dict | None = None):
+def planted_checkpoint(tmp_path, planted: str, noise: float = 0.05, ridge: float = 1.0,
+                       elastic: dict | None = None):
     """A tiny supernet whose digits head reads the planted path's features well, and the features of
     paths the worse the more blocks they change (FFN-task perturbed by `noise`, a ridge-fitted head)."""
     from ufo.checkpoint import init_supernet, save_supernet
@@ -48,7 +49,9 @@ def planted_checkpoint(tmp_path, planted: str, noise: float = 0.05, ridge: float
     raw["model"]["depth"] = len(planted)
     if elastic:
         raw["tasks"]["digits"]["elastic"] = elastic
-    raw["tasks"] = {"digits": {**raw["tasks"]["digits"], "path": "S" * (len(planted) // 2) + "T" * (len(planted) - len(planted) // 2), "shards": str(tmp_path / "data" / "train"),
+    half = len(planted) // 2  # the trained path: lower half shared
+    raw["tasks"] = {"digits": {**raw["tasks"]["digits"], "path": "S" * half + "T" * (len(planted) - half),
+                               "shards": str(tmp_path / "data" / "train"),
                                "eval_shards": str(tmp_path / "data" / "eval")}}
     raw["data"] = {"num_workers": 0}
     cfg = config_from_dict(raw, "test")

@@ -380,7 +380,8 @@ def _check(cfg: UfoConfig, source: str, overridden: Mapping[str, str]) -> UfoCon
             bad_depth = [d for d in task.elastic.depths if not 1 <= d <= m.depth]
             if bad_depth:
                 raise fail(f"{key}.elastic.depths", f"depth {bad_depth[0]} is not in 1..{m.depth} (model.depth)")
-            bad_ratio = [r for r in task.elastic.mlp_ratios if not (0 < r <= m.mlp_ratio and int(m.embed_dim * r) >= 1)]
+            bad_ratio = [r for r in task.elastic.mlp_ratios
+                         if not (0 < r <= m.mlp_ratio and int(m.embed_dim * r) >= 1)]
             if bad_ratio:
                 raise fail(f"{key}.elastic.mlp_ratios", f"ratio {bad_ratio[0]:g} is not in (0, {m.mlp_ratio:g}] "
                                                          "(model.mlp_ratio)")

@@ -329,10 +329,12 @@ def format_result(r: SearchResult) -> str:
     lines = [f"best path for {r.task}: {r.best_path}{size}  {r.metric} {r.best:.4f}  "
              f"{r.best_params / 1e6:.3f} M params" + (f", {r.best_latency_ms:.2f} ms" if r.best_latency_ms else "")]
     for name, b in r.baselines.items():
-        lines.append(f"  {name:<11} {b['path']}  {r.metric} {b['value']:.4f}  ({r.best - b['value']:+.4f} for the best)")
+        lines.append(f"  {name:<11} {b['path']}  {r.metric} {b['value']:.4f}  "
+                     f"({r.best - b['value']:+.4f} for the best)")
     if r.budget.get("max_params") is not None or r.budget.get("max_latency_ms") is not None:
         lines.append(f"  Pareto front ({r.metric} against parameters and latency):")
-        lines.append(f"    {'path':<14} {'depth':>5} {'mlp_ratio':>9} {'params (M)':>10} {'latency (ms)':>12} {r.metric:>9}")
+        lines.append(f"    {'path':<14} {'depth':>5} {'mlp_ratio':>9} {'params (M)':>10} {'latency (ms)':>12} "
+                     f"{r.metric:>9}")
         for e in r.pareto:
             lines.append(f"    {e['path']:<14} {e['depth']:>5} {e['mlp_ratio']:>9g} {e['params'] / 1e6:>10.3f} "
                          f"{e['latency_ms'] or 0:>12.2f} {e['value']:>9.4f}")
