@@ -65,11 +65,9 @@ def _rank_main(rank: int, world: int, port: int, raw: dict, out: str) -> None:
 
 
 def leave() -> None:
-    """Leave the process group before exiting: left to interpreter exit, gloo's threads can abort a rank."""
-    import torch.distributed as dist
+    from ufo.layout import leave_distributed
 
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_distributed()
 
 
 def run_ranks(raw: dict, tmp_path: Path, world: int = 2) -> list[dict]:

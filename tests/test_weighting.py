@@ -226,3 +226,15 @@ def test_weights_agree_across_ranks_and_resume_restores_learned_state(tmp_path):
     lines = (tmp_path / "cut" / "history.jsonl").read_text().splitlines()
     assert [int(line.split('"step": ')[1].split(",")[0]) for line in lines] == [1, 2, 3, 4]
     assert (tmp_path / "cut" / "weighting.png").stat().st_size > 1000
+
+
+def test_prior_weights_come_from_the_training_shards_label_frequencies(tmp_path):
+    from test_train import tiny_run
+    from ufo.data import read_manifest
+    from ufo.train import train
+
+    raw = tiny_run(tmp_path, ("face", "digits"), steps=1, layout="mixed", weighting={"name": "prior"})
+    result = train(config_from_dict(raw, "test"), log=lambda _: None)
+    for task in ("face", "digits"):
+        counts = read_manifest(Path(raw["tasks"][task]["shards"]))["class_counts"]
+        assert result.history[0]["weight"][task] == pytest.approx(1 / label_entropy(counts))

@@ -178,7 +178,7 @@ def _train_bench_rank(rank: int, world: int, port: int, raw: dict, steps: int, p
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     from ufo.config import config_from_dict
-    from ufo.layout import import_deepspeed, init_distributed, make_layout
+    from ufo.layout import import_deepspeed, init_distributed, leave_distributed, make_layout
     from ufo.train import deepspeed_config, micro_step, param_groups
     from ufo.weighting import Static
 
@@ -218,8 +218,7 @@ def _train_bench_rank(rank: int, world: int, port: int, raw: dict, steps: int, p
     result["peak_kind"] = "cuda max allocated" if cuda else "process peak RSS"
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump(result, f)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()  # left to interpreter exit, gloo's threads can abort a rank
+    leave_distributed()
 
 
 def _spawn_bench(raw: dict, steps: int, plain: bool, world: int) -> list[dict]:
@@ -361,7 +360,7 @@ def bench_elastic(cfg: UfoConfig, steps: int, out: Path, fractions: Sequence[flo
     """Each task's metric at about 25 %, 50 % and 100 % of its full subnet's parameters: inherited from
     one elastic supernet (sandwich training, no retraining) against the same size trained from scratch
     for the same steps (one process, `mixed` layout, same seed and data)."""
-    from ufo.checkpoint import read_checkpoint
+    from ufo.checkpoint import load_supernet, read_checkpoint
     from ufo.config import config_from_dict
     from ufo.search import PathEvaluator, subnet_params
     from ufo.train import train
@@ -391,8 +390,6 @@ def bench_elastic(cfg: UfoConfig, steps: int, out: Path, fractions: Sequence[flo
         task["elastic"] = {"depths": sorted({s["depth"] for s in sizes}),
                            "mlp_ratios": sorted({s["mlp_ratio"] for s in sizes})}
     elastic = read_checkpoint(run(raw, "elastic"))
-    from ufo.checkpoint import load_supernet
-
     supernet = load_supernet(elastic)
     result: dict[str, Any] = {"steps": steps, "sizes": sizes, "tasks": {}}
     for s in sizes:

@@ -37,6 +37,15 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value by its dotted key, e.g. --set model.depth=6 (repeatable)")
 
+    def training_bench_args(b: argparse.ArgumentParser, steps: int, out: str) -> None:
+        """A benchmark that trains runs of its own: config, steps, where the runs go."""
+        config_args(b)
+        b.add_argument("--steps", type=int, default=steps, help=f"training steps of each run (default {steps})")
+        b.add_argument("--out", type=Path, default=Path(out),
+                       help=f"where the runs and the comparison go (default: {out})")
+        b.add_argument("--overwrite", action="store_true", help="replace the runs left in --out")
+        b.add_argument("--json", action="store_true", help="print the result as JSON")
+
     p = commands.add_parser("init", help="write an initialised supernet checkpoint")
     config_args(p)
     p.add_argument("--out", type=Path, required=True, help="checkpoint file to write (.safetensors)")
@@ -148,21 +157,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print the result as JSON")
     b.set_defaults(run=_bench_train)
     b = benches.add_parser("weighting", help="train once per loss-weighting strategy; metrics, weights and losses")
-    config_args(b)
+    training_bench_args(b, steps=100, out="runs/bench-weighting")
     b.add_argument("--strategies", default="all", help="comma-separated train.weighting names (default: all)")
-    b.add_argument("--steps", type=int, default=100, help="training steps per strategy")
-    b.add_argument("--out", type=Path, default=Path("runs/bench-weighting"),
-                   help="where each strategy's run and the comparison go (default: runs/bench-weighting)")
-    b.add_argument("--overwrite", action="store_true", help="replace the strategies' runs left in --out")
-    b.add_argument("--json", action="store_true", help="print the result as JSON")
     b.set_defaults(run=_bench_weighting)
     b = benches.add_parser("elastic", help="metric at 25/50/100%% of the subnet's parameters: elastic vs from scratch")
-    config_args(b)
-    b.add_argument("--steps", type=int, default=150, help="training steps of each run")
-    b.add_argument("--out", type=Path, default=Path("runs/bench-elastic"),
-                   help="where the runs and the comparison go (default: runs/bench-elastic)")
-    b.add_argument("--overwrite", action="store_true", help="replace the runs left in --out")
-    b.add_argument("--json", action="store_true", help="print the result as JSON")
+    training_bench_args(b, steps=150, out="runs/bench-elastic")
     b.set_defaults(run=_bench_elastic)
     return parser
 
@@ -185,13 +184,11 @@ def _train(args: argparse.Namespace) -> int:
     from ufo.config import load_config
     from ufo.train import train
 
-    import torch.distributed as dist
+    from ufo.layout import leave_distributed
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
-    if dist.is_initialized():  # left to interpreter exit, gloo's threads can abort a rank (seen under srun)
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_distributed()
     return 3 if result.stopped_by else 0  # 3: stopped early by a signal, checkpointed; rerun to resume
 
 
@@ -267,10 +264,9 @@ def _search(args: argparse.Namespace) -> None:
                          max_params=None if args.max_params is None else int(args.max_params),
                          max_latency_ms=args.max_latency_ms)
     if world > 1:
-        import torch.distributed as dist
+        from ufo.layout import leave_distributed
 
-        dist.barrier()
-        dist.destroy_process_group()
+        leave_distributed()
     if rank != 0:
         return
     run_dir = ckpt.path.parent.parent if (ckpt.path / "ufo.json").is_file() else ckpt.path.parent

@@ -134,6 +134,16 @@ def init_distributed() -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
+def leave_distributed() -> None:
+    """Leave the process group before the process exits: left to interpreter exit, gloo's threads
+    can abort a rank ("terminate called without an active exception", seen under srun)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def slurm_ranks(env: Mapping[str, str]) -> dict[str, str]:
     """The launcher variables of a rank that `srun` started as one task of a job step.
 

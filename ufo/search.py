@@ -76,13 +76,13 @@ class PathEvaluator:
                 labels.append(batch["labels"])
         if not labels:
             raise UfoError(f"task {task}: its eval shards gave no readable sample")
-        self.batches = list(zip(images, labels))
-        self.samples = sum(len(y) for _, y in self.batches)
+        self.images, self.labels = images, torch.cat(labels)
+        self.samples = len(self.labels)
 
     @torch.no_grad()
     def __call__(self, path: str, depth: int | None = None, hidden: int | None = None) -> float:
-        outputs = [self.model.forward_task(x, self.task, path, depth, hidden) for x, _ in self.batches]
-        out, y = torch.cat(outputs), torch.cat([y for _, y in self.batches])
+        out = torch.cat([self.model.forward_task(x, self.task, path, depth, hidden) for x in self.images])
+        y = self.labels
         return top1(out, y) if self.kind == "classification" else retrieval(out, y)["recall@1"]
 
 

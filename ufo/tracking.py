@@ -50,7 +50,7 @@ def metric_name(name: str) -> str:
 
 
 class Tracker:
-    """One MLflow run, fed without blocking: `log_metrics`, `log_params`, `log_artifact`, then `close`.
+    """One MLflow run, fed without blocking: `log_metrics`, `set_tags`, `log_artifact`, then `close`.
 
     With `run_id` (from a checkpoint) it continues that run, so a resumed training run's steps go
     on in the same run instead of starting a new one.
@@ -71,7 +71,7 @@ class Tracker:
         self._queue: queue.Queue = queue.Queue()
         self._backlog: list[tuple] = []
         self._started = threading.Event()
-        self._errors: list[str] = []
+        self._error: str | None = None  # the latest failure
         self._dropped = 0
         self._client = None
         self._system_every = cfg.tracking.system_metrics_every
@@ -88,9 +88,6 @@ class Tracker:
                 "logging is retried")
 
     # --- called by the training loop; none of these waits for MLflow ---
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        self._queue.put(("params", dict(params)))
 
     def log_metrics(self, step: int, metrics: Mapping[str, float | None]) -> None:
         stamp = int(time.time() * 1000)
@@ -236,13 +233,12 @@ class Tracker:
             self._backlog.pop(0)
 
     def _note(self, error: Exception) -> None:
-        line = _first_line(error)
-        if not self._errors:
-            self.say(f"mlflow: warning: {line}; training goes on, logging is retried")
-        self._errors.append(line)
+        if self._error is None:
+            self.say(f"mlflow: warning: {_first_line(error)}; training goes on, logging is retried")
+        self._error = _first_line(error)
 
     def _last_error(self) -> str:
-        return self._errors[-1] if self._errors else "no answer yet"
+        return self._error or "no answer yet"
 
 
 def _drain(q: queue.Queue) -> list:

@@ -235,8 +235,8 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
                 if policy.name == "sample":  # the path each task trained on this step
                     record["path"] = dict(paths)
                     record["task_blocks"] = {task: path.count("T") for task, path in paths.items()}
-                stop = torch.tensor([signals.received or 0])
-                dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # any rank's signal stops every rank
+                # any rank's signal stops every rank
+                stop = all_ranks_sum(torch.tensor([signals.received or 0]), device, op=dist.ReduceOp.MAX)
                 if step % t.log_every == 0 or step == t.steps:
                     losses = meter.take()
                     say(_progress(step, t.steps, losses, dict(zip(tasks, weights.tolist())), meter.rate, scheduler,
@@ -329,18 +329,18 @@ def micro_step(engine, images: torch.Tensor, labels: torch.Tensor, slices: list[
     task's sample count over all ranks. `features` collects the pooled features (see
     `_capture_features`) when the weighting needs gradient norms.
     """
-    T = len(slices)
-    counts = torch.tensor([s.size for s in slices], dtype=torch.float64)
-    dist.all_reduce(counts)  # N_t: task t's samples in this micro-step, all ranks
+    T, device = len(slices), images.device
+    # N_t: task t's samples in this micro-step, all ranks
+    counts = all_ranks_sum(torch.tensor([s.size for s in slices], dtype=torch.float64), device)
     outputs = engine(images, slices, labels, reduction="sum", hits=weighting.needs_accuracy)
     sums = [o[0] for o in outputs] if weighting.needs_accuracy else outputs
-    hits = torch.stack([o[1].double().cpu() for o in outputs]) if weighting.needs_accuracy else torch.zeros(T)
-    grad_sq = torch.zeros(T, dtype=torch.float64)
+    zeros = torch.zeros(T, dtype=torch.float64, device=device)
+    hits = torch.stack([o[1] for o in outputs]).double() if weighting.needs_accuracy else zeros
     per_sample = torch.where(counts > 0, 1.0 / counts.clamp_min(1), 0.0)
-    if weighting.needs_grad_norms:
-        grad_sq = _feature_grad_sq(engine.module, features.pop(), slices, labels, per_sample)
-    seen = torch.cat([torch.stack([s.detach().double().cpu() for s in sums]), hits.double(), grad_sq])
-    dist.all_reduce(seen)
+    grad_sq = _feature_grad_sq(engine.module, features[0], slices, labels, per_sample) \
+        if weighting.needs_grad_norms else zeros
+    # one all-reduce of every task's loss sum, hits and squared gradient norm
+    seen = all_ranks_sum(torch.cat([torch.stack([s.detach() for s in sums]).double(), hits, grad_sq]), device)
     known = counts > 0
     nan = torch.full((T,), math.nan, dtype=torch.float64)
     obs = Observation(
@@ -366,19 +366,22 @@ def _feature_grad_sq(module: SupernetViT, z: torch.Tensor, slices: list[TaskSlic
     losses = apply_heads(module.heads, z, slices, labels, reduction="sum")
     local = sum(float(c) * loss.float() for c, loss in zip(per_sample, losses))
     (grad,) = torch.autograd.grad(local, z, allow_unused=True)
-    grad_sq = torch.zeros(len(slices), dtype=torch.float64)
-    if grad is not None:
-        start = 0
-        for i, s in enumerate(slices):
-            grad_sq[i] = grad[start:start + s.size].double().pow(2).sum().cpu()
-            start += s.size
-    return grad_sq
+    if grad is None:
+        return torch.zeros(len(slices), dtype=torch.float64, device=z.device)
+    return torch.stack([rows.double().pow(2).sum() for rows in grad.split([s.size for s in slices])])
+
+
+def all_ranks_sum(values: torch.Tensor, device: torch.device, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """A small tensor reduced over all ranks on the engine's device (NCCL reduces no CPU tensors), back on the CPU."""
+    values = values.to(device)
+    dist.all_reduce(values, op=op)
+    return values.cpu()
 
 
 def _capture_features(module: SupernetViT) -> list:
-    """Collects the pooled features every head reads (timm's `head_drop` output) at each forward."""
-    captured: list = []
-    module.head_drop.register_forward_hook(lambda _, __, out: captured.append(out))
+    """Holds the pooled features every head reads (timm's `head_drop` output) of the latest forward."""
+    captured: list = [None]
+    module.head_drop.register_forward_hook(lambda _, __, out: captured.__setitem__(0, out))
     return captured
 
 
@@ -444,8 +447,8 @@ class _History:
                             kept.append(line)
                     except (ValueError, KeyError, TypeError):
                         break  # a torn last line of a killed run
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(line + "\n" for line in kept))
+            with atomic_file(path) as tmp:  # a crash here keeps the old history whole
+                tmp.write_text("".join(line + "\n" for line in kept))
             self.file = open(path, "a")
 
     def record(self, step: int, obs: Observation, weights: torch.Tensor, weighting: Weighting, scheduler,

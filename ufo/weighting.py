@@ -69,6 +69,11 @@ def _known(values: torch.Tensor | None) -> torch.Tensor:
     return torch.isfinite(values)
 
 
+def _first_seen(first: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    """Each task's first known loss: kept once set, taken from `losses` until then."""
+    return torch.where(torch.isnan(first) & _known(losses), losses, first)
+
+
 def _inverse(values: torch.Tensor) -> torch.Tensor:
     """1 / values where known, 1 where not (a task without samples this step: its weight is unused)."""
     return torch.where(_known(values), 1.0 / values.clamp_min(1e-12), 1.0)
@@ -106,7 +111,7 @@ class _FirstLoss(Weighting):
     saved = ("first",)
 
     def _remember(self, losses: torch.Tensor) -> None:
-        self.first = torch.where(torch.isnan(self.first) & _known(losses), losses, self.first)
+        self.first = _first_seen(self.first, losses)
 
     def values(self) -> dict[str, torch.Tensor]:
         return {"first_loss": self.first}
@@ -236,7 +241,7 @@ class GradNorm(_Learned):
         return self.param.detach().clone()
 
     def step(self, obs: Observation) -> None:
-        self.first = torch.where(torch.isnan(self.first) & _known(obs.losses), obs.losses, self.first)
+        self.first = _first_seen(self.first, obs.losses)
         known = _known(obs.losses) & _known(obs.grad_norms)
         if not known.any():
             return

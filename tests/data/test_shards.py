@@ -123,3 +123,19 @@ def test_resolve_patterns_and_directories(shards):
     assert resolve_shards("pipe:cat x-{0..2}.tar", "t")[2].samples is None
     with pytest.raises(DataError, match="task t: shards .* match no shard file"):
         resolve_shards(str(shards / "nope-*.tar"), "t")
+
+
+def test_label_counts_from_the_manifest_or_the_tars(shards, tmp_path):
+    import shutil
+
+    from ufo.data import label_counts
+
+    from_manifest = label_counts(str(shards), "shapes")
+    assert dict(from_manifest) == {int(k): v for k, v in manifest(shards)["class_counts"].items()}
+    bare = tmp_path / "bare"  # the same tars without their manifest: counted from the `.cls` members
+    bare.mkdir()
+    for tar in shards.glob("*.tar"):
+        shutil.copy(tar, bare / tar.name)
+    assert label_counts(str(bare / "*.tar"), "shapes") == from_manifest
+    with pytest.raises(DataError, match="is remote and has no manifest"):
+        label_counts("pipe:cat x-{0..1}.tar", "shapes")

@@ -143,17 +143,16 @@ def resolve_shards(spec: str | Sequence[str], task: str) -> list[Shard]:
 def label_counts(spec: str | Sequence[str], task: str) -> Counter:
     """How often each label occurs in a task's shards: from manifests, else by reading local tars' `.cls`."""
     counts: Counter = Counter()
-    manifests: dict[Path, dict | None] = {}
+    counted: dict[Path, bool] = {}  # directory -> its manifest gave the class counts of all its shards
     for shard in resolve_shards(spec, task):
         if not shard.local:
             raise DataError(f"task {task}: shard {shard.url} is remote and has no manifest with class counts")
         path = Path(shard.url)
-        if path.parent not in manifests:
-            manifests[path.parent] = read_manifest(path.parent)
-            manifest = manifests[path.parent]
-            if manifest is not None and "class_counts" in manifest:
-                counts.update({int(k): int(v) for k, v in manifest["class_counts"].items()})
-        if manifests[path.parent] is None or "class_counts" not in manifests[path.parent]:
+        if path.parent not in counted:
+            manifest = read_manifest(path.parent) or {}
+            counted[path.parent] = "class_counts" in manifest
+            counts.update({int(k): int(v) for k, v in manifest.get("class_counts", {}).items()})
+        if not counted[path.parent]:
             try:
                 for _, ext, tar, member in tar_members(path):
                     if ext == "cls":
