@@ -341,3 +341,14 @@ def test_elastic_training_under_zero3_and_export_at_a_smaller_size(tmp_path):
     result = export_subnet(tmp_path / "run", "face", tmp_path / "face-small", depth=2, mlp_ratio=1.0,
                            log=lambda _: None)
     assert result.max_abs_diff["safetensors"] <= 1e-5
+
+
+def test_the_step_slices_carry_each_tasks_elastic_size():
+    from ufo.model import TaskSlice
+    from ufo.train import _slices
+
+    batch = {"slices": [("face", 3), ("digits", 2)], "labels": torch.zeros(5)}
+    slices = _slices(batch, ["face", "person", "digits"], {"face": "SSTT", "person": "STST", "digits": "TSSS"},
+                     {"face": (2, 16)})
+    assert slices == [TaskSlice("face", "SSTT", 3, 2, 16), TaskSlice("person", "STST", 0),
+                      TaskSlice("digits", "TSSS", 2)]
