@@ -56,10 +56,12 @@ def _rank_main(rank: int, world: int, port: int, raw: dict, out: str) -> None:
     result = train(config_from_dict(raw, "test"), log=lambda _: None)
     from deepspeed.utils import safe_get_full_fp32_param
 
+    from ufo.checkpoint import canonical_name
+
     params = {}
     for name, param in result.engine.module.named_parameters():
         full = safe_get_full_fp32_param(param)  # None without ZeRO: the parameter is whole
-        params[name] = (param if full is None else full).detach().clone()
+        params[canonical_name(name)] = (param if full is None else full).detach().clone()
     torch.save(params, Path(out) / f"params{rank}.pt")
     leave()
 
@@ -78,7 +80,8 @@ def run_ranks(raw: dict, tmp_path: Path, world: int = 2) -> list[dict]:
 
 def reference_step(raw: dict, world: int, accumulation: int = 1) -> dict:
     """One plain SGD step of a single process on the union of every rank's batches: with
-    gradient accumulation, the mean of the micro-steps' losses (what DeepSpeed averages)."""
+    gradient accumulation, the mean of the micro-steps' losses (what DeepSpeed averages); with
+    train.gradient_clipping, clipped by the global norm as torch clips."""
     from ufo.checkpoint import init_supernet
     from ufo.layout import make_layout
     from ufo.model import TaskSlice
@@ -109,6 +112,9 @@ def reference_step(raw: dict, world: int, accumulation: int = 1) -> dict:
         losses = model(images, slices, labels)
         weights = reference_weights(cfg, losses, features.pop())
         (sum(w * loss for w, loss in zip(weights, losses)) / accumulation).backward()
+    if cfg.train.gradient_clipping:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
+                                       cfg.train.gradient_clipping)
     with torch.no_grad():
         for p in model.parameters():
             if p.grad is not None:
@@ -139,9 +145,10 @@ TP, MIXED = ("task_parallel", ("face", "digits")), ("mixed", ("face", "person", 
     (1, *TP, 1, "realtime"), (0, *TP, 1, "gradnorm_static"), (3, *TP, 1, "gradnorm_static"),
     (2, *MIXED, 2, "gradnorm_static")])
 def test_one_distributed_step_equals_one_big_process(tmp_path, stage, layout, tasks, accumulation, weighting):
+    # replicated: every rank holds every task (tests/test_placement.py covers task_sharded)
     raw = tiny_run(tmp_path, tasks, steps=1, layout=layout, optimizer="sgd", momentum=0.0, lr=0.5,
                    warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, gradient_clipping=0.0,
-                   gradient_accumulation_steps=accumulation, weighting={"name": weighting})
+                   gradient_accumulation_steps=accumulation, weighting={"name": weighting}, placement="replicated")
     raw["tasks"]["digits"]["weight"] = 2.0
     raw["deepspeed"] = {"zero_stage": stage}
     replicas = run_ranks(raw, tmp_path)

@@ -12,9 +12,12 @@ fp32 state dict, step); `ufo export` and training start from it.
 from __future__ import annotations
 
 import json
+import pickle
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -42,10 +45,12 @@ class Checkpoint:
     ufo_version: str
 
 
-def init_supernet(cfg: UfoConfig, from_timm: str | Path | None = None) -> SupernetViT:
-    """A freshly initialised supernet (seeded by `train.seed`), optionally from a plain timm ViT file."""
+def init_supernet(cfg: UfoConfig, from_timm: str | Path | None = None,
+                  held: Sequence[str] | None = None) -> SupernetViT:
+    """A freshly initialised supernet (seeded by `train.seed`), optionally from a plain timm ViT file;
+    with `held`, only those tasks' parts (the same values as in the whole supernet)."""
     torch.manual_seed(cfg.train.seed)
-    model = SupernetViT.from_config(cfg)
+    model = SupernetViT.from_config(cfg, held)
     if from_timm is not None:
         load_vit_weights(model, cfg, Path(from_timm))
     return model
@@ -160,8 +165,9 @@ def find_training_checkpoint(path: Path) -> Path | None:
     return None
 
 
-def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Read any supernet checkpoint as its config and consolidated state dict."""
+def read_checkpoint(path: str | Path, tasks: Sequence[str] | None = None) -> Checkpoint:
+    """Read any supernet checkpoint as its config and consolidated fp32 state dict: of every task,
+    or of the shared parts and `tasks` only (a task-sharded checkpoint then reads only their files)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint")
@@ -170,7 +176,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         if tag_dir is None:
             raise CheckpointError(f"{path}: holds no complete training checkpoint (a step directory with "
                                   f"{MARKER}), nor is it the .safetensors file that `ufo init` writes")
-        return _read_training_checkpoint(tag_dir)
+        return _read_training_checkpoint(tag_dir, tasks)
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
@@ -186,39 +192,129 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     except (KeyError, ValueError):
         raise CheckpointError(f"{path}: its embedded config is damaged") from None
     cfg = config_from_dict(raw, source=f"{path} (embedded config)")
-    return Checkpoint(path, cfg, state, step, metadata.get("ufo_version", "unknown"))
+    return Checkpoint(path, cfg, _only(state, cfg, tasks), step, metadata.get("ufo_version", "unknown"))
 
 
-def _read_training_checkpoint(tag_dir: Path) -> Checkpoint:
+def _only(state: dict[str, torch.Tensor], cfg: UfoConfig, tasks: Sequence[str] | None) -> dict[str, torch.Tensor]:
+    """The shared tensors and those of `tasks` (None: all)."""
+    if tasks is None:
+        return state
+    unknown = [t for t in tasks if t not in cfg.tasks]
+    if unknown:
+        raise CheckpointError(f"unknown task {unknown[0]!r}; this checkpoint has: {', '.join(cfg.tasks)}")
+    return {k: v for k, v in state.items() if task_of(k) in (None, *tasks)}
+
+
+def _read_training_checkpoint(tag_dir: Path, tasks: Sequence[str] | None = None) -> Checkpoint:
     try:
         marker = json.loads((tag_dir / MARKER).read_text())
         raw, step = marker["config"], int(marker["step"])
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{tag_dir / MARKER}: damaged marker ({e})") from None
     cfg = config_from_dict(raw, source=f"{tag_dir} (embedded config)")
-    import_deepspeed()
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+    _only({}, cfg, tasks)  # names the unknown task, if any
     try:
-        if marker.get("zero_stage", 0) == 0 and marker.get("precision", "fp32") == "fp32":
+        if marker.get("placement") == "task_sharded":
+            state = _read_sharded(tag_dir, marker, cfg, list(cfg.tasks) if tasks is None else list(tasks))
+        elif marker.get("zero_stage", 0) == 0 and marker.get("precision", "fp32") == "fp32":
             # no ZeRO partitions: the module's own weights are the fp32 weights
-            module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-            state = module["module"]
+            state = _load(tag_dir / "mp_rank_00_model_states.pt")["module"]
         else:  # ZeRO shards, or the fp32 master weights kept by the bf16/fp16 optimizer
+            import_deepspeed()
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
             state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    except (OSError, RuntimeError, ValueError, KeyError, EOFError) as e:
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:
         raise CheckpointError(f"{tag_dir}: cannot consolidate the DeepSpeed checkpoint "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in _only(state, cfg, tasks).items()}
     return Checkpoint(tag_dir, cfg, state, step, marker.get("ufo_version", "unknown"))
 
 
-def load_supernet(ckpt: Checkpoint) -> SupernetViT:
-    """Rebuild the supernet of a checkpoint with its weights."""
-    model = SupernetViT.from_config(ckpt.config)
+# DeepSpeed names a task-sharded rank's task parameters as experts: PREFIX.deepspeed_moe.experts.deepspeed_experts.ID.rest
+EXPERT_INFIX = re.compile(r"\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)")
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's supernet name, without DeepSpeed's expert infix."""
+    return EXPERT_INFIX.sub("", name)
+
+
+def _load(file: Path) -> dict:
+    """A DeepSpeed checkpoint file, memory-mapped (only what is read is paged in), with no pickled code:
+    the few DeepSpeed classes its ZeRO files hold are allowed by name, nothing else."""
+    from torch.serialization import safe_globals
+
+    if not file.is_file():
+        raise CheckpointError(f"{file.parent}: lacks {file.name} (an incomplete copy of the checkpoint?)")
+    import_deepspeed()
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+
+
+def _read_sharded(tag_dir: Path, marker: dict, cfg: UfoConfig, tasks: list[str]) -> dict[str, torch.Tensor]:
+    """The shared parts and `tasks` of a task-sharded checkpoint, reading only their files.
+
+    Module weights: rank 0's model states hold the shared parts; DeepSpeed's expert files
+    `layer_L_expert_I_...` hold task I's (config order) FFN-task MLPs and head. Under bf16 the fp32
+    masters replace them: ZeRO shards of every rank for the shared parts (partitioned over the
+    world), of the task's ranks for its own (partitioned over the task's ranks), assembled from
+    each shard's fragment map. (DeepSpeed's zero_to_fp32 cannot read expert checkpoints.)
+    """
+    names = list(cfg.tasks)
+    state = dict(_load(tag_dir / "mp_rank_00_model_states.pt")["module"])
+    for task in tasks:
+        files = sorted(tag_dir.glob(f"layer_*_expert_{names.index(task)}_mp_rank_00_model_states.pt"))
+        if not files:
+            raise CheckpointError(f"{tag_dir}: has no expert files of task {task} "
+                                  f"(layer_*_expert_{names.index(task)}_mp_rank_00_model_states.pt)")
+        for file in files:
+            state.update({canonical_name(k): v for k, v in _load(file).items()})
+    if marker.get("precision", "fp32") == "fp32":
+        return state  # the module's weights are the fp32 weights
+    groups = {task: tuple(ranks) for task, ranks in marker["layout_groups"].items()}
+    ranks = sorted({r for t in tasks for r in groups[t]} | set(range(marker["world_size"])))
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for rank in ranks:  # ascending: partitions are in rank order, within the world and within a task
+        shard = _load(tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
+        for flat, mapping in zip(shard["single_partition_of_fp32_groups"], shard["param_slice_mappings"]):
+            for name, fragment in mapping.items():
+                key = canonical_name(name)
+                if key in state and (task_of(key) is None or rank in groups[task_of(key)]):
+                    pieces.setdefault(key, []).append(flat.narrow(0, fragment.start, fragment.numel))
+    for key, tensor in state.items():
+        flat = torch.cat(pieces.get(key, [torch.zeros(0)]))
+        if flat.numel() != tensor.numel():
+            raise CheckpointError(f"{tag_dir}: the ZeRO shards hold {flat.numel()} of the {tensor.numel()} "
+                                  f"values of {key} (an incomplete copy of the checkpoint?)")
+        state[key] = flat.view(tensor.shape).clone()
+    return state
+
+
+def task_of(name: str) -> str | None:
+    """The task a supernet tensor belongs to (its FFN-task MLPs, its head), or None for shared parts."""
+    parts = name.split(".")
+    if parts[0] == "heads" and len(parts) > 1:
+        return parts[1]
+    if len(parts) > 4 and parts[0] == "blocks" and parts[2] == "mlp" and parts[3] == "task":
+        return parts[4]
+    return None
+
+
+def load_supernet(ckpt: Checkpoint, held: Sequence[str] | None = None) -> SupernetViT:
+    """Rebuild the supernet of a checkpoint with its weights (only the `held` tasks' parts, if given).
+
+    The model is built without memory and takes the checkpoint's tensors as they are (no copy).
+    """
+    with torch.device("meta"):
+        model = SupernetViT.from_config(ckpt.config, held)
     expected = model.state_dict()
     missing = [k for k in expected if k not in ckpt.state_dict]
-    unexpected = [k for k in ckpt.state_dict if k not in expected]
+    unexpected = [k for k in ckpt.state_dict if k not in expected and task_of(k) not in ckpt.config.tasks]
     if missing or unexpected:
         what = f"lacks {missing[0]}" if missing else f"has an unknown tensor {unexpected[0]}"
         raise CheckpointError(f"{ckpt.path}: does not match its own config: it {what}")
@@ -226,5 +322,5 @@ def load_supernet(ckpt: Checkpoint) -> SupernetViT:
         if ckpt.state_dict[key].shape != tensor.shape:
             raise CheckpointError(f"{ckpt.path}: {key} has shape {tuple(ckpt.state_dict[key].shape)}, "
                                   f"its config needs {tuple(tensor.shape)}")
-    model.load_state_dict(ckpt.state_dict, strict=True)
+    model.load_state_dict({k: ckpt.state_dict[k] for k in expected}, strict=True, assign=True)
     return model

@@ -148,6 +148,10 @@ class TrainConfig(Section):
     # task_parallel: each rank serves one task; mixed: each micro-batch holds every task;
     # auto: task_parallel when there are at least as many ranks as tasks
     layout: Literal["auto", "task_parallel", "mixed"] = "auto"
+    # where task parameters live. replicated: every rank holds every task's FFN-task MLPs and head;
+    # task_sharded: a rank holds the shared parts and its own task only (task_parallel layout; ZeRO 0-2);
+    # auto: task_sharded in task_parallel where the engine supports it, else replicated
+    placement: Literal["auto", "replicated", "task_sharded"] = "auto"
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
     lr: float = Field(1e-3, gt=0)  # peak learning rate, reached after warmup_steps
@@ -216,6 +220,20 @@ class UfoConfig(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def sharding_unsupported(cfg: UfoConfig) -> str:
+    """Why the engine cannot shard this config's tasks, or ''."""
+    d = cfg.deepspeed
+    if d.zero_stage == 3:
+        return ("DeepSpeed refuses expert parameters under ZeRO-3, so every rank holds every task's FFN-task MLPs "
+                "and heads (partitioned over the world)")
+    if d.precision == "fp16":
+        return "fp16's overflow check runs over expert-parallel groups that cannot hold one rank of every task; use bf16"
+    if d.zero_stage == 0 and d.precision != "fp32":
+        return (f"{d.precision} under ZeRO-0 computes its gradient norm over expert-parallel groups that cannot "
+                "hold one rank of every task; use ZeRO-1 (same weights per rank, sharded optimizer state)")
+    return ""
 
 
 def default_path(depth: int) -> str:
@@ -365,6 +383,14 @@ def _check(cfg: UfoConfig, source: str, overridden: Mapping[str, str]) -> UfoCon
         if w.name not in WEIGHTING_PARAMS[key] and getattr(w, key) != WeightingConfig.model_fields[key].default:
             raise fail(f"train.weighting.{key}", f"is read by {' and '.join(WEIGHTING_PARAMS[key])} only, "
                                                  f"not by {w.name}", related="train.weighting.name")
+    if cfg.train.placement == "task_sharded":
+        if cfg.train.layout == "mixed":
+            raise fail("train.placement", "task_sharded needs train.layout task_parallel (or auto), not mixed",
+                       related="train.layout")
+        why = sharding_unsupported(cfg)
+        if why:
+            raise fail("train.placement", f"task_sharded is not possible here: {why}; set train.placement: "
+                                          "replicated or auto", related="deepspeed.zero_stage")
     tasks = {}
     for name, task in cfg.tasks.items():
         key = f"tasks.{name}"

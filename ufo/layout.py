@@ -14,10 +14,11 @@ import socket
 from dataclasses import dataclass
 from typing import Literal, Mapping
 
-from ufo.config import UfoConfig
+from ufo.config import UfoConfig, sharding_unsupported
 from ufo.errors import ConfigError
 
 LayoutKind = Literal["task_parallel", "mixed"]
+Placement = Literal["replicated", "task_sharded"]
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,16 @@ class Layout:
     kind: LayoutKind
     world_size: int
     groups: dict[str, tuple[int, ...]]  # task -> the global ranks that serve it, ascending
+    placement: Placement = "replicated"
+    placement_note: str = ""  # why `auto` chose what it chose, when that is not the obvious choice
 
     def tasks_of(self, rank: int) -> list[str]:
         """The tasks a rank serves (one in task_parallel, all in mixed), in config order."""
         return [task for task, ranks in self.groups.items() if rank in ranks]
+
+    def held(self, rank: int) -> list[str]:
+        """The tasks whose FFN-task MLPs and heads a rank holds: its own (task_sharded) or all."""
+        return self.tasks_of(rank) if self.placement == "task_sharded" else list(self.groups)
 
     def rank_in_group(self, task: str, rank: int) -> int:
         return self.groups[task].index(rank)
@@ -38,7 +45,8 @@ class Layout:
 
     def describe(self) -> str:
         """One line per task, for the start of a run and the tracking store."""
-        lines = [f"layout {self.kind}: {self.world_size} rank{'s' if self.world_size > 1 else ''}"]
+        lines = [f"layout {self.kind}: {self.world_size} rank{'s' if self.world_size > 1 else ''}, "
+                 f"placement {self.placement}" + (f" ({self.placement_note})" if self.placement_note else "")]
         for task, ranks in self.groups.items():
             lines.append(f"  {task:<14} ranks {_ranges(ranks)}")
         return "\n".join(lines)
@@ -51,6 +59,9 @@ def make_layout(cfg: UfoConfig, world_size: int, kind: LayoutKind | None = None)
     if kind == "auto":
         kind = "task_parallel" if world_size >= len(tasks) else "mixed"
     if kind == "mixed":
+        if cfg.train.placement == "task_sharded":
+            raise ConfigError("train.placement: task_sharded needs train.layout task_parallel (one task per rank), "
+                              f"but this run is mixed ({world_size} ranks for {len(tasks)} tasks)")
         return Layout("mixed", world_size, {task: tuple(range(world_size)) for task in tasks})
     if world_size < len(tasks):
         raise ConfigError(f"train.layout: task_parallel needs at least one rank per task: {len(tasks)} tasks "
@@ -61,8 +72,17 @@ def make_layout(cfg: UfoConfig, world_size: int, kind: LayoutKind | None = None)
     for task, n in counts.items():
         groups[task] = tuple(range(start, start + n))
         start += n
-    return Layout("task_parallel", world_size, groups)
+    placement, note = placement_for(cfg)
+    return Layout("task_parallel", world_size, groups, placement, note)
 
+
+def placement_for(cfg: UfoConfig) -> tuple[Placement, str]:
+    """A task_parallel run's placement: `train.placement`, where `auto` shards the tasks unless the
+    engine cannot (ZeRO-3; bf16 or fp16 under ZeRO-0) and says why."""
+    if cfg.train.placement != "auto":
+        return cfg.train.placement, ""
+    unsupported = sharding_unsupported(cfg)
+    return ("replicated", f"auto: {unsupported}") if unsupported else ("task_sharded", "")
 
 def _divide(world: int, fixed: Mapping[str, int | None], weights: Mapping[str, float]) -> dict[str, int]:
     """Ranks per task: fixed counts where given, the rest by weight (largest remainders), one at least."""
@@ -87,11 +107,9 @@ def _divide(world: int, fixed: Mapping[str, int | None], weights: Mapping[str, f
         counts.update(base)
     return {t: counts[t] for t in fixed}
 
-
 def _ranges(ranks: tuple[int, ...]) -> str:
     return f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}" if ranks == tuple(
         range(ranks[0], ranks[-1] + 1)) else ",".join(map(str, ranks))
-
 
 def import_deepspeed():
     """deepspeed, told to use its CPU accelerator where torch sees no GPU (this CUDA build of torch
@@ -105,7 +123,6 @@ def import_deepspeed():
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.utils.logger.setLevel(logging.WARNING)
     return deepspeed
-
 
 def init_distributed() -> tuple[int, int, int]:
     """Join the launcher's process group (deepspeed, torchrun) or make a one-rank one.
@@ -133,6 +150,18 @@ def init_distributed() -> tuple[int, int, int]:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     return dist.get_rank(), dist.get_world_size(), local_rank
 
+_task_groups: dict[tuple, dict] = {}
+
+
+def task_groups(layout: Layout) -> dict:
+    """One process group per task (the ranks that serve it), made once, in the same order on every rank."""
+    import torch.distributed as dist
+
+    key = tuple(layout.groups.items())
+    if key not in _task_groups:
+        _task_groups[key] = {task: dist.new_group(list(ranks)) for task, ranks in layout.groups.items()}
+    return _task_groups[key]
+
 
 def leave_distributed() -> None:
     """Leave the process group before the process exits: left to interpreter exit, gloo's threads
@@ -142,7 +171,7 @@ def leave_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
+    _task_groups.clear()
 
 def slurm_ranks(env: Mapping[str, str]) -> dict[str, str]:
     """The launcher variables of a rank that `srun` started as one task of a job step.
@@ -166,7 +195,6 @@ def slurm_ranks(env: Mapping[str, str]) -> dict[str, str]:
             "LOCAL_WORLD_SIZE": str(per_node[node] if node < len(per_node) else 1), "MASTER_ADDR": master,
             "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)}
 
-
 def _expand_tasks(spec: str) -> list[int]:
     """Slurm's tasks per node, `2(x3),1` -> [2, 2, 2, 1]."""
     counts = []
@@ -174,7 +202,6 @@ def _expand_tasks(spec: str) -> list[int]:
         n, _, times = part.partition("(x")
         counts += [int(n)] * (int(times.rstrip(")")) if times else 1)
     return counts
-
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -41,7 +41,7 @@ from ufo.checkpoint import (
 from ufo.config import UfoConfig
 from ufo.data import MixedLoader, endless, label_counts, task_loader
 from ufo.errors import ConfigError, UfoError
-from ufo.layout import Layout, import_deepspeed, init_distributed, make_layout
+from ufo.layout import Layout, import_deepspeed, init_distributed, make_layout, task_groups
 from ufo.metrics import retrieval, top1
 from ufo.model import SupernetViT, TaskSlice
 from ufo.model.supernet import apply_heads
@@ -175,14 +175,24 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
 
     loader = _make_loader(cfg, layout, rank)
     torch.manual_seed(t.seed)  # the same initial weights on every rank
-    model = load_supernet(read_checkpoint(t.init)) if t.init else init_supernet(cfg)
+    held = layout.held(rank)
+    model = load_supernet(read_checkpoint(t.init, tasks=held), held) if t.init else init_supernet(cfg, held=held)
+    groups, ds_config, clip = param_groups(model, cfg), deepspeed_config(cfg), None
+    if layout.placement == "task_sharded":
+        from ufo import placement
+
+        model = placement.shard_model(model, layout)
+        groups = placement.optimizer_groups(param_groups(model, cfg))
+        ds_config, clip = placement.engine_config(ds_config, model, layout, cfg.train.gradient_clipping)
+        say(f"task_sharded: this rank holds {sum(p.numel() for p in model.parameters()):,} parameters "
+            f"(shared + {', '.join(held)})")
     if t.optimizer == "sgd":
-        optimizer = torch.optim.SGD(param_groups(model, cfg), lr=t.lr, momentum=t.momentum)
+        optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
     else:
-        optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=t.lr, betas=t.betas)
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg))
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                   config=deepspeed_config(cfg))
+                                                   config=ds_config)
     policy = PathPolicy(t.path_policy, {task: cfg.path_of(task) for task in tasks}, t.seed, t.path_sample_p)
     elastic = _elastic_policy(cfg)
     weighting = _make_weighting(cfg, say)
@@ -195,7 +205,7 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
     torch.manual_seed(t.seed + 1 + rank)  # drop path and the like differ between ranks
     resume = find_training_checkpoint(ckpt_dir)
     if resume is not None:
-        step = _resume(engine, loader, weighting, resume, cfg, world, rank, say)
+        step = _resume(engine, loader, weighting, resume, cfg, layout, rank, say)
         say(f"resumed from {resume} at step {step}")
     if step >= t.steps:
         say(f"already trained {step} of {t.steps} steps")
@@ -216,13 +226,14 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
                 seen = _StepMean(len(tasks))
                 for _ in range(t.gradient_accumulation_steps):
                     batch = next(batches)
-                    slices = _slices(batch, tasks, paths, sizes)
+                    slices = _slices(batch, held, paths, sizes)
                     images = batch["images"]
                     if images.ndim != 4:  # every sample of this batch was bad
                         images = torch.zeros(0, m.in_chans, m.img_size, m.img_size)
                     images = images.to(device=device, dtype=dtype)
                     labels = batch["labels"].to(device)
-                    obs, weights, counts = micro_step(engine, images, labels, slices, weighting, world, features)
+                    obs, weights, counts = micro_step(engine, images, labels, slices, weighting, world, features,
+                                                      tasks, clip)
                     seen.add(obs, counts)
                     meter.add(obs, counts)
                 step_obs = seen.mean()
@@ -258,6 +269,7 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
                              "weighting": {"name": weighting.name, "state": weighting.state_dict()}}
                     meta = {"config": cfg.to_dict(), "zero_stage": cfg.deepspeed.zero_stage,
                             "precision": cfg.deepspeed.precision, "world_size": world, "layout": layout.kind,
+                            "placement": layout.placement, "layout_groups": layout.groups,
                             "path_policy": policy.state_dict(), "weighting": weighting.name,
                             "mlflow_run_id": tracker.run_id if tracker else None,
                             "mlflow_uri": tracker.uri if tracker else None}
@@ -321,26 +333,36 @@ def _eval_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 def micro_step(engine, images: torch.Tensor, labels: torch.Tensor, slices: list[TaskSlice], weighting: Weighting,
-               world: int, features: list | None = None) -> tuple[Observation, torch.Tensor, torch.Tensor]:
+               world: int, features: list | None = None, tasks: list[str] | None = None,
+               clip: Callable[[], object] | None = None) -> tuple[Observation, torch.Tensor, torch.Tensor]:
     """Forward, per-task losses over all ranks, weights, weighted backward and (at the accumulation
     boundary) step.
 
-    Returns what the weighting observed (identical on every rank), the weights used, and each
-    task's sample count over all ranks. `features` collects the pooled features (see
-    `_capture_features`) when the weighting needs gradient norms.
+    `slices` are the tasks this rank holds (all of them, or its own under task_sharded); `tasks`
+    all of the run's, in config order (default: the slices'). Returns what the weighting observed
+    (identical on every rank), the weights used, and each task's sample count over all ranks.
+    `features` collects the pooled features (see `_capture_features`) when the weighting needs
+    gradient norms; `clip` clips the reduced gradients before the step (ufo's own clipping).
     """
-    T, device = len(slices), images.device
+    tasks = tasks or [s.task for s in slices]
+    T, device = len(tasks), images.device
+    at = torch.tensor([tasks.index(s.task) for s in slices], dtype=torch.long)
+
+    def per_task(values: list) -> torch.Tensor:  # this rank's values of its slices, at their tasks' places
+        out = torch.zeros(T, dtype=torch.float64, device=device)
+        return out.index_copy(0, at.to(device), torch.stack(values).double().to(device)) if values else out
+
     # N_t: task t's samples in this micro-step, all ranks
-    counts = all_ranks_sum(torch.tensor([s.size for s in slices], dtype=torch.float64), device)
+    counts = all_ranks_sum(per_task([torch.tensor(float(s.size)) for s in slices]), device)
     outputs = engine(images, slices, labels, reduction="sum", hits=weighting.needs_accuracy)
     sums = [o[0] for o in outputs] if weighting.needs_accuracy else outputs
     zeros = torch.zeros(T, dtype=torch.float64, device=device)
-    hits = torch.stack([o[1] for o in outputs]).double() if weighting.needs_accuracy else zeros
+    hits = per_task([o[1].to(device) for o in outputs]) if weighting.needs_accuracy else zeros
     per_sample = torch.where(counts > 0, 1.0 / counts.clamp_min(1), 0.0)
-    grad_sq = _feature_grad_sq(engine.module, features[0], slices, labels, per_sample) \
+    grad_sq = per_task(list(_feature_grad_sq(engine.module, features[0], slices, labels, per_sample[at]))) \
         if weighting.needs_grad_norms else zeros
     # one all-reduce of every task's loss sum, hits and squared gradient norm
-    seen = all_ranks_sum(torch.cat([torch.stack([s.detach() for s in sums]).double(), hits, grad_sq]), device)
+    seen = all_ranks_sum(torch.cat([per_task([s.detach().to(device) for s in sums]), hits, grad_sq]), device)
     known = counts > 0
     nan = torch.full((T,), math.nan, dtype=torch.float64)
     obs = Observation(
@@ -348,8 +370,10 @@ def micro_step(engine, images: torch.Tensor, labels: torch.Tensor, slices: list[
         grad_norms=torch.where(known, seen[2 * T:].sqrt(), nan) if weighting.needs_grad_norms else None,
         accuracies=torch.where(known, seen[T:2 * T] * per_sample, nan) if weighting.needs_accuracy else None)
     weights = weighting.weights(obs)
-    scale = torch.where(known, world * weights * per_sample, 0.0)
+    scale = torch.where(known, world * weights * per_sample, 0.0)[at]
     engine.backward(sum(float(c) * s.float() for c, s in zip(scale, sums)))
+    if clip is not None and engine.is_gradient_accumulation_boundary():
+        clip()
     engine.step()
     return obs, weights, counts
 
@@ -530,12 +554,19 @@ def _elastic_policy(cfg: UfoConfig) -> ElasticPolicy:
     return ElasticPolicy(widths, m.depth, int(m.embed_dim * m.mlp_ratio), cfg.train.seed)
 
 
-def _resume(engine, loader, weighting: Weighting, tag_dir: Path, cfg: UfoConfig, world: int, rank: int,
+def _resume(engine, loader, weighting: Weighting, tag_dir: Path, cfg: UfoConfig, layout: Layout, rank: int,
             say: Log) -> int:
+    world = layout.world_size
     marker = json.loads((tag_dir / "ufo.json").read_text())
     if marker["world_size"] != world:
         raise UfoError(f"{tag_dir}: was written by {marker['world_size']} ranks, this run has {world}; "
                        "resume with the same number of ranks (or export it and start a new run from it)")
+    saved = (marker.get("placement", "replicated"), {t: list(r) for t, r in marker.get("layout_groups", {}).items()})
+    if saved[0] == "task_sharded" or layout.placement == "task_sharded":
+        if saved != (layout.placement, {t: list(r) for t, r in layout.groups.items()}):
+            raise UfoError(f"{tag_dir}: was written with placement {saved[0]} and task ranks {saved[1]}, this run has "
+                           f"{layout.placement} and {dict(layout.groups)}; resume with the same layout (or export it "
+                           "and start a new run from it)")
     engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=True)
     state = read_rank_state(tag_dir, rank)
     loader.load_state_dict(state["data"])
@@ -594,36 +625,49 @@ def evaluate(engine, cfg: UfoConfig, layout: Layout, rank: int, paths: dict[str,
              say: Log = print) -> dict[str, dict[str, float]]:
     """Each task on its eval shards and path: top-1 (classification), Recall@1 and mAP (retrieval).
 
-    Every rank reads its share of every task's eval set (the same number of batches on each) and
-    calls the model with a slice of every task, as in training, so ZeRO-3 can gather parameters.
+    Replicated: every rank reads its share of every task's eval set (the same number of batches on
+    each) and calls the model with a slice of every task, as in training, so ZeRO-3 can gather
+    parameters. Task-sharded: each rank evaluates its own task, its share of it among the task's
+    ranks, the task's first rank computes the metric, and every rank gets every task's metrics.
     """
     world, tasks, m = layout.world_size, list(cfg.tasks), cfg.model
+    sharded = layout.placement == "task_sharded"
     module = engine.module
     was_training = module.training
     module.eval()
     results = {}
-    for task in tasks:
+    for task in layout.tasks_of(rank) if sharded else tasks:
         if cfg.tasks[task].eval_shards is None:
             continue
-        loader = task_loader(cfg, task, rank_in_group=rank, group_size=world, train=False,
+        here = [task] if sharded else tasks
+        loader = task_loader(cfg, task, rank_in_group=layout.rank_in_group(task, rank) if sharded else rank,
+                             group_size=layout.group_size(task) if sharded else world, train=False,
                              batch_size=cfg.train.eval_batch_size)
         outputs, labels = [], []
         for batch in loader:
             images = batch["images"]
             if images.ndim != 4:
                 images = torch.zeros(0, m.in_chans, m.img_size, m.img_size)
-            slices = [TaskSlice(t, paths[t], len(batch["labels"]) if t == task else 0) for t in tasks]
-            out = module(images.to(engine.device, dtype=dtype), slices)[tasks.index(task)]
+            slices = [TaskSlice(t, paths[t], len(batch["labels"]) if t == task else 0) for t in here]
+            out = module(images.to(engine.device, dtype=dtype), slices)[here.index(task)]
             outputs.append(out.float().cpu())
             labels.append(batch["labels"])
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, (torch.cat(outputs), torch.cat(labels)))
+        group = task_groups(layout)[task] if sharded else None
+        gathered: list = [None] * (layout.group_size(task) if sharded else world)
+        dist.all_gather_object(gathered, (torch.cat(outputs), torch.cat(labels)), group=group)
+        if sharded and rank != layout.groups[task][0]:
+            continue
         out = torch.cat([o for o, _ in gathered])
         y = torch.cat([lab for _, lab in gathered])
         if cfg.tasks[task].kind == "classification":
             results[task] = {"top1": top1(out, y), "samples": len(y)}
         else:
             results[task] = {**retrieval(out, y), "samples": len(y)}
+    if sharded:  # every rank learns every task's metrics, in config order
+        everyone: list = [None] * world
+        dist.all_gather_object(everyone, results)
+        merged = {k: v for part in everyone for k, v in part.items()}
+        results = {task: merged[task] for task in tasks if task in merged}
     module.train(was_training)
     if results:
         say("eval: " + " | ".join(f"{task} " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"

@@ -35,6 +35,10 @@ def run_mlp(mlp: Mlp, x: torch.Tensor, hidden: int | None = None) -> torch.Tenso
 class MultiPathFFN(nn.Module):
     """`shared` (one timm `Mlp`) and `task[name]` (one `Mlp` per task), built with timm's arguments."""
 
+    # Call FFN-shared in every forward, on zero rows when no row takes it, so that it always gets a
+    # gradient (zero where unused): ranks that hold different tasks then reduce the same tensors.
+    always_shared = False
+
     def __init__(self, in_features: int, hidden_features: int, tasks: Sequence[str], **mlp_kwargs):
         super().__init__()
         self.shared = Mlp(in_features, hidden_features, **mlp_kwargs)
@@ -51,6 +55,8 @@ class MultiPathFFN(nn.Module):
                 runs[-1][2] = end
             else:
                 runs.append([key, start, end, hidden])
+        if self.always_shared and all(run[0] is not SHARED for run in runs):
+            runs.append([SHARED, x.shape[0], x.shape[0], None])
         if len(runs) == 1:
             return run_mlp(self.ffn(runs[0][0]), x, runs[0][3])
 

@@ -11,12 +11,13 @@ from functools import partial
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import Block, VisionTransformer, get_init_weights_vit
 from torch import nn
 
 from ufo.config import ModelConfig, TaskConfig, UfoConfig
 from ufo.model.ffn import SHARED, MultiPathFFN, Route
-from ufo.model.heads import build_head, head_out_dim
+from ufo.model.heads import MarginSoftmax, build_head, head_out_dim
 
 
 class TaskSlice(NamedTuple):
@@ -68,36 +69,70 @@ class SupernetBlock(Block):
 
 
 class SupernetViT(VisionTransformer):
-    """All tasks' paths in one ViT. `forward(images, slices)` runs a task-grouped micro-batch."""
+    """All tasks' paths in one ViT. `forward(images, slices)` runs a task-grouped micro-batch.
 
-    def __init__(self, tasks: Mapping[str, TaskConfig], task_ffn_init: str = "copy_shared", **vit_kwargs):
+    `held` names the tasks whose FFN-task MLPs and heads this instance builds (default: every
+    task): a task-sharded rank holds the shared parts and its own task only. The other tasks'
+    parts are never allocated, and every parameter a subset holds starts with the same values as
+    in the whole supernet: shared parts are drawn from one seed, each task's from a seed of its own.
+    """
+
+    def __init__(self, tasks: Mapping[str, TaskConfig], task_ffn_init: str = "copy_shared",
+                 held: Sequence[str] | None = None, **vit_kwargs):
+        held = tuple(tasks) if held is None else tuple(t for t in tasks if t in held)
+        seed = int(torch.randint(0, 2**62, (), device="cpu"))  # one draw, whatever this instance holds
         super().__init__(
             num_classes=0,
             block_fn=SupernetBlock,
-            mlp_layer=partial(MultiPathFFN, tasks=tuple(tasks)),
+            mlp_layer=partial(MultiPathFFN, tasks=held),
+            weight_init="skip",
             **vit_kwargs,
         )
         self.task_kinds = {name: task.kind for name, task in tasks.items()}
-        self.heads = nn.ModuleDict({name: build_head(task, self.embed_dim) for name, task in tasks.items()})
-        for head in self.heads.values():
-            for module in head.modules():
-                if isinstance(module, nn.Linear):
-                    nn.init.trunc_normal_(module.weight, std=0.02)
-                    nn.init.zeros_(module.bias)
-        if task_ffn_init == "copy_shared":
-            self.copy_shared_to_task_ffns()
-
-    @classmethod
-    def from_config(cls, cfg: UfoConfig) -> "SupernetViT":
-        return cls(cfg.tasks, task_ffn_init=cfg.model.task_ffn_init,
-                   drop_path_rate=cfg.model.drop_path_rate, **vit_args(cfg.model))
+        self.held = held
+        self.heads = nn.ModuleDict({name: build_head(tasks[name], self.embed_dim) for name in held})
+        if self.cls_token.is_meta:
+            return  # shapes only (parameter counts)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self._init_shared()
+            for index, task in enumerate(tasks):
+                if task in held:
+                    torch.manual_seed(seed + 1 + index)
+                    self._init_task(task, copy_shared=task_ffn_init == "copy_shared")
 
     @torch.no_grad()
-    def copy_shared_to_task_ffns(self) -> None:
-        """Every FFN-task MLP starts as a copy of its block's FFN-shared (UFO's initialisation)."""
+    def _init_shared(self) -> None:
+        """timm's ViT initialisation of every part that is not a task's."""
+        init = get_init_weights_vit("")
+        trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for name, module in self.named_modules():
+            if name and not name.startswith("heads") and ".mlp.task" not in name:
+                init(module, name)
+
+    @torch.no_grad()
+    def _init_task(self, task: str, copy_shared: bool) -> None:
+        """A task's FFN-task MLPs (copies of FFN-shared, UFO's initialisation, or timm's init) and head."""
         for block in self.blocks:
-            for ffn in block.mlp.task.values():
-                ffn.load_state_dict(block.mlp.shared.state_dict())
+            if copy_shared:
+                block.mlp.task[task].load_state_dict(block.mlp.shared.state_dict())
+            else:
+                for module in block.mlp.task[task].modules():
+                    if isinstance(module, nn.Linear):
+                        trunc_normal_(module.weight, std=0.02)
+                        nn.init.zeros_(module.bias)
+        for module in self.heads[task].modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, MarginSoftmax):
+                nn.init.normal_(module.weight, std=0.02)
+
+    @classmethod
+    def from_config(cls, cfg: UfoConfig, held: Sequence[str] | None = None) -> "SupernetViT":
+        return cls(cfg.tasks, task_ffn_init=cfg.model.task_ffn_init, held=held,
+                   drop_path_rate=cfg.model.drop_path_rate, **vit_args(cfg.model))
 
     def routes(self, slices: Sequence[TaskSlice], batch: int) -> list[list[Route]]:
         """For each block, which FFN each slice's rows take."""
@@ -108,6 +143,9 @@ class SupernetViT(VisionTransformer):
         for s in slices:
             if s.task not in self.task_kinds:
                 raise KeyError(f"unknown task {s.task!r}; the supernet has {', '.join(self.task_kinds)}")
+            if s.task not in self.held:
+                raise KeyError(f"task {s.task!r} is not held here (task-sharded: this supernet holds "
+                               f"{', '.join(self.held)})")
             if len(s.path) != depth or set(s.path) - {"S", "T"}:
                 raise ValueError(f"path {s.path!r} for task {s.task!r} is not {depth} letters of S/T")
             if s.depth is not None and not 1 <= s.depth <= depth:
