@@ -423,3 +423,219 @@ def format_elastic_bench(r: dict[str, Any]) -> str:
             lines.append(f"{task:<12} {s['fraction']:>6.0%} {s['depth']:>5} {s['mlp_ratio']:>9g} "
                          f"{s['params'] / 1e6:>10.3f} {t['metric']:>9} {s['elastic']:>8.4f} {s['scratch']:>8.4f}")
     return "\n".join(lines)
+
+
+class _Collectives:
+    """Counts what this rank sends in torch.distributed's collectives (a ring model per op), by
+    wrapping them before the engine binds them; `on` selects the window that counts."""
+
+    OPS = ("all_reduce", "reduce", "broadcast", "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather",
+           "reduce_scatter", "_all_gather_base", "_reduce_scatter_base")
+
+    def __init__(self):
+        import inspect
+
+        import torch.distributed as dist
+
+        self.on, self.sent, self.calls = False, 0.0, 0
+        for name in self.OPS:
+            fn = getattr(dist, name, None)
+            if fn is not None:
+                setattr(dist, name, self._wrap(name, fn, inspect.signature(fn)))
+
+    def _wrap(self, name, fn, signature):
+        import torch.distributed as dist
+
+        def counted(*args, **kwargs):
+            if self.on:
+                bound = signature.bind(*args, **kwargs).arguments
+                group = bound.get("group")
+                n = dist.get_world_size(group) if group is not None else dist.get_world_size()
+                tensor = next(iter(bound.values()))
+                if isinstance(tensor, (list, tuple)):
+                    nbytes = sum(t.numel() * t.element_size() for t in tensor)
+                else:
+                    if name in ("reduce_scatter_tensor", "_reduce_scatter_base"):
+                        tensor = list(bound.values())[1]  # the whole input
+                    elif name == "reduce_scatter":
+                        tensor = None
+                        nbytes = sum(t.numel() * t.element_size() for t in list(bound.values())[1])
+                    if tensor is not None:
+                        nbytes = tensor.numel() * tensor.element_size()
+                factor = 2 * (n - 1) / n if name == "all_reduce" else (n - 1) / n
+                self.sent += factor * nbytes if n > 1 else 0.0
+                self.calls += 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+
+def _optimizer_bytes(optimizer) -> int:
+    """Bytes of the optimizer's state tensors and, under ZeRO, its fp32 partitions (masters)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    total = sum(v.numel() * v.element_size() for state in inner.state.values() for v in state.values()
+                if torch.is_tensor(v) and v.ndim > 0)
+    for flat in getattr(optimizer, "single_partition_of_fp32_groups", None) or []:
+        total += flat.numel() * flat.element_size()
+    return total
+
+
+def _scale_rank(rank: int, world: int, port: int, raw: dict, placement: str, steps: int, out: str) -> None:
+    import json
+    import os
+
+    counter = _Collectives()  # before the engine binds torch.distributed's functions
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    from ufo.config import config_from_dict
+    from ufo.layout import import_deepspeed, init_distributed, leave_distributed, make_layout
+    from ufo.model import subnet_args
+    from ufo.train import build_engine, deepspeed_config, micro_step
+    from ufo.weighting import Static
+
+    init_distributed()
+    torch.set_num_threads(1)
+    cfg = config_from_dict(raw, "bench")
+    layout = make_layout(cfg, world)
+    tasks, m, b = list(cfg.tasks), cfg.model, cfg.train.micro_batch_size
+    (own,) = layout.tasks_of(rank)
+    images = torch.randn(b, m.in_chans, m.img_size, m.img_size)
+    labels = torch.randint(cfg.tasks[own].num_classes, (b,))
+    if placement == "plain":  # the floor: a timm ViT of the subnet's size, data parallel over the world
+        deepspeed = import_deepspeed()
+        torch.manual_seed(0)
+        model = VisionTransformer(**subnet_args(cfg, own))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
+
+        def step() -> None:
+            engine.backward(torch.nn.functional.cross_entropy(engine(images), labels))
+            engine.step()
+    else:
+        engine, _, clip = build_engine(cfg, layout, rank, say=lambda _: None)
+        weighting = Static(tasks, [cfg.tasks[t].weight for t in tasks])
+        slices = [TaskSlice(t, cfg.path_of(t), b if t == own else 0) for t in layout.held(rank)]
+
+        def step() -> None:
+            micro_step(engine, images, labels, slices, weighting, world, None, tasks, clip)
+    for i in range(steps):
+        counter.on = i == steps - 1  # the last optimizer step (state exists by then)
+        step()
+    counter.on = False
+    result = {"rank": rank, "task": own, "sent_bytes": counter.sent, "collectives": counter.calls,
+              "param_bytes": sum(p.numel() * p.element_size() for p in engine.module.parameters()),
+              "params": sum(p.numel() for p in engine.module.parameters()),
+              "optimizer_bytes": _optimizer_bytes(engine.optimizer)}
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(result, f)
+    leave_distributed()
+
+
+def _scale_config(cfg: UfoConfig, tasks: int, per_task: int, zero: int) -> dict:
+    """`tasks` classification tasks of 10 classes on the config's model, `per_task` ranks each, fp32."""
+    raw = cfg.to_dict()
+    raw["tasks"] = {f"t{i}": {"kind": "classification", "num_classes": 10, "ranks": per_task} for i in range(tasks)}
+    raw["train"].update(layout="task_parallel", micro_batch_size=4, optimizer="adamw", gradient_accumulation_steps=1)
+    raw["deepspeed"] = {"zero_stage": zero, "precision": "fp32", "overrides": {}}
+    raw["tracking"]["enabled"] = False
+    return raw
+
+
+def _projection(cfg: UfoConfig, per_task: int) -> dict[str, Any]:
+    """Per-rank memory (ufo.memory's plan) and bytes sent per step (ring model: shared gradients over
+    the world, a task's over its ranks) of a config at `per_task` ranks per task, against the plain ViT."""
+    from ufo.memory import memory_plan, rank_bytes
+    from ufo.model import count_params, subnet_args
+
+    world = per_task * len(cfg.tasks)
+    raw = cfg.to_dict()
+    raw["tasks"] = {t: {**tc, "ranks": per_task} for t, tc in raw["tasks"].items()}
+    cfg = type(cfg).model_validate(raw)
+    with torch.device("meta"):
+        counts = count_params(SupernetViT.from_config(cfg), {t: cfg.path_of(t) for t in cfg.tasks})
+        active = max(sum(p.numel() for p in VisionTransformer(**subnet_args(cfg, t)).parameters()) for t in cfg.tasks)
+    plans = memory_plan(cfg, world)
+    own = max(t.own for t in counts.tasks)
+    w, k = (world - 1) / world, (per_task - 1) / per_task
+    b = 4 if cfg.deepspeed.precision == "fp32" else 2
+    sent = {"replicated": 2 * b * counts.total * w, "task_sharded": 2 * b * (counts.shared * w + own * k),
+            "plain": 2 * b * active * w}
+    memory = {p: max(r.total for r in rows) for p, rows in plans.items() if not isinstance(rows, str)}
+    plain = sum(rank_bytes(cfg, [(active, world)], cfg.deepspeed.zero_stage))
+    return {"world": world, "per_task": per_task, "tasks": len(cfg.tasks), "params": counts.total,
+            "active": active, "memory": memory, "plain_memory": plain,
+            "memory_ratio": {p: v / plain for p, v in memory.items()},
+            "sent": sent, "sent_ratio": {p: v / sent["plain"] for p, v in sent.items()}}
+
+
+def vit_h_config(tasks: int = 26, overrides: Sequence[str] = ()) -> UfoConfig:
+    """ViT-H/14 at 224 px with `tasks` retrieval tasks (the ViT-B config's four heads, cycled): UFO's scale."""
+    from ufo.config import config_from_dict, load_config
+
+    base = load_config(Path(__file__).resolve().parents[1] / "configs" / "ufo_vit_b.yaml").to_dict()
+    heads = list(base["tasks"].values())
+    base["model"].update(embed_dim=1280, depth=32, num_heads=16, patch_size=14)
+    base["tasks"] = {f"task{i:02d}": {**heads[i % len(heads)], "path": "S" * 16 + "T" * 16} for i in range(tasks)}
+    return config_from_dict(base, "vit-h", overrides)
+
+
+def bench_scale(cfg: UfoConfig, task_counts: Sequence[int] = (2, 4, 8), zero: int = 1, steps: int = 2,
+                projections: dict[str, UfoConfig] | None = None, per_task_projected: int = 8,
+                ranks_per_task: int | None = None) -> dict[str, Any]:
+    """Per-rank parameter and optimizer bytes and bytes sent per optimizer step, measured on CPU ranks
+    for T tasks (2 ranks per task up to 8 ranks, else 1), replicated vs task_sharded vs a plain timm
+    ViT of the subnet's size under the same DeepSpeed config; then the same arithmetic projected."""
+    rows = []
+    for T in task_counts:
+        per_task = ranks_per_task or (2 if 2 * T <= 8 else 1)
+        raw = _scale_config(cfg, T, per_task, zero)
+        for placement in ("replicated", "task_sharded", "plain"):
+            raw["train"]["placement"] = "replicated" if placement == "plain" else placement
+            ranks = _spawn(_scale_rank, (raw, placement, steps), T * per_task)
+            rows.append({"tasks": T, "per_task": per_task, "world": T * per_task, "placement": placement,
+                         **{k: max(r[k] for r in ranks) for k in ("params", "param_bytes", "optimizer_bytes",
+                                                                  "sent_bytes")}})
+    for row in rows:
+        floor = next(r for r in rows if r["tasks"] == row["tasks"] and r["placement"] == "plain")
+        row["ratio"] = {k: row[k] / floor[k] for k in ("param_bytes", "optimizer_bytes", "sent_bytes")}
+    projected = {name: _projection(c, per_task_projected) for name, c in (projections or {}).items()}
+    return {"zero_stage": zero, "model": {"depth": cfg.model.depth, "embed_dim": cfg.model.embed_dim},
+            "rows": rows, "projected": projected, "target": 1.1}
+
+
+def _spawn(fn, args: tuple, world: int) -> list[dict]:
+    import json
+    import os
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as out:
+        port = 29300 + os.getpid() % 300
+        mp.start_processes(fn, args=(world, port, *args, out), nprocs=world, start_method="spawn")
+        return [json.loads(open(f"{out}/rank{r}.json").read()) for r in range(world)]
+
+
+def format_scale_bench(r: dict[str, Any]) -> str:
+    mb = 2 ** 20
+    lines = [f"ufo bench scale: ViT depth {r['model']['depth']}, width {r['model']['embed_dim']}, ZeRO "
+             f"{r['zero_stage']}, fp32, CPU ranks; per rank (largest), ratio to the plain ViT of the subnet's size",
+             f"  {'tasks':>5} {'ranks':>5} {'placement':<13} {'params':>10} {'weights':>16} {'optimizer':>16} "
+             f"{'sent/step':>16}"]
+    for row in r["rows"]:
+        q = row["ratio"]
+        lines.append(f"  {row['tasks']:>5} {row['world']:>5} {row['placement']:<13} {row['params']:>10,} "
+                     f"{row['param_bytes'] / mb:>7.2f} MB {q['param_bytes']:>5.2f}x "
+                     f"{row['optimizer_bytes'] / mb:>7.2f} MB {q['optimizer_bytes']:>5.2f}x "
+                     f"{row['sent_bytes'] / mb:>7.2f} MB {q['sent_bytes']:>5.2f}x")
+    if r["projected"]:
+        lines.append("  projected, ZeRO 2 bf16 AdamW (same arithmetic; memory = weights + gradients + optimizer state "
+                     "with fp32 masters):")
+        for name, p in r["projected"].items():
+            mr, sr = p["memory_ratio"], p["sent_ratio"]
+            shard = (f"task_sharded {mr['task_sharded']:.2f}x memory {sr['task_sharded']:.2f}x sent"
+                     if "task_sharded" in mr else "task_sharded not possible")
+            lines.append(f"    {name:<14} {p['tasks']:>2} tasks x {p['per_task']} ranks: {p['params'] / 1e9:6.2f} B "
+                         f"params, subnet {p['active'] / 1e6:7.1f} M; replicated {mr['replicated']:.2f}x memory "
+                         f"{sr['replicated']:.2f}x sent; {shard}")
+    return "\n".join(lines)

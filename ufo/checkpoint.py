@@ -224,6 +224,8 @@ def _read_training_checkpoint(tag_dir: Path, tasks: Sequence[str] | None = None)
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+            # its tensors are views of one flat buffer: give each its own storage, as model files have
+            state = {k: v.clone() for k, v in _only(state, cfg, tasks).items()}
     except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:
         raise CheckpointError(f"{tag_dir}: cannot consolidate the DeepSpeed checkpoint "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None

@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("info", help="print the parameter table of a config's supernet and subnets")
     config_args(p)
     p.add_argument("--show-config", action="store_true", help="also print the resolved config")
+    p.add_argument("--world", type=int, metavar="N", help="also print the per-rank memory plan of N ranks, "
+                                                          "for each placement")
+    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="ZeRO stage of the plan (default: the config's)")
     p.set_defaults(run=_info)
 
     p = commands.add_parser("export", help="prune a checkpoint to a task's deployable timm subnet")
@@ -156,6 +159,16 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--memory-stages", default="0,1,2,3", help="ZeRO stages to measure")
     b.add_argument("--json", action="store_true", help="print the result as JSON")
     b.set_defaults(run=_bench_train)
+    b = benches.add_parser("scale", help="per-rank weights, optimizer state and bytes sent per step for 2, 4, 8 "
+                                         "tasks: replicated vs task_sharded vs a plain ViT")
+    config_args(b)
+    b.add_argument("--tasks", default="2,4,8", help="task counts to measure (default 2,4,8)")
+    b.add_argument("--zero", type=int, default=1, choices=[0, 1, 2], help="ZeRO stage of the runs (default 1)")
+    b.add_argument("--steps", type=int, default=2, help="optimizer steps per run; the last is counted")
+    b.add_argument("--no-projection", dest="project", action="store_false",
+                   help="skip the projection to the ViT-B, ViT-L and 26-task ViT-H configs")
+    b.add_argument("--json", action="store_true", help="print the result as JSON")
+    b.set_defaults(run=_bench_scale)
     b = benches.add_parser("weighting", help="train once per loss-weighting strategy; metrics, weights and losses")
     training_bench_args(b, steps=100, out="runs/bench-weighting")
     b.add_argument("--strategies", default="all", help="comma-separated train.weighting names (default: all)")
@@ -207,6 +220,14 @@ def _info(args: argparse.Namespace) -> None:
     print(f"{args.config}: ViT depth {m.depth}, width {m.embed_dim}, {m.num_heads} heads, "
           f"mlp_ratio {m.mlp_ratio:g}, {m.img_size}px / patch {m.patch_size}; tasks: {', '.join(cfg.tasks)}")
     print(format_params(count_params(model, {t: cfg.path_of(t) for t in cfg.tasks})))
+    if args.world is not None:
+        from ufo.memory import format_plan, memory_plan
+
+        if args.world < 1:
+            raise UfoError(f"--world {args.world}: give at least one rank")
+        print(format_plan(cfg, args.world, args.zero, memory_plan(cfg, args.world, args.zero)))
+    elif args.zero is not None:
+        raise UfoError("--zero applies to the memory plan: give --world N too")
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -229,7 +250,7 @@ def _export(args: argparse.Namespace) -> None:
         args.path = found["best_path"]
         args.depth = args.depth or found.get("best_depth")
         args.mlp_ratio = args.mlp_ratio or found.get("best_mlp_ratio")
-    ckpt = read_checkpoint(args.checkpoint)
+    ckpt = read_checkpoint(args.checkpoint, tasks=None if args.all_tasks else [args.task])
     print(f"ufo export: {args.checkpoint} (step {ckpt.step}, tasks {', '.join(ckpt.config.tasks)}) -> {args.out}")
     common = dict(formats=formats, overwrite=args.overwrite, verify=args.verify, atol=args.atol)
     if args.all_tasks:
@@ -326,6 +347,23 @@ def _bench_train(args: argparse.Namespace) -> None:
     stages = [int(s) for s in args.memory_stages.split(",") if s.strip()]
     result = bench_train(cfg, steps=args.steps, world=args.ranks, memory_config=memory, stages=stages)
     print(json.dumps(result, indent=2) if args.json else format_train_bench(result))
+
+
+def _bench_scale(args: argparse.Namespace) -> None:
+    import json
+
+    from ufo.bench import bench_scale, format_scale_bench, vit_h_config
+    from ufo.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    same = ["deepspeed.zero_stage=2", "deepspeed.precision=bf16"]  # every projection under one engine setting
+    projections = {"ViT-B (4 tasks)": load_config(configs / "ufo_vit_b.yaml", same),
+                   "ViT-L (4 tasks)": load_config(configs / "ufo_vit_l.yaml", same),
+                   "ViT-H (26 tasks)": vit_h_config(26, same)} if args.project else {}
+    counts = [int(n) for n in args.tasks.split(",") if n.strip()]
+    result = bench_scale(cfg, counts, zero=args.zero, steps=args.steps, projections=projections)
+    print(json.dumps(result, indent=2) if args.json else format_scale_bench(result))
 
 
 def _bench_weighting(args: argparse.Namespace) -> None:

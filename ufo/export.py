@@ -65,7 +65,10 @@ def export_subnet(checkpoint: str | Path | Checkpoint, task: str, out: str | Pat
                   mlp_ratio: float | None = None) -> SubnetExport:
     """Export `task`'s subnet (on its configured path, or `path`) from a supernet checkpoint to `out`;
     with `depth` and/or `mlp_ratio`, the smaller elastic subnet (first blocks, first FFN units)."""
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
+    if not isinstance(checkpoint, Checkpoint):
+        _refuse_existing(Path(out), overwrite)
+    # only the shared parts and this task are read (a task-sharded checkpoint: only their files)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint, tasks=[task])
     cfg = ckpt.config
     _check_task(cfg, task)
     path = _check_path(cfg, task, path)
@@ -73,7 +76,7 @@ def export_subnet(checkpoint: str | Path | Checkpoint, task: str, out: str | Pat
     formats, verify, atol = _resolve(cfg, formats, verify, atol)
     out = Path(out)
     _refuse_existing(out, overwrite)
-    supernet = load_supernet(ckpt).eval()
+    supernet = load_supernet(ckpt, held=[task]).eval()
     with atomic_dir(out) as tmp:
         return _write_subnet(supernet, ckpt, task, path, tmp, out, formats, verify, atol, log, elastic)
 
@@ -100,10 +103,11 @@ def build_subnet(supernet: SupernetViT, cfg: UfoConfig, task: str, path: str,
     supernet's weights."""
     e = elastic or Elastic()
     args = subnet_args(cfg, task, e.depth, e.mlp_ratio)
-    vit = timm.create_model(_architecture(cfg), pretrained=False, weight_init="skip", **args)
+    with torch.device("meta"):  # the subnet takes the supernet's tensors, no copy
+        vit = timm.create_model(_architecture(cfg), pretrained=False, weight_init="skip", **args)
     state = subnet_state_dict(supernet.state_dict(), task, path, supernet.heads[task].deployed, e.depth,
                               e.hidden(cfg))
-    vit.load_state_dict(state, strict=True)
+    vit.load_state_dict(state, strict=True, assign=True)
     return vit.eval()
 
 

@@ -125,6 +125,36 @@ def param_groups(model: SupernetViT, cfg: UfoConfig) -> list[dict]:
     return list(groups.values())
 
 
+def build_engine(cfg: UfoConfig, layout: Layout, rank: int, say: Log = print) -> tuple[Any, Any, Any]:
+    """This rank's supernet (the tasks it holds), optimizer, lr schedule and DeepSpeed engine.
+
+    Returns (engine, scheduler, clip): `clip` is ufo's own gradient clipping for the loop to call
+    between backward and step where the engine's is wrong (task_sharded under ZeRO-0), else None.
+    """
+    deepspeed = import_deepspeed()
+    t = cfg.train
+    torch.manual_seed(t.seed)  # the same initial weights on every rank
+    held = layout.held(rank)
+    model = load_supernet(read_checkpoint(t.init, tasks=held), held) if t.init else init_supernet(cfg, held=held)
+    groups, ds_config, clip = param_groups(model, cfg), deepspeed_config(cfg), None
+    if layout.placement == "task_sharded":
+        from ufo import placement
+
+        model = placement.shard_model(model, layout)
+        groups = placement.optimizer_groups(param_groups(model, cfg))
+        ds_config, clip = placement.engine_config(ds_config, model, layout, t.gradient_clipping)
+        say(f"task_sharded: rank {rank} holds {sum(p.numel() for p in model.parameters()):,} parameters "
+            f"(shared + {', '.join(held)})")
+    if t.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg))
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=ds_config)
+    return engine, scheduler, clip
+
+
 class _Signals:
     """SIGTERM and SIGUSR1 (Slurm's warning before preemption) ask for a checkpoint and a clean stop."""
 
@@ -159,7 +189,6 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
     """Train the supernet of `cfg` on this process's rank; resume from `train.out_dir` if it holds a checkpoint."""
     rank, world, _ = init_distributed()
     say = log if rank == 0 else (lambda _: None)
-    deepspeed = import_deepspeed()
     t = cfg.train
     tasks = list(cfg.tasks)
     out = Path(t.out_dir)
@@ -174,25 +203,7 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
     say(layout.describe())
 
     loader = _make_loader(cfg, layout, rank)
-    torch.manual_seed(t.seed)  # the same initial weights on every rank
-    held = layout.held(rank)
-    model = load_supernet(read_checkpoint(t.init, tasks=held), held) if t.init else init_supernet(cfg, held=held)
-    groups, ds_config, clip = param_groups(model, cfg), deepspeed_config(cfg), None
-    if layout.placement == "task_sharded":
-        from ufo import placement
-
-        model = placement.shard_model(model, layout)
-        groups = placement.optimizer_groups(param_groups(model, cfg))
-        ds_config, clip = placement.engine_config(ds_config, model, layout, cfg.train.gradient_clipping)
-        say(f"task_sharded: this rank holds {sum(p.numel() for p in model.parameters()):,} parameters "
-            f"(shared + {', '.join(held)})")
-    if t.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg))
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                   config=ds_config)
+    engine, scheduler, clip = build_engine(cfg, layout, rank, say)
     policy = PathPolicy(t.path_policy, {task: cfg.path_of(task) for task in tasks}, t.seed, t.path_sample_p)
     elastic = _elastic_policy(cfg)
     weighting = _make_weighting(cfg, say)
@@ -226,7 +237,7 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
                 seen = _StepMean(len(tasks))
                 for _ in range(t.gradient_accumulation_steps):
                     batch = next(batches)
-                    slices = _slices(batch, held, paths, sizes)
+                    slices = _slices(batch, layout.held(rank), paths, sizes)
                     images = batch["images"]
                     if images.ndim != 4:  # every sample of this batch was bad
                         images = torch.zeros(0, m.in_chans, m.img_size, m.img_size)
