@@ -17,9 +17,10 @@ TASKS = ("face", "digits")  # a retrieval head (24-d embedding, 20 centers) and 
 
 def sharded_run(tmp_path, stage: int, ranks: tuple[int, int], accumulation: int = 1, clipping: float = 0.0,
                 **train) -> dict:
-    raw = tiny_run(tmp_path, TASKS, steps=1, layout="task_parallel", placement="task_sharded", optimizer="sgd",
-                   momentum=0.0, lr=0.5, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0,
-                   gradient_clipping=clipping, gradient_accumulation_steps=accumulation, **train)
+    train = {"steps": 1, "layout": "task_parallel", "placement": "task_sharded", "optimizer": "sgd", "momentum": 0.0,
+             "lr": 0.5, "warmup_steps": 0, "min_lr_ratio": 1.0, "weight_decay": 0.0, "gradient_clipping": clipping,
+             "gradient_accumulation_steps": accumulation, **train}
+    raw = tiny_run(tmp_path, TASKS, **train)
     for task, n in zip(TASKS, ranks):
         raw["tasks"][task]["ranks"] = n
     raw["tasks"]["digits"]["weight"] = 2.0
@@ -93,3 +94,110 @@ def test_a_subset_supernet_starts_as_the_whole_one(tiny_cfg):
         from ufo.model import TaskSlice
 
         part(torch.zeros(1, 3, 16, 16), [TaskSlice("face", "SSTT", 1)])
+
+
+def launch4(config, out, *sets: str):
+    import os
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port",
+            str(29100 + os.getpid() % 400), "-m", "ufo.cli", "train", str(config),
+            "--set", f"train.out_dir={out}", *[a for s in sets for a in ("--set", s)]]
+
+
+@pytest.mark.dist
+def test_sharded_resume_after_kill_9_and_export_equal_the_replicated_run(tmp_path):
+    """4 ranks, 2 tasks x 2: killed (launcher and ranks, no goodbye) and resumed equals the straight
+    run bit for bit; every task's subnet exported from it equals the replicated run's export."""
+    import contextlib
+    import os
+    import re
+    import signal
+    import time
+
+    import psutil
+    import yaml
+    from safetensors.torch import load_file
+
+    from test_train import launch
+    from ufo.export import export_all_tasks
+
+    raw = tiny_run(tmp_path, TASKS, steps=16, checkpoint_every=4, eval_every=0, layout="task_parallel",
+                   keep_checkpoints=20, placement="task_sharded")
+    for task in TASKS:
+        raw["tasks"][task]["ranks"] = 2
+    raw["model"]["drop_path_rate"] = 0.1  # RNG state must be restored too
+    raw["deepspeed"] = {"zero_stage": 1}
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+
+    def run(out: str, log: str, *sets: str):
+        proc = launch(launch4(config, tmp_path / out, *sets), tmp_path / log)
+        assert proc.wait(timeout=600) == 0, (tmp_path / log).read_text()[-3000:]
+
+    run("straight", "straight.log")
+    assert "placement task_sharded" in (tmp_path / "straight.log").read_text()
+    first = launch(launch4(config, tmp_path / "cut"), tmp_path / "cut.log")
+    marker = tmp_path / "cut" / "checkpoints" / "step00000004" / "ufo.json"
+    deadline = time.time() + 600
+    while not marker.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), (tmp_path / "cut.log").read_text()[-3000:]
+    ranks = psutil.Process(first.pid).children(recursive=True)
+    os.killpg(first.pid, signal.SIGKILL)
+    for proc in ranks:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    first.wait()
+    assert not (tmp_path / "cut" / "checkpoints" / "step00000016" / "ufo.json").exists()
+    run("cut", "resume.log")
+    resumed = re.search(r"resumed from \S+ at step (\d+)", (tmp_path / "resume.log").read_text())
+    assert resumed and 4 <= int(resumed.group(1)) < 16
+    want, got = read_checkpoint(tmp_path / "straight").state_dict, read_checkpoint(tmp_path / "cut").state_dict
+    assert set(want) == set(got)
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+    run("replicated", "replicated.log", "train.placement=replicated")
+    assert "placement replicated" in (tmp_path / "replicated.log").read_text()
+    export_all_tasks(tmp_path / "straight", tmp_path / "sharded-subnets", log=lambda _: None)
+    export_all_tasks(tmp_path / "replicated", tmp_path / "replicated-subnets", log=lambda _: None)
+    for task in TASKS:
+        a = load_file(tmp_path / "sharded-subnets" / task / "model.safetensors")
+        b = load_file(tmp_path / "replicated-subnets" / task / "model.safetensors")
+        assert set(a) == set(b)
+        for key in a:
+            assert (a[key] - b[key]).abs().max().item() < 1e-5, f"{task}: {key}"
+
+
+@pytest.mark.dist
+def test_bf16_gradnorm_and_elastic_under_task_sharding(tmp_path):
+    """3 + 1 ranks, ZeRO 2, bf16: learned gradnorm weights (from every task's gradient norm) agree on
+    every rank, an elastic task trains at its sizes, and the consolidated checkpoint holds exactly
+    the ranks' fp32 master weights."""
+    import json
+
+    raw = sharded_run(tmp_path, 2, (3, 1), steps=3, weighting={"name": "gradnorm"})
+    raw["train"].update(optimizer="adamw", lr=1e-3)
+    raw["deepspeed"]["precision"] = "bf16"
+    raw["tasks"]["face"]["elastic"] = {"depths": [2], "mlp_ratios": [1.0]}
+    replicas = run_ranks(raw, tmp_path, world=4)
+    states = [torch.load(tmp_path / f"weighting{r}.pt") for r in range(4)]
+    def same(a, b) -> bool:
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, (list, tuple)):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return torch.equal(a, b) if torch.is_tensor(a) else a == b
+
+    assert states[0] and all(same(state, states[0]) for state in states[1:])
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm"]["face"] > 0 and r["grad_norm"]["digits"] > 0 for r in history)
+    assert len({tuple(r["weight"].values()) for r in history}) > 1  # the learned weights moved
+    assert [r["elastic_depth"]["face"] for r in history[:2]] == [4, 2]
+    ckpt = read_checkpoint(tmp_path / "run")
+    for rank, params in enumerate(replicas):
+        for name, master in params.items():
+            assert torch.equal(ckpt.state_dict[name], master.float()), f"{name} (rank {rank})"
+    only_face = read_checkpoint(tmp_path / "run", tasks=["face"]).state_dict
+    assert {task_of(k) for k in only_face} == {None, "face"}

@@ -63,6 +63,7 @@ def _rank_main(rank: int, world: int, port: int, raw: dict, out: str) -> None:
         full = safe_get_full_fp32_param(param)  # None without ZeRO: the parameter is whole
         params[canonical_name(name)] = (param if full is None else full).detach().clone()
     torch.save(params, Path(out) / f"params{rank}.pt")
+    torch.save(result.weighting.state_dict(), Path(out) / f"weighting{rank}.pt")
     leave()
 
 

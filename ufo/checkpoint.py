@@ -282,7 +282,9 @@ def _read_sharded(tag_dir: Path, marker: dict, cfg: UfoConfig, tasks: list[str])
     ranks = sorted({r for t in tasks for r in groups[t]} | set(range(marker["world_size"])))
     pieces: dict[str, list[torch.Tensor]] = {}
     for rank in ranks:  # ascending: partitions are in rank order, within the world and within a task
-        shard = _load(tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
+        name = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        bf16 = tag_dir / f"bf16_{name}"  # DeepSpeed's name under bf16
+        shard = _load(bf16 if bf16.is_file() else tag_dir / name)["optimizer_state_dict"]
         for flat, mapping in zip(shard["single_partition_of_fp32_groups"], shard["param_slice_mappings"]):
             for name, fragment in mapping.items():
                 key = canonical_name(name)

@@ -194,7 +194,9 @@ class SupernetViT(VisionTransformer):
                 start += b - a
             else:
                 pieces.append(x[a:b])
-        return torch.cat(pieces)
+        # out[:0] keeps the block in the graph when no slice is active: its parameters still get a
+        # (zero) gradient, so every rank reduces the same tensors whatever its tasks' depths
+        return torch.cat(pieces + [out[:0]])
 
     def forward(self, images: torch.Tensor, slices: Sequence[TaskSlice], labels: torch.Tensor | None = None,
                 reduction: str = "mean", hits: bool = False) -> list:
