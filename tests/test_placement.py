@@ -201,3 +201,25 @@ def test_bf16_gradnorm_and_elastic_under_task_sharding(tmp_path):
             assert torch.equal(ckpt.state_dict[name], master.float()), f"{name} (rank {rank})"
     only_face = read_checkpoint(tmp_path / "run", tasks=["face"]).state_dict
     assert {task_of(k) for k in only_face} == {None, "face"}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_replicated_bf16_checkpoints_read_as_their_fp32_masters(tmp_path, stage):
+    """The one reader of every stage: module files and ZeRO fragment maps (0-2), DeepSpeed's
+    consolidation (3), each giving exactly the fp32 masters the ranks train."""
+    raw = tiny_run(tmp_path, ("face", "person", "digits"), steps=2, layout="mixed", lr=1e-3)
+    raw["deepspeed"] = {"zero_stage": stage, "precision": "bf16"}
+    replicas = run_ranks(raw, tmp_path)
+    ckpt = read_checkpoint(tmp_path / "run")
+    assert set(ckpt.state_dict) == set(replicas[0])
+    finer = 0
+    for name, master in replicas[0].items():
+        got = ckpt.state_dict[name]
+        assert got.dtype == torch.float32
+        if master.dtype == torch.bfloat16:  # ZeRO-0 keeps its masters out of reach: they round to the weights
+            assert torch.equal(got.bfloat16(), master), name
+            finer += not torch.equal(got, master.float())
+        else:
+            assert torch.equal(got, master), name
+    assert stage or finer > len(replicas[0]) // 2  # the fp32 masters, not the bf16 weights

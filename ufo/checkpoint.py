@@ -30,6 +30,7 @@ from ufo.config import UfoConfig, config_from_dict
 from ufo.errors import CheckpointError
 from ufo.layout import import_deepspeed
 from ufo.model import SupernetViT, supernet_state_from_vit, vit_args
+from ufo.model.supernet import Gather
 
 FORMAT = "ufo-supernet"
 TRAIN_FORMAT = "ufo-train-checkpoint"
@@ -46,11 +47,12 @@ class Checkpoint:
 
 
 def init_supernet(cfg: UfoConfig, from_timm: str | Path | None = None,
-                  held: Sequence[str] | None = None) -> SupernetViT:
+                  held: Sequence[str] | None = None, gather: Gather | None = None) -> SupernetViT:
     """A freshly initialised supernet (seeded by `train.seed`), optionally from a plain timm ViT file;
-    with `held`, only those tasks' parts (the same values as in the whole supernet)."""
+    with `held`, only those tasks' parts (the same values as in the whole supernet); `gather`, see
+    `SupernetViT`."""
     torch.manual_seed(cfg.train.seed)
-    model = SupernetViT.from_config(cfg, held)
+    model = SupernetViT.from_config(cfg, held, gather)
     if from_timm is not None:
         load_vit_weights(model, cfg, Path(from_timm))
     return model
@@ -196,12 +198,9 @@ def read_checkpoint(path: str | Path, tasks: Sequence[str] | None = None) -> Che
 
 
 def _only(state: dict[str, torch.Tensor], cfg: UfoConfig, tasks: Sequence[str] | None) -> dict[str, torch.Tensor]:
-    """The shared tensors and those of `tasks` (None: all)."""
+    """The shared tensors and those of `tasks` (None: all; a task the checkpoint lacks selects nothing)."""
     if tasks is None:
         return state
-    unknown = [t for t in tasks if t not in cfg.tasks]
-    if unknown:
-        raise CheckpointError(f"unknown task {unknown[0]!r}; this checkpoint has: {', '.join(cfg.tasks)}")
     return {k: v for k, v in state.items() if task_of(k) in (None, *tasks)}
 
 
@@ -212,14 +211,11 @@ def _read_training_checkpoint(tag_dir: Path, tasks: Sequence[str] | None = None)
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{tag_dir / MARKER}: damaged marker ({e})") from None
     cfg = config_from_dict(raw, source=f"{tag_dir} (embedded config)")
-    _only({}, cfg, tasks)  # names the unknown task, if any
+    tasks = None if tasks is None else [t for t in tasks if t in cfg.tasks]
     try:
-        if marker.get("placement") == "task_sharded":
-            state = _read_sharded(tag_dir, marker, cfg, list(cfg.tasks) if tasks is None else list(tasks))
-        elif marker.get("zero_stage", 0) == 0 and marker.get("precision", "fp32") == "fp32":
-            # no ZeRO partitions: the module's own weights are the fp32 weights
-            state = _load(tag_dir / "mp_rank_00_model_states.pt")["module"]
-        else:  # ZeRO shards, or the fp32 master weights kept by the bf16/fp16 optimizer
+        if marker.get("zero_stage", 0) in (0, 1, 2):
+            state = _read_module_files(tag_dir, marker, cfg, list(cfg.tasks) if tasks is None else list(tasks))
+        else:  # ZeRO-3: the module files hold placeholders; the weights are in the shards
             import_deepspeed()
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -258,18 +254,22 @@ def _load(file: Path) -> dict:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
 
 
-def _read_sharded(tag_dir: Path, marker: dict, cfg: UfoConfig, tasks: list[str]) -> dict[str, torch.Tensor]:
-    """The shared parts and `tasks` of a task-sharded checkpoint, reading only their files.
+def _read_module_files(tag_dir: Path, marker: dict, cfg: UfoConfig, tasks: list[str]) -> dict[str, torch.Tensor]:
+    """The shared parts and `tasks` of a ZeRO 0-2 checkpoint, reading only the files that hold them.
 
-    Module weights: rank 0's model states hold the shared parts; DeepSpeed's expert files
-    `layer_L_expert_I_...` hold task I's (config order) FFN-task MLPs and head. Under bf16 the fp32
-    masters replace them: ZeRO shards of every rank for the shared parts (partitioned over the
-    world), of the task's ranks for its own (partitioned over the task's ranks), assembled from
-    each shard's fragment map. (DeepSpeed's zero_to_fp32 cannot read expert checkpoints.)
+    Module weights: rank 0's model states (every task's under replicated placement, the shared
+    parts under task_sharded, where DeepSpeed's expert files `layer_L_expert_I_...` hold task I's
+    (config order) FFN-task MLPs and head). Under fp32 they are the weights; under bf16 the fp32
+    masters replace them, assembled from the fragment maps of the ZeRO shards of the ranks that
+    partition each parameter: every rank for shared parameters (and every parameter when
+    replicated), the task's ranks for a sharded task's. (DeepSpeed's zero_to_fp32 cannot read
+    expert checkpoints, and loads every shard whole.) Files are memory-mapped: what is not read
+    is never paged in.
     """
     names = list(cfg.tasks)
-    state = dict(_load(tag_dir / "mp_rank_00_model_states.pt")["module"])
-    for task in tasks:
+    sharded = marker.get("placement") == "task_sharded"
+    state = _only(dict(_load(tag_dir / "mp_rank_00_model_states.pt")["module"]), cfg, tasks)
+    for task in tasks if sharded else ():
         files = sorted(tag_dir.glob(f"layer_*_expert_{names.index(task)}_mp_rank_00_model_states.pt"))
         if not files:
             raise CheckpointError(f"{tag_dir}: has no expert files of task {task} "
@@ -278,17 +278,28 @@ def _read_sharded(tag_dir: Path, marker: dict, cfg: UfoConfig, tasks: list[str])
             state.update({canonical_name(k): v for k, v in _load(file).items()})
     if marker.get("precision", "fp32") == "fp32":
         return state  # the module's weights are the fp32 weights
-    groups = {task: tuple(ranks) for task, ranks in marker["layout_groups"].items()}
-    ranks = sorted({r for t in tasks for r in groups[t]} | set(range(marker["world_size"])))
+    if marker.get("zero_stage", 0) == 0:  # DeepSpeed's bf16/fp16 optimizer keeps the masters whole, by position
+        masters = _load(tag_dir / "mp_rank_00_model_states.pt")["optimizer"]["fp32_groups"]
+        names = marker.get("param_group_names")
+        if not names or [len(g) for g in names] != [len(g) for g in masters]:
+            raise CheckpointError(f"{tag_dir}: its marker does not name the optimizer's fp32 master weights "
+                                  "(written by an older ufo?); cannot consolidate")
+        for group_names, group in zip(names, masters):
+            for key, master in zip(group_names, group):
+                if key in state:
+                    state[key] = master.view(state[key].shape)
+        return state
+    world = range(marker["world_size"])
+    groups = {task: tuple(ranks) for task, ranks in marker["layout_groups"].items()} if sharded else {}
     pieces: dict[str, list[torch.Tensor]] = {}
-    for rank in ranks:  # ascending: partitions are in rank order, within the world and within a task
-        name = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
-        bf16 = tag_dir / f"bf16_{name}"  # DeepSpeed's name under bf16
-        shard = _load(bf16 if bf16.is_file() else tag_dir / name)["optimizer_state_dict"]
+    for rank in world:  # ascending: partitions are in rank order, within the world and within a task
+        file = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        bf16 = tag_dir / f"bf16_{file}"  # DeepSpeed's name under bf16
+        shard = _load(bf16 if bf16.is_file() else tag_dir / file)["optimizer_state_dict"]
         for flat, mapping in zip(shard["single_partition_of_fp32_groups"], shard["param_slice_mappings"]):
             for name, fragment in mapping.items():
                 key = canonical_name(name)
-                if key in state and (task_of(key) is None or rank in groups[task_of(key)]):
+                if key in state and rank in groups.get(task_of(key), world):
                     pieces.setdefault(key, []).append(flat.narrow(0, fragment.start, fragment.numel))
     for key, tensor in state.items():
         flat = torch.cat(pieces.get(key, [torch.zeros(0)]))

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import ufo
 from ufo.atomic import atomic_file
 from ufo.checkpoint import (
+    canonical_name,
     find_training_checkpoint,
     init_supernet,
     load_supernet,
@@ -110,7 +111,8 @@ def param_groups(model: SupernetViT, cfg: UfoConfig) -> list[dict]:
     t, depth = cfg.train, len(model.blocks)
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
-        no_decay = param.ndim <= 1 or name in ("pos_embed", "cls_token")
+        ndim = len(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 partition's own shape is flat
+        no_decay = ndim <= 1 or name in ("pos_embed", "cls_token")
         if name.startswith(("patch_embed", "pos_embed", "cls_token")):
             layer = 0
         elif name.startswith("blocks."):
@@ -125,18 +127,28 @@ def param_groups(model: SupernetViT, cfg: UfoConfig) -> list[dict]:
     return list(groups.values())
 
 
-def build_engine(cfg: UfoConfig, layout: Layout, rank: int, say: Log = print) -> tuple[Any, Any, Any]:
+def build_engine(cfg: UfoConfig, layout: Layout, rank: int, say: Log = print) -> tuple[Any, Any, Any, list]:
     """This rank's supernet (the tasks it holds), optimizer, lr schedule and DeepSpeed engine.
 
-    Returns (engine, scheduler, clip): `clip` is ufo's own gradient clipping for the loop to call
-    between backward and step where the engine's is wrong (task_sharded under ZeRO-0), else None.
+    Returns (engine, scheduler, clip, group_names): `clip` is ufo's own gradient clipping for the
+    loop to call between backward and step where the engine's is wrong (task_sharded under
+    ZeRO-0), else None; `group_names` the supernet names of each optimizer group's parameters, in
+    order (checkpoints record them: DeepSpeed's bf16 ZeRO-0 masters are stored by position only).
     """
     deepspeed = import_deepspeed()
     t = cfg.train
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     held = layout.held(rank)
-    model = load_supernet(read_checkpoint(t.init, tasks=held), held) if t.init else init_supernet(cfg, held=held)
-    groups, ds_config, clip = param_groups(model, cfg), deepspeed_config(cfg), None
+    ds_config = deepspeed_config(cfg)
+    if t.init:
+        model = load_supernet(read_checkpoint(t.init, tasks=held), held)
+    elif cfg.deepspeed.zero_stage == 3:  # each module partitioned as it is built: no rank ever holds it all
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = init_supernet(cfg, held=held, gather=lambda params: deepspeed.zero.GatheredParameters(
+                params, modifier_rank=0))
+    else:
+        model = init_supernet(cfg, held=held)
+    groups, clip = param_groups(model, cfg), None
     if layout.placement == "task_sharded":
         from ufo import placement
 
@@ -150,9 +162,11 @@ def build_engine(cfg: UfoConfig, layout: Layout, rank: int, say: Log = print) ->
     else:
         optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg))
+    name_of = {id(p): canonical_name(n) for n, p in model.named_parameters()}
+    group_names = [[name_of[id(p)] for p in g["params"]] for g in optimizer.param_groups]
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)
-    return engine, scheduler, clip
+    return engine, scheduler, clip, group_names
 
 
 class _Signals:
@@ -203,7 +217,7 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
     say(layout.describe())
 
     loader = _make_loader(cfg, layout, rank)
-    engine, scheduler, clip = build_engine(cfg, layout, rank, say)
+    engine, scheduler, clip, group_names = build_engine(cfg, layout, rank, say)
     policy = PathPolicy(t.path_policy, {task: cfg.path_of(task) for task in tasks}, t.seed, t.path_sample_p)
     elastic = _elastic_policy(cfg)
     weighting = _make_weighting(cfg, say)
@@ -281,6 +295,8 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
                     meta = {"config": cfg.to_dict(), "zero_stage": cfg.deepspeed.zero_stage,
                             "precision": cfg.deepspeed.precision, "world_size": world, "layout": layout.kind,
                             "placement": layout.placement, "layout_groups": layout.groups,
+                            "param_group_names": group_names if cfg.deepspeed.zero_stage == 0 and
+                            cfg.deepspeed.precision != "fp32" else None,
                             "path_policy": policy.state_dict(), "weighting": weighting.name,
                             "mlflow_run_id": tracker.run_id if tracker else None,
                             "mlflow_uri": tracker.uri if tracker else None}

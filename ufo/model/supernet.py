@@ -8,7 +8,8 @@ dict is a renaming of the supernet's (`subnet_state_dict`).
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Mapping, NamedTuple, Sequence
+import contextlib
+from typing import Any, Callable, ContextManager, Mapping, NamedTuple, Sequence
 
 import torch
 from timm.layers import trunc_normal_
@@ -18,6 +19,11 @@ from torch import nn
 from ufo.config import ModelConfig, TaskConfig, UfoConfig
 from ufo.model.ffn import SHARED, MultiPathFFN, Route
 from ufo.model.heads import MarginSoftmax, build_head, head_out_dim
+
+
+# Parameters -> a context in which they are whole and writable (a ZeRO-3 engine's gather); the
+# initialisation writes one module at a time through it.
+Gather = Callable[[list[nn.Parameter]], ContextManager]
 
 
 class TaskSlice(NamedTuple):
@@ -78,7 +84,7 @@ class SupernetViT(VisionTransformer):
     """
 
     def __init__(self, tasks: Mapping[str, TaskConfig], task_ffn_init: str = "copy_shared",
-                 held: Sequence[str] | None = None, **vit_kwargs):
+                 held: Sequence[str] | None = None, gather: Gather | None = None, **vit_kwargs):
         held = tuple(tasks) if held is None else tuple(t for t in tasks if t in held)
         seed = int(torch.randint(0, 2**62, (), device="cpu"))  # one draw, whatever this instance holds
         super().__init__(
@@ -93,45 +99,54 @@ class SupernetViT(VisionTransformer):
         self.heads = nn.ModuleDict({name: build_head(tasks[name], self.embed_dim) for name in held})
         if self.cls_token.is_meta:
             return  # shapes only (parameter counts)
+        gather = gather or (lambda params: contextlib.nullcontext())
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self._init_shared()
+            self._init_shared(gather)
             for index, task in enumerate(tasks):
                 if task in held:
                     torch.manual_seed(seed + 1 + index)
-                    self._init_task(task, copy_shared=task_ffn_init == "copy_shared")
+                    self._init_task(task, task_ffn_init == "copy_shared", gather)
 
     @torch.no_grad()
-    def _init_shared(self) -> None:
-        """timm's ViT initialisation of every part that is not a task's."""
+    def _init_shared(self, gather: Gather) -> None:
+        """timm's ViT initialisation of every part that is not a task's, one module at a time."""
         init = get_init_weights_vit("")
-        trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)
+        with gather([self.pos_embed, self.cls_token]):
+            trunc_normal_(self.pos_embed, std=0.02)
+            nn.init.normal_(self.cls_token, std=1e-6)
         for name, module in self.named_modules():
-            if name and not name.startswith("heads") and ".mlp.task" not in name:
-                init(module, name)
+            touched = isinstance(module, nn.Linear) or hasattr(module, "init_weights") or \
+                hasattr(module, "reset_parameters")
+            if name and touched and not name.startswith("heads") and ".mlp.task" not in name:
+                with gather(list(module.parameters())):
+                    init(module, name)
 
     @torch.no_grad()
-    def _init_task(self, task: str, copy_shared: bool) -> None:
+    def _init_task(self, task: str, copy_shared: bool, gather: Gather) -> None:
         """A task's FFN-task MLPs (copies of FFN-shared, UFO's initialisation, or timm's init) and head."""
         for block in self.blocks:
-            if copy_shared:
-                block.mlp.task[task].load_state_dict(block.mlp.shared.state_dict())
-            else:
-                for module in block.mlp.task[task].modules():
-                    if isinstance(module, nn.Linear):
-                        trunc_normal_(module.weight, std=0.02)
-                        nn.init.zeros_(module.bias)
-        for module in self.heads[task].modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, MarginSoftmax):
-                nn.init.normal_(module.weight, std=0.02)
+            ffn = block.mlp.task[task]
+            with gather(list(ffn.parameters()) + list(block.mlp.shared.parameters())):
+                if copy_shared:
+                    ffn.load_state_dict(block.mlp.shared.state_dict())
+                else:
+                    for module in ffn.modules():
+                        if isinstance(module, nn.Linear):
+                            trunc_normal_(module.weight, std=0.02)
+                            nn.init.zeros_(module.bias)
+        with gather(list(self.heads[task].parameters())):
+            for module in self.heads[task].modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.trunc_normal_(module.weight, std=0.02)
+                    nn.init.zeros_(module.bias)
+                elif isinstance(module, MarginSoftmax):
+                    nn.init.normal_(module.weight, std=0.02)
 
     @classmethod
-    def from_config(cls, cfg: UfoConfig, held: Sequence[str] | None = None) -> "SupernetViT":
-        return cls(cfg.tasks, task_ffn_init=cfg.model.task_ffn_init, held=held,
+    def from_config(cls, cfg: UfoConfig, held: Sequence[str] | None = None,
+                    gather: Gather | None = None) -> "SupernetViT":
+        return cls(cfg.tasks, task_ffn_init=cfg.model.task_ffn_init, held=held, gather=gather,
                    drop_path_rate=cfg.model.drop_path_rate, **vit_args(cfg.model))
 
     def routes(self, slices: Sequence[TaskSlice], batch: int) -> list[list[Route]]:
