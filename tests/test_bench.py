@@ -77,3 +77,18 @@ def test_bench_elastic_compares_inherited_and_scratch_sizes(tmp_path):
         assert sizes[2]["depth"] == 4 and sizes[2]["mlp_ratio"] == 2.0
         assert all(0.0 <= s["elastic"] <= 1.0 and 0.0 <= s["scratch"] <= 1.0 for s in sizes)
     assert "recall@1" in format_elastic_bench(result) and (tmp_path / "bench" / "elastic.json").is_file()
+
+
+@pytest.mark.dist
+def test_bench_scale_counts_what_each_placement_holds_and_sends(tiny_cfg):
+    from ufo.bench import bench_scale, format_scale_bench
+
+    result = bench_scale(tiny_cfg, task_counts=(2,), ranks_per_task=1, steps=2, projections={"tiny": tiny_cfg})
+    rows = {r["placement"]: r for r in result["rows"]}
+    assert rows["plain"]["params"] < rows["task_sharded"]["params"] < rows["replicated"]["params"]
+    assert 0 < rows["plain"]["sent_bytes"] < rows["task_sharded"]["sent_bytes"] < rows["replicated"]["sent_bytes"]
+    assert rows["task_sharded"]["optimizer_bytes"] < rows["replicated"]["optimizer_bytes"]
+    assert rows["plain"]["ratio"]["param_bytes"] == 1.0
+    projected = result["projected"]["tiny"]
+    assert projected["memory_ratio"]["task_sharded"] < projected["memory_ratio"]["replicated"]
+    assert "task_sharded" in format_scale_bench(result)

@@ -179,7 +179,8 @@ def _train_bench_rank(rank: int, world: int, port: int, raw: dict, steps: int, p
                       LOCAL_RANK=str(rank))
     from ufo.config import config_from_dict
     from ufo.layout import import_deepspeed, init_distributed, leave_distributed, make_layout
-    from ufo.train import deepspeed_config, micro_step, param_groups
+    from ufo.model.heads import build_head
+    from ufo.train import build_engine, deepspeed_config, micro_step
     from ufo.weighting import Static
 
     init_distributed()
@@ -187,32 +188,36 @@ def _train_bench_rank(rank: int, world: int, port: int, raw: dict, steps: int, p
     cfg = config_from_dict(raw, "bench")
     layout = make_layout(cfg, world)
     tasks, m, b = list(cfg.tasks), cfg.model, cfg.train.micro_batch_size
-    sizes = {t: (b if t in layout.tasks_of(rank) else 0) for t in tasks}
-    slices = [TaskSlice(t, cfg.path_of(t), sizes[t]) for t in tasks]
+    held = layout.held(rank)  # the rank's tasks under its placement (and ZeRO-3 under zero.Init), as in training
+    sizes = {t: (b if t in layout.tasks_of(rank) else 0) for t in held}
+    slices = [TaskSlice(t, cfg.path_of(t), sizes[t]) for t in held]
     images = torch.randn(sum(sizes.values()), m.in_chans, m.img_size, m.img_size)
-    labels = torch.cat([torch.randint(cfg.tasks[t].num_classes, (sizes[t],)) for t in tasks])
+    labels = torch.cat([torch.randint(cfg.tasks[t].num_classes, (sizes[t],)) for t in held])
     weighting = Static(tasks, [cfg.tasks[t].weight for t in tasks])
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
     cuda = torch.cuda.is_available()
     result = {}
     for name in (["supernet", "plain"] if plain else ["supernet"]):
         torch.manual_seed(0)
-        supernet = SupernetViT.from_config(cfg)
-        model = _PlainWithHeads(cfg, supernet.heads) if name == "plain" else supernet
-        optimizer = torch.optim.AdamW(param_groups(supernet, cfg) if name == "supernet" else model.parameters(),
-                                      lr=cfg.train.lr)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
+        clip = None
+        if name == "supernet":
+            engine, _, clip, _ = build_engine(cfg, layout, rank, say=lambda _: None)
+        else:
+            heads = torch.nn.ModuleDict({t: build_head(cfg.tasks[t], m.embed_dim) for t in held})
+            model = _PlainWithHeads(cfg, heads)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
         x, y = images.to(engine.device, dtype=dtype), labels.to(engine.device)
-        micro_step(engine, x, y, slices, weighting, world)  # warm-up
+        micro_step(engine, x, y, slices, weighting, world, None, tasks, clip)  # warm-up
         torch.distributed.barrier()
         start = time.perf_counter()
         for _ in range(steps):
-            micro_step(engine, x, y, slices, weighting, world)
+            micro_step(engine, x, y, slices, weighting, world, None, tasks, clip)
         torch.distributed.barrier()
         seconds = (time.perf_counter() - start) / steps
         result[name] = {"s_per_step": seconds, "samples_per_s": world * len(y) / seconds,
-                        "params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}
-        del engine, model, supernet, optimizer
+                        "params": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())}
+        del engine
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result["peak_bytes"] = peak
     result["peak_kind"] = "cuda max allocated" if cuda else "process peak RSS"
@@ -646,4 +651,85 @@ def format_scale_bench(r: dict[str, Any]) -> str:
             lines.append(f"    {name:<16} {p['tasks']:>2} tasks x {p['per_task']} ranks: {p['params'] / 1e9:6.2f} B "
                          f"params, subnet {p['active'] / 1e6:6.1f} M; replicated {mr['replicated']:5.2f}x memory "
                          f"{sr['replicated']:5.2f}x sent; {shard}")
+    return "\n".join(lines)
+
+
+def _checkpoint_rank(rank: int, world: int, port: int, raw: dict, directory: str, out: str) -> None:
+    """Write a real training checkpoint of a freshly built engine (no data, no step)."""
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    from ufo.checkpoint import save_training_checkpoint
+    from ufo.config import config_from_dict
+    from ufo.layout import init_distributed, leave_distributed, make_layout
+    from ufo.train import build_engine, checkpoint_meta
+
+    init_distributed()
+    cfg = config_from_dict(raw, "bench")
+    layout = make_layout(cfg, world)
+    engine, _, _, names = build_engine(cfg, layout, rank, say=lambda _: None)
+    save_training_checkpoint(engine, Path(directory), 0, checkpoint_meta(cfg, layout, names), {}, rank, keep=1)
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        f.write("{}")
+    leave_distributed()
+
+
+_EXPORT_PEAK = """
+import json, resource, sys
+import ufo.export, ufo.checkpoint, ufo.layout
+ufo.layout.import_deepspeed()
+import deepspeed.runtime.fp16.loss_scaler, deepspeed.runtime.zero.config, deepspeed.utils.tensor_fragment
+def rss():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024
+base = rss()
+r = ufo.export.export_subnet(sys.argv[1], sys.argv[2], sys.argv[3], formats=["safetensors"], log=lambda _: None)
+print(json.dumps({"baseline": base, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "subnet_params": r.param_count, "diff": r.max_abs_diff["safetensors"]}))
+"""
+
+
+def bench_export(cfg: UfoConfig, task: str | None = None, world: int | None = None, zero: int = 1) -> dict[str, Any]:
+    """Peak RSS of exporting one task (safetensors, verified) from a task-sharded and from a
+    replicated checkpoint of the same config (fp32, ZeRO `zero`, one rank per task by default),
+    above the interpreter's baseline with ufo, torch, timm and deepspeed imported."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    task = task or next(iter(cfg.tasks))
+    world = world or len(cfg.tasks)
+    result: dict[str, Any] = {"task": task, "world": world, "zero_stage": zero, "placements": {}, "target": 2.0}
+    with tempfile.TemporaryDirectory() as tmp:
+        for placement in ("task_sharded", "replicated"):
+            raw = cfg.to_dict()
+            raw["train"].update(layout="task_parallel", placement=placement)
+            raw["deepspeed"].update(zero_stage=zero, precision="fp32")
+            directory = Path(tmp) / placement
+            _spawn(_checkpoint_rank, (raw, str(directory)), world)
+            files = sum(f.stat().st_size for f in next(directory.glob("step*")).iterdir())
+            run = subprocess.run([sys.executable, "-c", _EXPORT_PEAK, str(directory), task,
+                                  str(Path(tmp) / f"{placement}-subnet")], capture_output=True, text=True)
+            if run.returncode:
+                raise RuntimeError(f"export from the {placement} checkpoint failed: {run.stderr.strip()[-2000:]}")
+            got = json.loads(run.stdout.strip().splitlines()[-1])
+            subnet = 4 * got["subnet_params"]
+            result["placements"][placement] = {**got, "checkpoint_bytes": files, "subnet_bytes": subnet,
+                                               "above_baseline": got["peak"] - got["baseline"],
+                                               "ratio": (got["peak"] - got["baseline"]) / subnet}
+    return result
+
+
+def format_export_bench(r: dict[str, Any]) -> str:
+    gib = 2 ** 30
+    lines = [f"ufo bench export: task {r['task']}, checkpoints of {r['world']} ranks, ZeRO {r['zero_stage']}, fp32; "
+             f"peak RSS above the interpreter's baseline, against the subnet's fp32 size (target <= "
+             f"{r['target']:g}x)"]
+    for placement, p in r["placements"].items():
+        verdict = "meets" if p["ratio"] <= r["target"] else "MISSES"
+        lines.append(f"  {placement:<13} checkpoint {p['checkpoint_bytes'] / gib:6.2f} GiB  subnet "
+                     f"{p['subnet_bytes'] / gib:5.2f} GiB  baseline {p['baseline'] / gib:5.2f} GiB  peak "
+                     f"{p['peak'] / gib:5.2f} GiB  above {p['above_baseline'] / gib:5.2f} GiB = {p['ratio']:.2f}x "
+                     f"({verdict})")
     return "\n".join(lines)

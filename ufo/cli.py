@@ -169,6 +169,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip the projection to the ViT-B, ViT-L and 26-task ViT-H configs")
     b.add_argument("--json", action="store_true", help="print the result as JSON")
     b.set_defaults(run=_bench_scale)
+    b = benches.add_parser("export", help="peak RSS of exporting one task from a task-sharded vs a replicated checkpoint")
+    config_args(b)
+    b.add_argument("--task", help="the task to export (default: the first)")
+    b.add_argument("--ranks", type=int, help="ranks that write the checkpoints (default: one per task)")
+    b.add_argument("--zero", type=int, default=1, choices=[0, 1, 2], help="ZeRO stage of the checkpoints (default 1)")
+    b.add_argument("--json", action="store_true", help="print the result as JSON")
+    b.set_defaults(run=_bench_export)
     b = benches.add_parser("weighting", help="train once per loss-weighting strategy; metrics, weights and losses")
     training_bench_args(b, steps=100, out="runs/bench-weighting")
     b.add_argument("--strategies", default="all", help="comma-separated train.weighting names (default: all)")
@@ -364,6 +371,17 @@ def _bench_scale(args: argparse.Namespace) -> None:
     counts = [int(n) for n in args.tasks.split(",") if n.strip()]
     result = bench_scale(cfg, counts, zero=args.zero, steps=args.steps, projections=projections)
     print(json.dumps(result, indent=2) if args.json else format_scale_bench(result))
+
+
+def _bench_export(args: argparse.Namespace) -> None:
+    import json
+
+    from ufo.bench import bench_export, format_export_bench
+    from ufo.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    result = bench_export(cfg, task=args.task, world=args.ranks, zero=args.zero)
+    print(json.dumps(result, indent=2) if args.json else format_export_bench(result))
 
 
 def _bench_weighting(args: argparse.Namespace) -> None:

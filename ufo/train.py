@@ -169,6 +169,15 @@ def build_engine(cfg: UfoConfig, layout: Layout, rank: int, say: Log = print) ->
     return engine, scheduler, clip, group_names
 
 
+def checkpoint_meta(cfg: UfoConfig, layout: Layout, group_names: list) -> dict:
+    """What a checkpoint's marker says of the run that wrote it, for resuming and reading it."""
+    d = cfg.deepspeed
+    return {"config": cfg.to_dict(), "zero_stage": d.zero_stage, "precision": d.precision,
+            "world_size": layout.world_size, "layout": layout.kind, "placement": layout.placement,
+            "layout_groups": layout.groups,
+            "param_group_names": group_names if d.zero_stage == 0 and d.precision != "fp32" else None}
+
+
 class _Signals:
     """SIGTERM and SIGUSR1 (Slurm's warning before preemption) ask for a checkpoint and a clean stop."""
 
@@ -292,11 +301,7 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
                 if final or (t.checkpoint_every and step % t.checkpoint_every == 0):
                     state = {"step": step, "data": loader.state_dict(), "rng": _rng_state(),
                              "weighting": {"name": weighting.name, "state": weighting.state_dict()}}
-                    meta = {"config": cfg.to_dict(), "zero_stage": cfg.deepspeed.zero_stage,
-                            "precision": cfg.deepspeed.precision, "world_size": world, "layout": layout.kind,
-                            "placement": layout.placement, "layout_groups": layout.groups,
-                            "param_group_names": group_names if cfg.deepspeed.zero_stage == 0 and
-                            cfg.deepspeed.precision != "fp32" else None,
+                    meta = {**checkpoint_meta(cfg, layout, group_names),
                             "path_policy": policy.state_dict(), "weighting": weighting.name,
                             "mlflow_run_id": tracker.run_id if tracker else None,
                             "mlflow_uri": tracker.uri if tracker else None}
