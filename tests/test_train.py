@@ -203,6 +203,22 @@ def final_weights(out: Path) -> dict:
     return read_checkpoint(out).state_dict
 
 
+def kill_9_at(args: list[str], log: Path, marker: Path) -> None:
+    """Launch, and once `marker` exists kill the launcher's process group and its ranks (torchrun
+    starts them in sessions of their own) with SIGKILL: no goodbye."""
+    first = launch(args, log)
+    deadline = time.time() + 600
+    while not marker.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), log.read_text()[-3000:]
+    ranks = psutil.Process(first.pid).children(recursive=True)
+    os.killpg(first.pid, signal.SIGKILL)
+    for proc in ranks:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    first.wait()
+
+
 @pytest.mark.dist
 def test_kill_9_and_resume_equals_the_straight_run(tmp_path):
     import yaml
@@ -217,19 +233,8 @@ def test_kill_9_and_resume_equals_the_straight_run(tmp_path):
     straight = launch(torchrun(config, tmp_path / "straight"), tmp_path / "straight.log")
     assert straight.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-3000:]
 
-    first = launch(torchrun(config, tmp_path / "cut"), tmp_path / "cut.log")
-    marker = tmp_path / "cut" / "checkpoints" / "step00000004" / "ufo.json"
-    deadline = time.time() + 600
-    while not marker.exists() and first.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert marker.exists(), (tmp_path / "cut.log").read_text()[-3000:]
-    # the launcher's process group and its ranks (torchrun starts them in sessions of their own), no goodbye
-    ranks = psutil.Process(first.pid).children(recursive=True)
-    os.killpg(first.pid, signal.SIGKILL)
-    for proc in ranks:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    first.wait()
+    kill_9_at(torchrun(config, tmp_path / "cut"), tmp_path / "cut.log",
+              tmp_path / "cut" / "checkpoints" / "step00000004" / "ufo.json")
     assert not (tmp_path / "cut" / "checkpoints" / "step00000040" / "ufo.json").exists()
 
     second = launch(torchrun(config, tmp_path / "cut"), tmp_path / "resume.log")

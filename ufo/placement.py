@@ -43,9 +43,10 @@ def _fill_engine_groups(layout: Layout) -> None:
     group is chosen so that the rank's place in it is its task's index, by which DeepSpeed names
     the expert checkpoint files (layer_L_expert_T_...)."""
     name, rank = group_name(layout), dist.get_rank()
-    if name in ds_groups._get_expert_data_parallel_group_dict():
-        return
-    by_task = task_groups(layout)
+    by_task = task_groups(layout)  # made anew after each leave_distributed()
+    (own,) = layout.tasks_of(rank)
+    if ds_groups._get_expert_data_parallel_group_dict().get(name) is by_task[own]:
+        return  # this engine's groups are in place (the engine calls every TaskExpert)
     ranks = list(layout.groups.values())
     for task, members in layout.groups.items():
         if rank in members:
