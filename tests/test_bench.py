@@ -86,7 +86,8 @@ def test_bench_scale_counts_what_each_placement_holds_and_sends(tiny_cfg):
     result = bench_scale(tiny_cfg, task_counts=(2,), ranks_per_task=1, steps=2, projections={"tiny": tiny_cfg})
     rows = {r["placement"]: r for r in result["rows"]}
     assert rows["plain"]["params"] < rows["task_sharded"]["params"] < rows["replicated"]["params"]
-    assert 0 < rows["plain"]["sent_bytes"] < rows["task_sharded"]["sent_bytes"] < rows["replicated"]["sent_bytes"]
+    # one rank per task: a task's gradients go nowhere, so task_sharded sends about what the plain ViT does
+    assert 0 < rows["task_sharded"]["sent_bytes"] < 1.1 * rows["plain"]["sent_bytes"] < rows["replicated"]["sent_bytes"]
     # (ZeRO-1 gives both placements the same optimizer share: (S + T P) / (k T) = S / W + P / k)
     assert all(r["optimizer_bytes"] > 0 for r in rows.values())
     assert rows["plain"]["ratio"]["param_bytes"] == 1.0
