@@ -80,6 +80,10 @@ def deepspeed_config(cfg: UfoConfig) -> dict[str, Any]:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if d.zero_stage == 3:  # buckets sized to the model (the usual recipe), not DeepSpeed's 5e8-element defaults
+        h = cfg.model.embed_dim
+        config["zero_optimization"].update(reduce_bucket_size=h * h, stage3_prefetch_bucket_size=int(0.9 * h * h),
+                                           stage3_param_persistence_threshold=10 * h)
     return _merge(config, d.overrides)
 
 
