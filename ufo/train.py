@@ -3,9 +3,11 @@
 Built in order: process group and layout, data, model, engine, weighting. Then one loop: batch ->
 forward -> per-task losses -> weights -> backward -> step -> log -> maybe eval -> maybe checkpoint.
 
-Gradient semantics (DESIGN.md): every rank passes a slice of every task to the model, empty for
-the tasks it does not serve, so every rank calls the same modules in the same order (what ZeRO-3
-requires) and every parameter gets a gradient, zero where unused. Rank r's loss is
+Gradient semantics (DESIGN.md): under replicated placement every rank passes a slice of every
+task to the model, empty for the tasks it does not serve, so every rank calls the same modules in
+the same order (what ZeRO-3 requires) and every parameter gets a gradient, zero where unused;
+under task_sharded a rank holds and calls its own task only, whose gradients DeepSpeed reduces
+among that task's ranks (`ufo/placement.py`). Rank r's loss is
 `W * sum_t w_t * (sum of task t's sample losses on r) / N_t`, N_t the step's task t samples over
 all ranks: DeepSpeed's average over the W ranks then gives every parameter the gradient of
 `sum_t w_t * mean_t loss` over the global batch, exactly what one process would compute. The
