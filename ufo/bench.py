@@ -170,13 +170,19 @@ class _PlainWithHeads(torch.nn.Module):
         return apply_heads(self.heads, features, slices, labels, reduction, hits)
 
 
-def _train_bench_rank(rank: int, world: int, port: int, raw: dict, steps: int, plain: bool, out: str) -> None:
-    import json
+def _join(rank: int, world: int, port: int) -> None:
+    """The launcher variables of one of the benchmark's spawned ranks."""
     import os
-    import resource
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
+
+
+def _train_bench_rank(rank: int, world: int, port: int, raw: dict, steps: int, plain: bool, out: str) -> None:
+    import json
+    import resource
+
+    _join(rank, world, port)
     from ufo.config import config_from_dict
     from ufo.layout import import_deepspeed, init_distributed, leave_distributed, make_layout
     from ufo.model.heads import build_head
@@ -227,17 +233,7 @@ def _train_bench_rank(rank: int, world: int, port: int, raw: dict, steps: int, p
 
 
 def _spawn_bench(raw: dict, steps: int, plain: bool, world: int) -> list[dict]:
-    import json
-    import os
-    import tempfile
-
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as out:
-        port = 29600 + os.getpid() % 300
-        mp.start_processes(_train_bench_rank, args=(world, port, raw, steps, plain, out), nprocs=world,
-                           start_method="spawn")
-        return [json.loads(open(f"{out}/rank{r}.json").read()) for r in range(world)]
+    return _spawn(_train_bench_rank, (raw, steps, plain), world)
 
 
 def bench_train(cfg: UfoConfig, steps: int = 5, world: int = 2, memory_config: UfoConfig | None = None,
@@ -453,20 +449,14 @@ class _Collectives:
 
         def counted(*args, **kwargs):
             if self.on:
-                bound = signature.bind(*args, **kwargs).arguments
-                group = bound.get("group")
+                bound = list(signature.bind(*args, **kwargs).arguments.items())
+                group = dict(bound).get("group")
                 n = dist.get_world_size(group) if group is not None else dist.get_world_size()
-                tensor = next(iter(bound.values()))
-                if isinstance(tensor, (list, tuple)):
-                    nbytes = sum(t.numel() * t.element_size() for t in tensor)
-                else:
-                    if name in ("reduce_scatter_tensor", "_reduce_scatter_base"):
-                        tensor = list(bound.values())[1]  # the whole input
-                    elif name == "reduce_scatter":
-                        tensor = None
-                        nbytes = sum(t.numel() * t.element_size() for t in list(bound.values())[1])
-                    if tensor is not None:
-                        nbytes = tensor.numel() * tensor.element_size()
+                # the whole buffer: the input of a reduce-scatter, else the first argument (output of a gather)
+                data = bound[1][1] if name in ("reduce_scatter_tensor", "_reduce_scatter_base", "reduce_scatter") \
+                    else bound[0][1]
+                parts = data if isinstance(data, (list, tuple)) else [data]
+                nbytes = sum(t.numel() * t.element_size() for t in parts)
                 factor = 2 * (n - 1) / n if name == "all_reduce" else (n - 1) / n
                 self.sent += factor * nbytes if n > 1 else 0.0
                 self.calls += 1
@@ -487,11 +477,9 @@ def _optimizer_bytes(optimizer) -> int:
 
 def _scale_rank(rank: int, world: int, port: int, raw: dict, placement: str, steps: int, out: str) -> None:
     import json
-    import os
 
     counter = _Collectives()  # before the engine binds torch.distributed's functions
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    _join(rank, world, port)
     from ufo.config import config_from_dict
     from ufo.layout import import_deepspeed, init_distributed, leave_distributed, make_layout
     from ufo.model import subnet_args
@@ -550,13 +538,14 @@ def _projection(cfg: UfoConfig, per_task: int) -> dict[str, Any]:
     """Per-rank memory (ufo.memory's plan) and bytes sent per step (ring model: shared gradients over
     the world, a task's over its ranks) of a config at `per_task` ranks per task, against a plain ViT
     that trains one task alone (its subnet and training head) over the same ranks; the worst task's ratio."""
+    from ufo.config import config_from_dict
     from ufo.memory import memory_plan, rank_bytes
     from ufo.model import count_params
 
     world = per_task * len(cfg.tasks)
     raw = cfg.to_dict()
     raw["tasks"] = {t: {**tc, "ranks": per_task} for t, tc in raw["tasks"].items()}
-    cfg = type(cfg).model_validate(raw)
+    cfg = config_from_dict(raw, "projection")
     with torch.device("meta"):
         counts = count_params(SupernetViT.from_config(cfg), {t: cfg.path_of(t) for t in cfg.tasks})
     plans = memory_plan(cfg, world)
@@ -642,8 +631,9 @@ def format_scale_bench(r: dict[str, Any]) -> str:
                      f"{row['optimizer_bytes'] / mb:>7.2f} MB {q['optimizer_bytes']:>5.2f}x "
                      f"{row['sent_bytes'] / mb:>7.2f} MB {q['sent_bytes']:>5.2f}x")
     if r["projected"]:
-        lines.append("  projected, ZeRO 2 bf16 AdamW, worst task, against a plain ViT training that task alone (subnet "
-                     "+ margin centers) on the same ranks; memory = weights + gradients + optimizer state with masters:")
+        lines.append("  projected, ZeRO 2 bf16 AdamW, worst task, against a plain ViT training that task alone "
+                     "(subnet + margin centers) on the same ranks; memory = weights + gradients + optimizer "
+                     "state with masters:")
         for name, p in r["projected"].items():
             mr, sr = p["memory_ratio"], p["sent_ratio"]
             shard = (f"task_sharded {mr['task_sharded']:.2f}x memory {sr['task_sharded']:.2f}x sent"
@@ -656,10 +646,8 @@ def format_scale_bench(r: dict[str, Any]) -> str:
 
 def _checkpoint_rank(rank: int, world: int, port: int, raw: dict, directory: str, out: str) -> None:
     """Write a real training checkpoint of a freshly built engine (no data, no step)."""
-    import os
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    _join(rank, world, port)
     from ufo.checkpoint import save_training_checkpoint
     from ufo.config import config_from_dict
     from ufo.layout import init_distributed, leave_distributed, make_layout

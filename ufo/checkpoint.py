@@ -222,14 +222,16 @@ def _read_training_checkpoint(tag_dir: Path, tasks: Sequence[str] | None = None)
             state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
             # its tensors are views of one flat buffer: give each its own storage, as model files have
             state = {k: v.clone() for k, v in _only(state, cfg, tasks).items()}
+        # every branch read only the shared parts and `tasks`
     except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:
         raise CheckpointError(f"{tag_dir}: cannot consolidate the DeepSpeed checkpoint "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    state = {k: v.float() if v.is_floating_point() else v for k, v in _only(state, cfg, tasks).items()}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     return Checkpoint(tag_dir, cfg, state, step, marker.get("ufo_version", "unknown"))
 
 
-# DeepSpeed names a task-sharded rank's task parameters as experts: PREFIX.deepspeed_moe.experts.deepspeed_experts.ID.rest
+# DeepSpeed names a task-sharded rank's task parameters as experts:
+# PREFIX.deepspeed_moe.experts.deepspeed_experts.ID.rest
 EXPERT_INFIX = re.compile(r"\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)")
 
 

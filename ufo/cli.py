@@ -169,7 +169,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip the projection to the ViT-B, ViT-L and 26-task ViT-H configs")
     b.add_argument("--json", action="store_true", help="print the result as JSON")
     b.set_defaults(run=_bench_scale)
-    b = benches.add_parser("export", help="peak RSS of exporting one task from a task-sharded vs a replicated checkpoint")
+    b = benches.add_parser("export", help="peak RSS of exporting one task from a task-sharded vs a replicated "
+                                          "checkpoint")
     config_args(b)
     b.add_argument("--task", help="the task to export (default: the first)")
     b.add_argument("--ranks", type=int, help="ranks that write the checkpoints (default: one per task)")

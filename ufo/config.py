@@ -229,7 +229,8 @@ def sharding_unsupported(cfg: UfoConfig) -> str:
         return ("DeepSpeed refuses expert parameters under ZeRO-3, so every rank holds every task's FFN-task MLPs "
                 "and heads (partitioned over the world)")
     if d.precision == "fp16":
-        return "fp16's overflow check runs over expert-parallel groups that cannot hold one rank of every task; use bf16"
+        return ("fp16's overflow check runs over expert-parallel groups that cannot hold one rank of every task; "
+                "use bf16")
     if d.zero_stage == 0 and d.precision != "fp32":
         return (f"{d.precision} under ZeRO-0 computes its gradient norm over expert-parallel groups that cannot "
                 "hold one rank of every task; use ZeRO-1 (same weights per rank, sharded optimizer state)")

@@ -154,12 +154,14 @@ def build_engine(cfg: UfoConfig, layout: Layout, rank: int, say: Log = print) ->
                 params, modifier_rank=0))
     else:
         model = init_supernet(cfg, held=held)
-    groups, clip = param_groups(model, cfg), None
+    clip = None
     if layout.placement == "task_sharded":
         from ufo import placement
 
         model = placement.shard_model(model, layout)
-        groups = placement.optimizer_groups(param_groups(model, cfg))
+    groups = param_groups(model, cfg)
+    if layout.placement == "task_sharded":
+        groups = placement.optimizer_groups(groups)
         ds_config, clip = placement.engine_config(ds_config, model, layout, t.gradient_clipping)
         say(f"task_sharded: rank {rank} holds {sum(p.numel() for p in model.parameters()):,} parameters "
             f"(shared + {', '.join(held)})")
@@ -233,6 +235,7 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
 
     loader = _make_loader(cfg, layout, rank)
     engine, scheduler, clip, group_names = build_engine(cfg, layout, rank, say)
+    held = layout.held(rank)
     policy = PathPolicy(t.path_policy, {task: cfg.path_of(task) for task in tasks}, t.seed, t.path_sample_p)
     elastic = _elastic_policy(cfg)
     weighting = _make_weighting(cfg, say)
@@ -266,7 +269,7 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
                 seen = _StepMean(len(tasks))
                 for _ in range(t.gradient_accumulation_steps):
                     batch = next(batches)
-                    slices = _slices(batch, layout.held(rank), paths, sizes)
+                    slices = _slices(batch, held, paths, sizes)
                     images = batch["images"]
                     if images.ndim != 4:  # every sample of this batch was bad
                         images = torch.zeros(0, m.in_chans, m.img_size, m.img_size)
