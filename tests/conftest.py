@@ -23,5 +23,12 @@ def tiny_cfg(tiny_config_file: Path):
 
 @pytest.fixture
 def tiny_checkpoint(tmp_path: Path, tiny_cfg) -> Path:
-    """A supernet checkpoint whose FFN-task MLPs differ from FFN-shared, so paths matter."""
-    return save_supernet(init_supernet(tiny_cfg), tiny_cfg, tmp_path / "ckpt" / "supernet.safetensors")
+    """A supernet checkpoint with every FFN (model.ffns: all), its FFN-task MLPs different from FFN-shared,
+    so paths matter."""
+    cfg = with_every_ffn(tiny_cfg)
+    return save_supernet(init_supernet(cfg), cfg, tmp_path / "ckpt" / "supernet.safetensors")
+
+
+def with_every_ffn(cfg):
+    """The config with model.ffns: all (the tiny config's fixed paths build only their own FFNs)."""
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"ffns": "all"})})

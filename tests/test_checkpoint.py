@@ -9,10 +9,13 @@ from ufo.model import TaskSlice, vit_args
 
 
 def test_round_trip(tiny_cfg, tiny_checkpoint):
+    from conftest import with_every_ffn
+
     ckpt = read_checkpoint(tiny_checkpoint)
-    assert ckpt.config == tiny_cfg and ckpt.step == 0
+    assert ckpt.config == with_every_ffn(tiny_cfg) and ckpt.step == 0
     model = load_supernet(ckpt)
-    fresh = init_supernet(tiny_cfg)  # same seed: same weights
+    fresh = init_supernet(ckpt.config)  # same seed: same weights
+    assert list(model.state_dict()) == list(fresh.state_dict())
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -59,7 +62,8 @@ def test_init_from_a_plain_timm_vit(tmp_path, tiny_cfg, suffix):
         save_file(vit.state_dict(), file)
     else:
         torch.save({"model": vit.state_dict()}, file)
-    model = init_supernet(tiny_cfg, from_timm=file).eval()
+    model = init_supernet(tiny_cfg, from_timm=file).eval()  # builds only the FFNs on the paths
+    assert [len(block.mlp.task) for block in model.blocks] == [1, 1, 1, 2]
     for block, vit_block in zip(model.blocks, vit.blocks):
         for ffn in [block.mlp.shared, *block.mlp.task.values()]:
             for a, b in zip(ffn.parameters(), vit_block.mlp.parameters()):
@@ -67,7 +71,7 @@ def test_init_from_a_plain_timm_vit(tmp_path, tiny_cfg, suffix):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         expected = vit.forward_head(vit.forward_features(x), pre_logits=True)
-        got = model.forward_features(x, [TaskSlice("digits", "STST", 2)])
+        got = model.forward_features(x, [TaskSlice("digits", "TSSS", 2)])
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
 
 
@@ -108,3 +112,18 @@ def test_only_marked_training_checkpoints_count(tmp_path):
     assert find_training_checkpoint(ckpts / "step00000010").name == "step00000010"
     with pytest.raises(CheckpointError, match="holds no complete training checkpoint"):
         read_checkpoint(ckpts / "step00000030")
+
+
+def test_a_run_takes_what_its_config_builds_from_a_supernet_with_every_ffn(tiny_checkpoint, tiny_cfg):
+    # a supernet file with every FFN, started from by a run that builds only the FFNs on its paths
+    ckpt = read_checkpoint(tiny_checkpoint)
+    model = load_supernet(ckpt, held=["face"], config=tiny_cfg)
+    assert sorted(model.state_dict()) == sorted(k for k in ckpt.state_dict
+                                                if (".mlp.task." not in k or k.startswith(("blocks.2.mlp.task.face.",
+                                                                                           "blocks.3.mlp.task.face.")))
+                                                and (not k.startswith("heads.") or k.startswith("heads.face.")))
+    assert all(torch.equal(t, ckpt.state_dict[k]) for k, t in model.state_dict().items())
+    narrow = read_checkpoint(save_supernet(model, tiny_cfg, tiny_checkpoint.parent / "face.safetensors"))
+    with pytest.raises(CheckpointError, match="does not match the config: it lacks blocks.0.mlp.task.face"):
+        load_supernet(narrow, config=tiny_cfg.model_copy(update={"model": tiny_cfg.model.model_copy(
+            update={"ffns": "all"})}))

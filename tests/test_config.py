@@ -145,3 +145,14 @@ def test_override_without_equals(tiny_config_file):
 
 def test_override_into_a_value(tiny_config_file):
     assert "model.depth is a value" in error_of(tiny_config_file, ["model.depth.x=1"])
+
+
+def test_ffns_on_path_follows_the_path_policy(tiny_config_file):
+    from ufo.config import ffns_on_path
+
+    assert ffns_on_path(load_config(tiny_config_file))  # auto under the fixed policy
+    assert not ffns_on_path(load_config(tiny_config_file, ["train.path_policy=sample"]))
+    assert not ffns_on_path(load_config(tiny_config_file, ["model.ffns=all"]))
+    message = error_of(tiny_config_file, ["model.ffns=on_path", "train.path_policy=sample"])
+    assert message.startswith(f"{tiny_config_file}: model.ffns: on_path builds only the FFNs on the configured")
+    assert message.endswith("(from --set model.ffns=on_path)")

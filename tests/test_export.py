@@ -103,6 +103,16 @@ def test_bad_path(tmp_path, tiny_checkpoint, path, message):
         export_subnet(tiny_checkpoint, "face", tmp_path / "out", path=path)
 
 
+def test_a_path_off_the_built_ffns_is_refused(tmp_path, tiny_cfg):
+    from ufo.checkpoint import init_supernet, save_supernet
+
+    ckpt = save_supernet(init_supernet(tiny_cfg), tiny_cfg, tmp_path / "on_path.safetensors")  # FFNs on paths only
+    with pytest.raises(ExportError, match=f"{ckpt}: --path TTTT: block 0 has no FFN-task of face"):
+        export_subnet(ckpt, "face", tmp_path / "out", path="TTTT")
+    assert not (tmp_path / "out").exists()
+    assert export_subnet(ckpt, "face", tmp_path / "out", path="SSST", log=lambda _: None).path == "SSST"
+
+
 def test_existing_output_is_refused_then_replaced(tmp_path, tiny_checkpoint):
     out = tmp_path / "out"
     out.mkdir()

@@ -18,6 +18,14 @@ from ufo.model import (
 
 
 @pytest.fixture
+def tiny_cfg(tiny_cfg):
+    """Every FFN (model.ffns: all): these tests take paths other than the configured ones."""
+    from conftest import with_every_ffn
+
+    return with_every_ffn(tiny_cfg)
+
+
+@pytest.fixture
 def supernet(tiny_cfg):
     torch.manual_seed(0)
     return SupernetViT.from_config(tiny_cfg).eval()
@@ -213,3 +221,35 @@ def test_elastic_slices_of_different_depths_and_widths_in_one_batch(tiny_cfg):
         narrow.fc2.bias.copy_(mlp.fc2.bias)
         tokens = torch.randn(3, 5, 32)
         assert torch.allclose(run_mlp(mlp, tokens, 16), narrow(tokens), atol=1e-6)
+
+
+def test_on_path_builds_only_the_ffns_on_the_paths_with_the_values_of_the_whole(tiny_cfg):
+    # face SSTT, person STST, digits TSSS
+    on_path = tiny_cfg.model_copy(update={"model": tiny_cfg.model.model_copy(update={"ffns": "on_path"})})
+    torch.manual_seed(0)
+    whole = SupernetViT.from_config(tiny_cfg).eval()
+    names = {}
+    for held in (None, ["person"]):
+        torch.manual_seed(0)
+        model = SupernetViT.from_config(on_path, held=held).eval()
+        ffns = [(block.mlp.shared is not None, sorted(block.mlp.task)) for block in model.blocks]
+        names[str(held)] = ffns
+        for name, tensor in model.state_dict().items():  # the same start as the whole supernet
+            assert torch.equal(tensor, whole.state_dict()[name]), name
+    assert names["None"] == [(True, ["digits"]), (True, ["person"]), (True, ["face"]), (True, ["face", "person"])]
+    assert names["['person']"] == [(True, []), (True, ["person"]), (True, []), (True, ["person"])]
+    x = images(3, tiny_cfg)
+    with torch.no_grad():
+        assert torch.equal(model.forward_task(x, "person", "STST"), whole.forward_task(x, "person", "STST"))
+        assert model.forward_task(x, "person", "SSST").shape == (3, 32)  # another path over built FFNs
+        with pytest.raises(KeyError, match="block 0 has no FFN-task of person"):
+            model.forward_task(x, "person", "TTST")
+    sizes = {n: p.numel() for n, p in whole.named_parameters()}
+    ffn = sum(v for n, v in sizes.items() if n.startswith("blocks.0.mlp.shared."))
+    assert sum(p.numel() for p in model.parameters()) == \
+        sum(v for n, v in sizes.items() if ".mlp." not in n and not n.startswith("heads.")) + \
+        sum(v for n, v in sizes.items() if n.startswith("heads.person.")) + 6 * ffn  # 4 shared + 2 own
+    all_s = tiny_cfg.model_copy(update={"tasks": {t: c.model_copy(update={"path": "SSSS"})
+                                                  for t, c in tiny_cfg.tasks.items()}})
+    all_s = all_s.model_copy(update={"model": on_path.model})
+    assert all(not b.mlp.task for b in SupernetViT.from_config(all_s).blocks)  # no FFN-task at all

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_train import init_params, reference_step, run_ranks, tiny_run
+from test_train import SharedRuns, init_params, reference_step, run_ranks, tiny_run
 from ufo.checkpoint import read_checkpoint, task_of
 from ufo.config import config_from_dict
 from ufo.errors import ConfigError
@@ -28,14 +28,24 @@ def sharded_run(tmp_path, stage: int, ranks: tuple[int, int], accumulation: int 
     return raw
 
 
-@pytest.mark.dist
-@pytest.mark.parametrize("stage,ranks,accumulation,clipping", [
+STEP_CASES = [
     (0, (2, 2), 1, 0.0), (1, (2, 2), 1, 0.0), (2, (2, 2), 1, 0.0),
     # 3 + 1 ranks, heads of unequal size, two micro-steps and a clipping norm that bites
-    (0, (3, 1), 2, 0.05), (1, (3, 1), 2, 0.05), (2, (3, 1), 2, 0.05)])
-def test_a_sharded_step_equals_one_big_process(tmp_path, stage, ranks, accumulation, clipping):
-    raw = sharded_run(tmp_path, stage, ranks, accumulation, clipping)
-    replicas = run_ranks(raw, tmp_path, world=4)
+    (0, (3, 1), 2, 0.05), (1, (3, 1), 2, 0.05), (2, (3, 1), 2, 0.05)]
+
+
+@pytest.fixture(scope="module")
+def step_runs(tmp_path_factory):
+    # the three stages of a layout are trained by one set of 4 processes
+    return SharedRuns(tmp_path_factory.mktemp("sharded"), lambda where, case: sharded_run(where, *case),
+                      lambda case: [c for c in STEP_CASES if c[1] == case[1]], world=4)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: f"zero{c[0]}-ranks{c[1][0]}+{c[1][1]}-accum{c[2]}")
+def test_a_sharded_step_equals_one_big_process(step_runs, case):
+    stage, ranks, accumulation, clipping = case
+    raw, replicas = step_runs.get(case)
     expected = reference_step(raw, 4, accumulation)
     layout = make_layout(config_from_dict(raw, "test"), 4)
     assert layout.placement == "task_sharded" and [len(r) for r in layout.groups.values()] == list(ranks)
@@ -56,7 +66,7 @@ def test_a_sharded_step_equals_one_big_process(tmp_path, stage, ranks, accumulat
     if clipping:  # the clipping norm bit: the unclipped step lands elsewhere
         unclipped = reference_step({**raw, "train": {**raw["train"], "gradient_clipping": 0.0}}, 4, accumulation)
         assert (unclipped["norm.weight"] - expected["norm.weight"]).abs().max() > 1e-3
-    ckpt = read_checkpoint(tmp_path / "run")  # the consolidator reads shared + every task's expert files
+    ckpt = read_checkpoint(raw["train"]["out_dir"])  # the consolidator reads shared + every task's expert files
     assert set(ckpt.state_dict) == set(expected)
     for name, want in expected.items():
         assert (ckpt.state_dict[name] - want.detach()).abs().max().item() < 2e-5, name
@@ -188,15 +198,24 @@ def test_bf16_gradnorm_and_elastic_under_task_sharding(tmp_path):
     assert {task_of(k) for k in only_face} == {None, "face"}
 
 
+def bf16_run(tmp_path, case: tuple) -> dict:
+    raw = tiny_run(tmp_path, ("face", "person", "digits"), steps=2, layout="mixed", lr=1e-3)
+    raw["deepspeed"] = {"zero_stage": case[0], "precision": "bf16"}
+    return raw
+
+
+@pytest.fixture(scope="module")
+def bf16_runs(tmp_path_factory):
+    return SharedRuns(tmp_path_factory.mktemp("bf16"), bf16_run, lambda case: [(0,), (2,), (3,)], world=2)
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize("stage", [0, 2, 3])
-def test_replicated_bf16_checkpoints_read_as_their_fp32_masters(tmp_path, stage):
+def test_replicated_bf16_checkpoints_read_as_their_fp32_masters(bf16_runs, stage):
     """The one reader of every stage: module files and ZeRO fragment maps (0-2), DeepSpeed's
     consolidation (3), each giving exactly the fp32 masters the ranks train."""
-    raw = tiny_run(tmp_path, ("face", "person", "digits"), steps=2, layout="mixed", lr=1e-3)
-    raw["deepspeed"] = {"zero_stage": stage, "precision": "bf16"}
-    replicas = run_ranks(raw, tmp_path)
-    ckpt = read_checkpoint(tmp_path / "run")
+    raw, replicas = bf16_runs.get((stage,))
+    ckpt = read_checkpoint(raw["train"]["out_dir"])
     assert set(ckpt.state_dict) == set(replicas[0])
     finer = 0
     for name, master in replicas[0].items():

@@ -54,6 +54,7 @@ def planted_checkpoint(tmp_path, planted: str, noise: float = 0.05, ridge: float
                                "shards": str(tmp_path / "data" / "train"),
                                "eval_shards": str(tmp_path / "data" / "eval")}}
     raw["data"] = {"num_workers": 0}
+    raw["model"]["ffns"] = "all"  # a supernet file to search: every FFN
     cfg = config_from_dict(raw, "test")
     torch.manual_seed(0)
     model = init_supernet(cfg).eval()
@@ -93,6 +94,16 @@ def test_search_finds_a_planted_path_and_export_takes_it(tmp_path, capsys):
     assert json.loads((tmp_path / "subnet" / "config.json").read_text())["ufo"]["path"] == planted
     with pytest.raises(UfoError, match="search result of task 'digits', not 'face'"):
         read_path(out, "face")
+
+
+def test_a_supernet_with_only_its_paths_ffns_is_refused(tmp_path, tiny_cfg):
+    from ufo.checkpoint import init_supernet, save_supernet
+    from ufo.search import search_path
+
+    ckpt = save_supernet(init_supernet(tiny_cfg), tiny_cfg, tmp_path / "on_path.safetensors")
+    with pytest.raises(UfoError, match="holds only the FFNs on its configured paths .* train with "
+                                       "train.path_policy: sample"):
+        search_path(ckpt, "digits")
 
 
 @pytest.mark.dist

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import psutil
 import pytest
@@ -48,23 +49,27 @@ def tiny_run(tmp_path: Path, tasks: tuple[str, ...], **train) -> dict:
     return raw
 
 
-def _rank_main(rank: int, world: int, port: int, raw: dict, out: str) -> None:
+def _rank_main(rank: int, world: int, port: int, raws: dict | list[dict], out: str) -> None:
+    """Train each config in turn (one set of processes for several runs: the imports and the process
+    group's start are paid once) and save every rank's parameters and weighting state."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    from ufo.train import train
-
-    result = train(config_from_dict(raw, "test"), log=lambda _: None)
     from deepspeed.utils import safe_get_full_fp32_param
 
     from ufo.checkpoint import canonical_name
+    from ufo.train import train
 
-    params = {}
-    for name, param in result.engine.module.named_parameters():
-        full = safe_get_full_fp32_param(param)  # None without ZeRO: the parameter is whole
-        params[canonical_name(name)] = (param if full is None else full).detach().clone()
-    torch.save(params, Path(out) / f"params{rank}.pt")
-    torch.save(result.weighting.state_dict(), Path(out) / f"weighting{rank}.pt")
-    leave()
+    for i, raw in enumerate([raws] if isinstance(raws, dict) else raws):
+        where = Path(out) if isinstance(raws, dict) else Path(out) / str(i)
+        where.mkdir(parents=True, exist_ok=True)
+        result = train(config_from_dict(raw, "test"), log=lambda _: None)
+        params = {}
+        for name, param in result.engine.module.named_parameters():
+            full = safe_get_full_fp32_param(param)  # None without ZeRO: the parameter is whole
+            params[canonical_name(name)] = (param if full is None else full).detach().clone()
+        torch.save(params, where / f"params{rank}.pt")
+        torch.save(result.weighting.state_dict(), where / f"weighting{rank}.pt")
+    leave()  # once: DeepSpeed keeps its groups of the first run for the next ones
 
 
 def leave() -> None:
@@ -77,6 +82,27 @@ def run_ranks(raw: dict, tmp_path: Path, world: int = 2) -> list[dict]:
     port = 29000 + os.getpid() % 1000
     mp.start_processes(_rank_main, args=(world, port, raw, str(tmp_path)), nprocs=world, start_method="spawn")
     return [torch.load(tmp_path / f"params{r}.pt") for r in range(world)]
+
+
+class SharedRuns:
+    """Runs of several parametrized cases trained by one set of `world` processes, on the first case
+    that asks for one of them: `get(case)` -> (raw, every rank's parameters)."""
+
+    def __init__(self, root: Path, make: Callable[[Path, tuple], dict], group: Callable[[tuple], list[tuple]],
+                 world: int):
+        self.root, self.make, self.group, self.world, self.done = root, make, group, world, {}
+
+    def get(self, case: tuple) -> tuple[dict, list[dict]]:
+        if case not in self.done:
+            cases = self.group(case)
+            base = self.root / f"group{len(self.done)}"
+            raws = [self.make(base / f"case{i}", c) for i, c in enumerate(cases)]
+            port = 29000 + (os.getpid() + 17 * len(self.done)) % 1000
+            mp.start_processes(_rank_main, args=(self.world, port, raws, str(base)), nprocs=self.world,
+                               start_method="spawn")
+            for i, (c, raw) in enumerate(zip(cases, raws)):
+                self.done[c] = raw, [torch.load(base / str(i) / f"params{r}.pt") for r in range(self.world)]
+        return self.done[case]
 
 
 def reference_step(raw: dict, world: int, accumulation: int = 1) -> dict:
@@ -135,24 +161,38 @@ def reference_weights(cfg, losses: list, z: torch.Tensor) -> list[float]:
 
 
 TP, MIXED = ("task_parallel", ("face", "digits")), ("mixed", ("face", "person", "digits"))
-
-
-@pytest.mark.dist
-@pytest.mark.parametrize("stage,layout,tasks,accumulation,weighting", [
+STEP_CASES = [
     (0, *TP, 1, "static"), (1, *TP, 1, "static"), (2, *TP, 1, "static"), (3, *TP, 1, "static"),
     (0, *MIXED, 1, "static"), (1, *MIXED, 1, "static"), (2, *MIXED, 1, "static"), (3, *MIXED, 1, "static"),
     (2, *MIXED, 2, "static"),
     # weights from every task's loss or gradient norm, all-reduced across ranks
     (1, *TP, 1, "realtime"), (0, *TP, 1, "gradnorm_static"), (3, *TP, 1, "gradnorm_static"),
-    (2, *MIXED, 2, "gradnorm_static")])
-def test_one_distributed_step_equals_one_big_process(tmp_path, stage, layout, tasks, accumulation, weighting):
+    (2, *MIXED, 2, "gradnorm_static")]
+
+
+def step_run(tmp_path: Path, case: tuple) -> dict:
+    stage, layout, tasks, accumulation, weighting = case
     # replicated: every rank holds every task (tests/test_placement.py covers task_sharded)
     raw = tiny_run(tmp_path, tasks, steps=1, layout=layout, optimizer="sgd", momentum=0.0, lr=0.5,
                    warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, gradient_clipping=0.0,
                    gradient_accumulation_steps=accumulation, weighting={"name": weighting}, placement="replicated")
     raw["tasks"]["digits"]["weight"] = 2.0
     raw["deepspeed"] = {"zero_stage": stage}
-    replicas = run_ranks(raw, tmp_path)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def step_runs(tmp_path_factory):
+    # the cases of one layout are trained by one pair of processes
+    return SharedRuns(tmp_path_factory.mktemp("steps"), step_run,
+                      lambda case: [c for c in STEP_CASES if c[1] == case[1]], world=2)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: f"zero{c[0]}-{c[1]}-accum{c[3]}-{c[4]}")
+def test_one_distributed_step_equals_one_big_process(step_runs, case):
+    raw, replicas = step_runs.get(case)
+    accumulation = case[3]
     expected = reference_step(raw, 2, accumulation)
     moved = 0
     for name, want in expected.items():
@@ -163,7 +203,7 @@ def test_one_distributed_step_equals_one_big_process(tmp_path, stage, layout, ta
         assert torch.equal(replicas[0][name], replicas[1][name]), name
         moved += int(not torch.equal(replicas[0][name], init_params(raw)[name]))
     assert moved > len(expected) // 2  # the step really moved most parameters
-    ckpt = read_checkpoint(tmp_path / "run")  # and export's reader consolidates the same weights
+    ckpt = read_checkpoint(raw["train"]["out_dir"])  # and export's reader consolidates the same weights
     for name, want in expected.items():
         assert (ckpt.state_dict[name] - want.detach()).abs().max().item() < 2e-5, name
 

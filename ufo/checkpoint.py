@@ -322,22 +322,27 @@ def task_of(name: str) -> str | None:
     return None
 
 
-def load_supernet(ckpt: Checkpoint, held: Sequence[str] | None = None) -> SupernetViT:
+def load_supernet(ckpt: Checkpoint, held: Sequence[str] | None = None, config: UfoConfig | None = None) -> SupernetViT:
     """Rebuild the supernet of a checkpoint with its weights (only the `held` tasks' parts, if given).
 
-    The model is built without memory and takes the checkpoint's tensors as they are (no copy).
+    With `config` (a run that starts from this checkpoint), the supernet that config builds, taking
+    what it needs from the checkpoint (e.g. only the FFNs on its paths, `model.ffns`). The model is
+    built without memory and takes the checkpoint's tensors as they are (no copy).
     """
+    cfg = config or ckpt.config
     with torch.device("meta"):
-        model = SupernetViT.from_config(ckpt.config, held)
+        model = SupernetViT.from_config(cfg, held)
     expected = model.state_dict()
+    whose = "its own config" if config is None else "the config"
     missing = [k for k in expected if k not in ckpt.state_dict]
-    unexpected = [k for k in ckpt.state_dict if k not in expected and task_of(k) not in ckpt.config.tasks]
+    unexpected = [k for k in ckpt.state_dict if k not in expected and task_of(k) not in ckpt.config.tasks
+                  and not (config is not None and ".mlp." in k)]
     if missing or unexpected:
         what = f"lacks {missing[0]}" if missing else f"has an unknown tensor {unexpected[0]}"
-        raise CheckpointError(f"{ckpt.path}: does not match its own config: it {what}")
+        raise CheckpointError(f"{ckpt.path}: does not match {whose}: it {what}")
     for key, tensor in expected.items():
         if ckpt.state_dict[key].shape != tensor.shape:
             raise CheckpointError(f"{ckpt.path}: {key} has shape {tuple(ckpt.state_dict[key].shape)}, "
-                                  f"its config needs {tuple(tensor.shape)}")
+                                  f"{whose} needs {tuple(tensor.shape)}")
     model.load_state_dict({k: ckpt.state_dict[k] for k in expected}, strict=True, assign=True)
     return model

@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
     p.set_defaults(run=_init)
 
-    p = commands.add_parser("train", help="train the supernet (one process, or under deepspeed or torchrun); reruns resume")
+    p = commands.add_parser("train", help="train the supernet (one process, or under deepspeed or torchrun); "
+                                          "reruns resume")
     config_args(p)
     p.set_defaults(run=_train)
 

@@ -41,6 +41,11 @@ class ModelConfig(Section):
     drop_path_rate: float = Field(0.0, ge=0, lt=1)
     # FFN-task MLPs start as copies of FFN-shared (UFO), or with their own random init.
     task_ffn_init: Literal["copy_shared", "random"] = "copy_shared"
+    # which FFNs the supernet builds. all: FFN-shared and every FFN-task in every block; on_path:
+    # only those on the tasks' configured paths (a block's FFN-shared if some task takes S there,
+    # a task's FFN-task where it takes T), the rest never get a gradient under train.path_policy:
+    # fixed; auto: on_path under the fixed policy, else all (path search needs all)
+    ffns: Literal["auto", "all", "on_path"] = "auto"
 
 
 class ElasticConfig(Section):
@@ -237,6 +242,11 @@ def sharding_unsupported(cfg: UfoConfig) -> str:
     return ""
 
 
+def ffns_on_path(cfg: UfoConfig) -> bool:
+    """Whether the supernet builds only the FFNs on its tasks' configured paths (`model.ffns`)."""
+    return cfg.model.ffns == "on_path" or (cfg.model.ffns == "auto" and cfg.train.path_policy == "fixed")
+
+
 def default_path(depth: int) -> str:
     """Lower blocks shared, upper blocks task-specific: the usual starting point."""
     return "S" * ((depth + 1) // 2) + "T" * (depth // 2)
@@ -392,6 +402,10 @@ def _check(cfg: UfoConfig, source: str, overridden: Mapping[str, str]) -> UfoCon
         if why:
             raise fail("train.placement", f"task_sharded is not possible here: {why}; set train.placement: "
                                           "replicated or auto", related="deepspeed.zero_stage")
+    if m.ffns == "on_path" and cfg.train.path_policy != "fixed":
+        raise fail("model.ffns", f"on_path builds only the FFNs on the configured paths, but train.path_policy "
+                                 f"{cfg.train.path_policy} takes others; set model.ffns: all or auto",
+                   related="train.path_policy")
     tasks = {}
     for name, task in cfg.tasks.items():
         key = f"tasks.{name}"
@@ -402,7 +416,8 @@ def _check(cfg: UfoConfig, source: str, overridden: Mapping[str, str]) -> UfoCon
             raise fail(f"{key}.path", f"path {path!r} has {len(path)} blocks but model.depth is {m.depth}",
                        related="model.depth")
         if task.kind == "classification" and task.embedding_dim is not None:
-            raise fail(f"{key}.embedding_dim", "only retrieval tasks have an embedding; remove it or set kind: retrieval")
+            raise fail(f"{key}.embedding_dim",
+                       "only retrieval tasks have an embedding; remove it or set kind: retrieval")
         if task.elastic is not None:
             bad_depth = [d for d in task.elastic.depths if not 1 <= d <= m.depth]
             if bad_depth:

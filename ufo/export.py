@@ -77,6 +77,9 @@ def export_subnet(checkpoint: str | Path | Checkpoint, task: str, out: str | Pat
     out = Path(out)
     _refuse_existing(out, overwrite)
     supernet = load_supernet(ckpt, held=[task]).eval()
+    missing = supernet.lacks(task, path)
+    if missing:
+        raise ExportError(f"{ckpt.path}: --path {path}: {missing}")
     with atomic_dir(out) as tmp:
         return _write_subnet(supernet, ckpt, task, path, tmp, out, formats, verify, atol, log, elastic)
 

@@ -114,7 +114,8 @@ def shard_model(model: nn.Module, layout: Layout) -> nn.Module:
         block.mlp.always_shared = True
     for task in model.held:
         for block in model.blocks:
-            block.mlp.task[task] = TaskExpert(block.mlp.task[task], layout)
+            if task in block.mlp.task:  # (model.ffns: on_path builds it only where the task's path takes T)
+                block.mlp.task[task] = TaskExpert(block.mlp.task[task], layout)
         model.heads[task] = TaskExpert(model.heads[task], layout)
     return model
 

@@ -20,6 +20,7 @@ import torch
 
 from ufo.atomic import atomic_file
 from ufo.checkpoint import Checkpoint, load_supernet, read_checkpoint
+from ufo.config import ffns_on_path
 from ufo.data import task_loader
 from ufo.errors import UfoError
 from ufo.metrics import retrieval, top1
@@ -146,6 +147,10 @@ def search_path(checkpoint: str | Path | Checkpoint, task: str, budget_evals: in
     cfg = ckpt.config
     if task not in cfg.tasks:
         raise UfoError(f"{ckpt.path}: has no task {task!r} (tasks: {', '.join(cfg.tasks)})")
+    if ffns_on_path(cfg):
+        raise UfoError(f"{ckpt.path}: holds only the FFNs on its configured paths (model.ffns: on_path, the "
+                       "default under train.path_policy fixed); a path search needs every FFN trained: train "
+                       "with train.path_policy: sample (or model.ffns: all)")
     if cfg.tasks[task].eval_shards is None:
         raise UfoError(f"task {task}: tasks.{task}.eval_shards is not set in the checkpoint's config; "
                        "the search evaluates paths on them")

@@ -147,7 +147,7 @@ def build_engine(cfg: UfoConfig, layout: Layout, rank: int, say: Log = print) ->
     held = layout.held(rank)
     ds_config = deepspeed_config(cfg)
     if t.init:
-        model = load_supernet(read_checkpoint(t.init, tasks=held), held)
+        model = load_supernet(read_checkpoint(t.init, tasks=held), held, config=cfg)
     elif cfg.deepspeed.zero_stage == 3:  # each module partitioned as it is built: no rank ever holds it all
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = init_supernet(cfg, held=held, gather=lambda params: deepspeed.zero.GatheredParameters(

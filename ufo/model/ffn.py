@@ -33,16 +33,25 @@ def run_mlp(mlp: Mlp, x: torch.Tensor, hidden: int | None = None) -> torch.Tenso
 
 
 class MultiPathFFN(nn.Module):
-    """`shared` (one timm `Mlp`) and `task[name]` (one `Mlp` per task), built with timm's arguments."""
+    """`shared` (one timm `Mlp`) and `task[name]` (one `Mlp` per task), built with timm's arguments.
+
+    A block may lack some of them (`model.ffns: on_path`): `shared` is then None and `task` holds
+    only the tasks that take their FFN-task here.
+    """
 
     # Call FFN-shared in every forward, on zero rows when no row takes it, so that it always gets a
     # gradient (zero where unused): ranks that hold different tasks then reduce the same tensors.
     always_shared = False
 
-    def __init__(self, in_features: int, hidden_features: int, tasks: Sequence[str], **mlp_kwargs):
+    def __init__(self, in_features: int, hidden_features: int, tasks: Sequence[str], shared: bool = True,
+                 **mlp_kwargs):
         super().__init__()
-        self.shared = Mlp(in_features, hidden_features, **mlp_kwargs)
+        self.hidden_features = hidden_features
+        self.shared = Mlp(in_features, hidden_features, **mlp_kwargs) if shared else None
         self.task = nn.ModuleDict({name: Mlp(in_features, hidden_features, **mlp_kwargs) for name in tasks})
+
+    def has(self, key: str | None) -> bool:
+        return self.shared is not None if key is SHARED else key in self.task
 
     def ffn(self, key: str | None) -> nn.Module:
         return self.shared if key is SHARED else self.task[key]
@@ -55,7 +64,7 @@ class MultiPathFFN(nn.Module):
                 runs[-1][2] = end
             else:
                 runs.append([key, start, end, hidden])
-        if self.always_shared and all(run[0] is not SHARED for run in runs):
+        if self.always_shared and self.shared is not None and all(run[0] is not SHARED for run in runs):
             runs.append([SHARED, x.shape[0], x.shape[0], None])
         if len(runs) == 1:
             return run_mlp(self.ffn(runs[0][0]), x, runs[0][3])

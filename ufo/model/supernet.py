@@ -7,8 +7,8 @@ dict is a renaming of the supernet's (`subnet_state_dict`).
 
 from __future__ import annotations
 
-from functools import partial
 import contextlib
+import hashlib
 from typing import Any, Callable, ContextManager, Mapping, NamedTuple, Sequence
 
 import torch
@@ -16,7 +16,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer, get_init_weights_vit
 from torch import nn
 
-from ufo.config import ModelConfig, TaskConfig, UfoConfig
+from ufo.config import ModelConfig, TaskConfig, UfoConfig, ffns_on_path
 from ufo.model.ffn import SHARED, MultiPathFFN, Route
 from ufo.model.heads import MarginSoftmax, build_head, head_out_dim
 
@@ -74,69 +74,101 @@ class SupernetBlock(Block):
         return x
 
 
+def ffn_plan(tasks: Sequence[str], held: Sequence[str], paths: Mapping[str, str] | None,
+             depth: int) -> list[tuple[bool, tuple[str, ...]]]:
+    """Per block: whether it builds FFN-shared, and the held tasks whose FFN-task it builds.
+
+    `paths` None: every FFN. Else only those on the paths: a block's FFN-shared where some task (held
+    or not: every rank holds the same shared parts) takes S, a held task's FFN-task where it takes T.
+    """
+    if paths is None:
+        return [(True, tuple(held))] * depth
+    return [(any(paths[t][i] == "S" for t in tasks), tuple(t for t in held if paths[t][i] == "T"))
+            for i in range(depth)]
+
+
+def _seed_of(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest(), "little") >> 1
+
+
 class SupernetViT(VisionTransformer):
     """All tasks' paths in one ViT. `forward(images, slices)` runs a task-grouped micro-batch.
 
     `held` names the tasks whose FFN-task MLPs and heads this instance builds (default: every
-    task): a task-sharded rank holds the shared parts and its own task only. The other tasks'
-    parts are never allocated, and every parameter a subset holds starts with the same values as
-    in the whole supernet: shared parts are drawn from one seed, each task's from a seed of its own.
+    task): a task-sharded rank holds the shared parts and its own task only. `paths` (default
+    None: every FFN) builds only the FFNs on these paths (`ffn_plan`). What is not built is never
+    allocated, and every parameter starts with the same values whatever else the instance holds:
+    each module is initialised from a seed of its own, drawn from one seed and its name.
     """
 
     def __init__(self, tasks: Mapping[str, TaskConfig], task_ffn_init: str = "copy_shared",
-                 held: Sequence[str] | None = None, gather: Gather | None = None, **vit_kwargs):
+                 held: Sequence[str] | None = None, gather: Gather | None = None,
+                 paths: Mapping[str, str] | None = None, **vit_kwargs):
         held = tuple(tasks) if held is None else tuple(t for t in tasks if t in held)
         seed = int(torch.randint(0, 2**62, (), device="cpu"))  # one draw, whatever this instance holds
+        plan = iter(ffn_plan(tuple(tasks), held, paths, vit_kwargs.get("depth", 12)))
+
+        def mlp_layer(in_features: int, hidden_features: int, **kwargs) -> MultiPathFFN:
+            shared, on = next(plan)  # timm builds the blocks in order
+            return MultiPathFFN(in_features, hidden_features, on, shared=shared, **kwargs)
+
         super().__init__(
             num_classes=0,
             block_fn=SupernetBlock,
-            mlp_layer=partial(MultiPathFFN, tasks=held),
+            mlp_layer=mlp_layer,
             weight_init="skip",
             **vit_kwargs,
         )
         self.task_kinds = {name: task.kind for name, task in tasks.items()}
         self.held = held
+        self.paths = None if paths is None else {t: paths[t] for t in tasks}
         self.heads = nn.ModuleDict({name: build_head(tasks[name], self.embed_dim) for name in held})
         if self.cls_token.is_meta:
             return  # shapes only (parameter counts)
         gather = gather or (lambda params: contextlib.nullcontext())
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self._init_shared(gather)
-            for index, task in enumerate(tasks):
-                if task in held:
-                    torch.manual_seed(seed + 1 + index)
-                    self._init_task(task, task_ffn_init == "copy_shared", gather)
+        devices = [torch.cuda.current_device()] if self.cls_token.is_cuda else []
+        with torch.random.fork_rng(devices=devices):
+            self._init_shared(seed, gather)
+            for task in held:
+                self._init_task(seed, task, task_ffn_init == "copy_shared", gather)
 
     @torch.no_grad()
-    def _init_shared(self, gather: Gather) -> None:
+    def _init_shared(self, seed: int, gather: Gather) -> None:
         """timm's ViT initialisation of every part that is not a task's, one module at a time."""
         init = get_init_weights_vit("")
         with gather([self.pos_embed, self.cls_token]):
+            torch.manual_seed(_seed_of(seed, "pos_embed"))
             trunc_normal_(self.pos_embed, std=0.02)
+            torch.manual_seed(_seed_of(seed, "cls_token"))
             nn.init.normal_(self.cls_token, std=1e-6)
         for name, module in self.named_modules():
             touched = isinstance(module, nn.Linear) or hasattr(module, "init_weights") or \
                 hasattr(module, "reset_parameters")
             if name and touched and not name.startswith("heads") and ".mlp.task" not in name:
                 with gather(list(module.parameters())):
+                    torch.manual_seed(_seed_of(seed, name))
                     init(module, name)
 
     @torch.no_grad()
-    def _init_task(self, task: str, copy_shared: bool, gather: Gather) -> None:
-        """A task's FFN-task MLPs (copies of FFN-shared, UFO's initialisation, or timm's init) and head."""
-        for block in self.blocks:
+    def _init_task(self, seed: int, task: str, copy_shared: bool, gather: Gather) -> None:
+        """A task's FFN-task MLPs (FFN-shared's values, UFO's initialisation, or timm's init) and head.
+
+        FFN-shared's values come from its modules' seeds, so a block that does not build FFN-shared
+        gives its FFN-task the same start."""
+        for i, block in enumerate(self.blocks):
+            if task not in block.mlp.task:
+                continue
             ffn = block.mlp.task[task]
-            with gather(list(ffn.parameters()) + list(block.mlp.shared.parameters())):
-                if copy_shared:
-                    ffn.load_state_dict(block.mlp.shared.state_dict())
-                else:
-                    for module in ffn.modules():
-                        if isinstance(module, nn.Linear):
-                            trunc_normal_(module.weight, std=0.02)
-                            nn.init.zeros_(module.bias)
+            with gather(list(ffn.parameters())):
+                for sub in ("fc1", "fc2"):
+                    linear = getattr(ffn, sub)
+                    torch.manual_seed(_seed_of(seed, f"blocks.{i}.mlp.shared.{sub}" if copy_shared
+                                               else f"blocks.{i}.mlp.task.{task}.{sub}"))
+                    trunc_normal_(linear.weight, std=0.02)
+                    nn.init.zeros_(linear.bias)
         with gather(list(self.heads[task].parameters())):
-            for module in self.heads[task].modules():
+            for name, module in self.heads[task].named_modules():
+                torch.manual_seed(_seed_of(seed, f"heads.{task}.{name}"))
                 if isinstance(module, nn.Linear):
                     nn.init.trunc_normal_(module.weight, std=0.02)
                     nn.init.zeros_(module.bias)
@@ -146,8 +178,19 @@ class SupernetViT(VisionTransformer):
     @classmethod
     def from_config(cls, cfg: UfoConfig, held: Sequence[str] | None = None,
                     gather: Gather | None = None) -> "SupernetViT":
-        return cls(cfg.tasks, task_ffn_init=cfg.model.task_ffn_init, held=held, gather=gather,
+        paths = {t: cfg.path_of(t) for t in cfg.tasks} if ffns_on_path(cfg) else None
+        return cls(cfg.tasks, task_ffn_init=cfg.model.task_ffn_init, held=held, gather=gather, paths=paths,
                    drop_path_rate=cfg.model.drop_path_rate, **vit_args(cfg.model))
+
+    def lacks(self, task: str, path: str) -> str:
+        """What `task` on `path` needs that this supernet does not build ("" if nothing)."""
+        for i, (block, letter) in enumerate(zip(self.blocks, path)):
+            key = SHARED if letter == "S" else task
+            if not block.mlp.has(key):
+                what = "FFN-shared" if key is SHARED else f"FFN-task of {task}"
+                return (f"block {i} has no {what} (path {path} of task {task}): this supernet builds only the "
+                        "FFNs on its configured paths (model.ffns: on_path)")
+        return ""
 
     def routes(self, slices: Sequence[TaskSlice], batch: int) -> list[list[Route]]:
         """For each block, which FFN each slice's rows take."""
@@ -165,9 +208,13 @@ class SupernetViT(VisionTransformer):
                 raise ValueError(f"path {s.path!r} for task {s.task!r} is not {depth} letters of S/T")
             if s.depth is not None and not 1 <= s.depth <= depth:
                 raise ValueError(f"elastic depth {s.depth} for task {s.task!r} is not in 1..{depth}")
-            if s.hidden is not None and not 1 <= s.hidden <= self.blocks[0].mlp.shared.fc1.out_features:
-                raise ValueError(f"elastic FFN width {s.hidden} for task {s.task!r} is not in "
-                                 f"1..{self.blocks[0].mlp.shared.fc1.out_features}")
+            width = self.blocks[0].mlp.hidden_features
+            if s.hidden is not None and not 1 <= s.hidden <= width:
+                raise ValueError(f"elastic FFN width {s.hidden} for task {s.task!r} is not in 1..{width}")
+            if self.paths is not None and s.path != self.paths[s.task]:
+                missing = self.lacks(s.task, s.path)
+                if missing:
+                    raise KeyError(missing)
             bounds.append((start, start + s.size))
             start += s.size
         return [[(SHARED if s.path[i] == "S" else s.task, a, b, s.hidden) for s, (a, b) in zip(slices, bounds)]
@@ -284,20 +331,21 @@ def subnet_state_dict(state: Mapping[str, torch.Tensor], task: str, path: str, d
 
 def supernet_state_from_vit(vit_state: Mapping[str, torch.Tensor],
                             supernet: SupernetViT) -> dict[str, torch.Tensor]:
-    """Map a plain ViT state dict (timm names) onto the supernet: every FFN takes that block's MLP.
+    """Map a plain ViT state dict (timm names) onto the supernet: every FFN it builds takes that block's MLP.
 
     Heads are not taken (tasks have their own); what the ViT lacks is reported by the caller.
     """
-    tasks = list(supernet.task_kinds)
     out = {}
     for name, tensor in vit_state.items():
         parts = name.split(".")
         if name.startswith("head.") or name.startswith("head_"):
             continue
-        if len(parts) > 3 and parts[0] == "blocks" and parts[2] == "mlp":
+        if len(parts) > 3 and parts[0] == "blocks" and parts[2] == "mlp" and int(parts[1]) < len(supernet.blocks):
             prefix, rest = ".".join(parts[:3]), ".".join(parts[3:])
-            out[f"{prefix}.shared.{rest}"] = tensor
-            for task in tasks:
+            ffn = supernet.blocks[int(parts[1])].mlp
+            if ffn.shared is not None:
+                out[f"{prefix}.shared.{rest}"] = tensor
+            for task in ffn.task:
                 out[f"{prefix}.task.{task}.{rest}"] = tensor.clone()
             continue
         out[name] = tensor
