@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny import TINY, write_yaml
+from tiny import TINY, with_every_ffn, write_yaml
 from ufo.checkpoint import init_supernet, save_supernet
 from ufo.config import load_config
 
@@ -28,7 +28,3 @@ def tiny_checkpoint(tmp_path: Path, tiny_cfg) -> Path:
     cfg = with_every_ffn(tiny_cfg)
     return save_supernet(init_supernet(cfg), cfg, tmp_path / "ckpt" / "supernet.safetensors")
 
-
-def with_every_ffn(cfg):
-    """The config with model.ffns: all (the tiny config's fixed paths build only their own FFNs)."""
-    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"ffns": "all"})})

@@ -9,7 +9,7 @@ from ufo.model import TaskSlice, vit_args
 
 
 def test_round_trip(tiny_cfg, tiny_checkpoint):
-    from conftest import with_every_ffn
+    from tiny import with_every_ffn
 
     ckpt = read_checkpoint(tiny_checkpoint)
     assert ckpt.config == with_every_ffn(tiny_cfg) and ckpt.step == 0

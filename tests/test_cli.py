@@ -18,7 +18,8 @@ def run(capsys, *argv):
 
 def test_init_info_export(tmp_path, capsys, tiny_config_file):
     ckpt = tmp_path / "s.safetensors"
-    code, out, _ = run(capsys, "init", tiny_config_file, "--out", ckpt, "--set", "train.seed=5")
+    code, out, _ = run(capsys, "init", tiny_config_file, "--out", ckpt, "--set", "train.seed=5",
+                       "--set", "model.ffns=all")  # every FFN: export takes another path below
     assert code == 0 and f"wrote {ckpt}" in out
     code, out, _ = run(capsys, "info", tiny_config_file)
     assert code == 0 and "supernet total" in out and "subnet face on path SSTT" in out
@@ -41,9 +42,15 @@ def test_init_info_export(tmp_path, capsys, tiny_config_file):
     (["init", "{cfg}", "--out", "{ckpt}"], "exists; pass --overwrite"),
     (["init", "{cfg}", "--out", "{tmp}/x.safetensors", "--set", "model.depth=2"], "tasks.face.path"),
     (["info", "{tmp}/none.yaml"], "no such config file"),
+    (["search", "{on_path}", "--task", "face"], "holds only the FFNs on its configured paths"),
 ])
 def test_errors_are_one_line(tmp_path, capsys, tiny_config_file, tiny_checkpoint, argv, message):
-    argv = [a.format(ckpt=tiny_checkpoint, tmp=tmp_path, cfg=tiny_config_file) for a in argv]
+    from ufo.checkpoint import init_supernet, save_supernet
+    from ufo.config import load_config
+
+    cfg = load_config(tiny_config_file)
+    on_path = save_supernet(init_supernet(cfg), cfg, tmp_path / "on_path.safetensors")
+    argv = [a.format(ckpt=tiny_checkpoint, tmp=tmp_path, cfg=tiny_config_file, on_path=on_path) for a in argv]
     code, out, err = run(capsys, *argv)
     assert code == 2
     assert err.count("\n") == 1 and err.startswith(f"ufo {argv[0]}: error: ") and message in err

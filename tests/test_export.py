@@ -179,3 +179,19 @@ def test_elastic_sizes_out_of_range_are_refused(tmp_path, tiny_checkpoint, depth
     with pytest.raises(ExportError, match=message):
         export_subnet(tiny_checkpoint, "digits", tmp_path / "out", depth=depth, mlp_ratio=ratio)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_streamed_safetensors_file_reads_back_with_safetensors(tmp_path):
+    from safetensors import safe_open
+
+    from ufo.export import write_safetensors
+
+    state = {"a.weight": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "empty": torch.zeros(0, 4),
+             "half": torch.randn(2, 2).bfloat16(), "view": torch.randn(4, 6)[:, 1:3]}  # a non-contiguous view
+    write_safetensors(state, tmp_path / "m.safetensors")
+    back = load_file(tmp_path / "m.safetensors")
+    assert list(back) == list(state) or set(back) == set(state)
+    for name, tensor in state.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+    with safe_open(tmp_path / "m.safetensors", framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}

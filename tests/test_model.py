@@ -20,7 +20,7 @@ from ufo.model import (
 @pytest.fixture
 def tiny_cfg(tiny_cfg):
     """Every FFN (model.ffns: all): these tests take paths other than the configured ones."""
-    from conftest import with_every_ffn
+    from tiny import with_every_ffn
 
     return with_every_ffn(tiny_cfg)
 

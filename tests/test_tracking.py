@@ -183,7 +183,7 @@ def test_a_real_server_going_down_mid_run_loses_nothing(tmp_path, mlflow_server)
 def test_search_logs_to_the_training_run(tmp_path):
     from ufo.cli import main
 
-    raw = tracked_run(tmp_path, steps=2)
+    raw = tracked_run(tmp_path, steps=2, path_policy="sample")  # one-shot training: every FFN, searchable
     train(config_from_dict(raw, "test"), log=lambda _: None)
     assert main(["search", str(tmp_path / "run"), "--task", "digits", "--budget-evals", "4"]) in (0, None)
     assert (tmp_path / "run" / "search-digits.json").is_file()

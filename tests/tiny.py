@@ -23,3 +23,8 @@ TINY = {
 def write_yaml(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def with_every_ffn(cfg):
+    """The config with model.ffns: all (the tiny config's fixed paths build only their own FFNs)."""
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"ffns": "all"})})

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import timm
 import torch
 from safetensors.torch import load_file
-from timm.models._hub import save_for_hf
+from timm.models._hub import save_config_for_hf
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -80,8 +80,12 @@ def export_subnet(checkpoint: str | Path | Checkpoint, task: str, out: str | Pat
     missing = supernet.lacks(task, path)
     if missing:
         raise ExportError(f"{ckpt.path}: --path {path}: {missing}")
+    source, step = ckpt.path, ckpt.step
     with atomic_dir(out) as tmp:
-        return _write_subnet(supernet, ckpt, task, path, tmp, out, formats, verify, atol, log, elastic)
+        written = _write_subnet(supernet, ckpt, task, path, tmp, out, formats, verify, log, elastic)
+        # let go of the checkpoint's tensors (memory-mapped pages) before verification loads the files
+        del supernet, ckpt
+        return _finish_subnet(written, source, step, cfg, formats, atol, log)
 
 
 def export_all_tasks(checkpoint: str | Path | Checkpoint, out: str | Path, formats: Sequence[str] | None = None,
@@ -95,8 +99,8 @@ def export_all_tasks(checkpoint: str | Path | Checkpoint, out: str | Path, forma
     _refuse_existing(out, overwrite)
     supernet = load_supernet(ckpt).eval()
     with atomic_dir(out) as tmp:
-        return [_write_subnet(supernet, ckpt, task, cfg.path_of(task), tmp / task, out / task,
-                              formats, verify, atol, log)
+        return [_finish_subnet(_write_subnet(supernet, ckpt, task, cfg.path_of(task), tmp / task, out / task,
+                                             formats, verify, log), ckpt.path, ckpt.step, cfg, formats, atol, log)
                 for task in cfg.tasks]
 
 
@@ -114,9 +118,24 @@ def build_subnet(supernet: SupernetViT, cfg: UfoConfig, task: str, path: str,
     return vit.eval()
 
 
+@dataclass
+class _Written:
+    """A subnet's files in `tmp`, and what its verification and config.json still need."""
+
+    result: SubnetExport
+    tmp: Path
+    final: Path
+    args: dict
+    preprocessing: dict
+    elastic: "Elastic"
+    images: torch.Tensor | None = None  # verification inputs and the supernet's outputs on them
+    reference: torch.Tensor | None = None
+
+
 def _write_subnet(supernet: SupernetViT, ckpt: Checkpoint, task: str, path: str, tmp: Path, final: Path,
-                  formats: Sequence[str], verify: bool, atol: float, log: Log,
-                  elastic: "Elastic | None" = None) -> SubnetExport:
+                  formats: Sequence[str], verify: bool, log: Log, elastic: "Elastic | None" = None) -> _Written:
+    """Write the subnet's files and take the supernet's outputs its verification compares with; the
+    supernet is not needed after this (a single-task export lets go of the checkpoint before verifying)."""
     cfg = ckpt.config
     kind = cfg.tasks[task].kind
     e = elastic or Elastic()
@@ -126,7 +145,9 @@ def _write_subnet(supernet: SupernetViT, ckpt: Checkpoint, task: str, path: str,
     preprocessing = dict(input_size=[cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size],
                          mean=list(cfg.data.mean), std=list(cfg.data.std),
                          interpolation=cfg.data.interpolation, crop_pct=cfg.data.crop_pct)
-    save_for_hf(vit, tmp, model_args=args, safe_serialization=True, data_config=preprocessing)
+    tmp.mkdir(parents=True, exist_ok=True)
+    write_safetensors(vit.state_dict(), tmp / FILES["safetensors"])  # what timm's save_for_hf writes, streamed
+    save_config_for_hf(vit, str(tmp / "config.json"), model_args=args, data_config=preprocessing)
     deployed = DeployedSubnet(vit, normalize=(kind == "retrieval")).eval()
     if "onnx" in formats:
         _write_onnx(deployed, tmp / FILES["onnx"], cfg)
@@ -134,41 +155,74 @@ def _write_subnet(supernet: SupernetViT, ckpt: Checkpoint, task: str, path: str,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.jit.script(deployed).save(str(tmp / FILES["torchscript"]))
-
-    result = SubnetExport(task, kind, path, final, params)
+    written = _Written(SubnetExport(task, kind, path, final, params), tmp, final, args, preprocessing, e)
     if verify:
-        images = torch.randn(4, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size,
-                             generator=torch.Generator().manual_seed(cfg.train.seed))
+        written.images = torch.randn(4, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size,
+                                     generator=torch.Generator().manual_seed(cfg.train.seed))
         with torch.no_grad():
-            reference = supernet.forward_task(images, task, path, e.depth, e.hidden(cfg))
+            written.reference = supernet.forward_task(written.images, task, path, e.depth, e.hidden(cfg))
+    return written
+
+
+def _finish_subnet(w: _Written, ckpt_path: Path, step: int, cfg: UfoConfig, formats: Sequence[str], atol: float,
+                   log: Log) -> SubnetExport:
+    """Verify every written format against the supernet's outputs, then complete config.json."""
+    result, e, task, kind, path = w.result, w.elastic, w.result.task, w.result.kind, w.result.path
+    if w.reference is not None:
         for fmt in formats:
-            result.max_abs_diff[fmt] = diff = _max_abs_diff(fmt, tmp, kind, images, reference)
+            result.max_abs_diff[fmt] = diff = _max_abs_diff(fmt, w.tmp, kind, w.images, w.reference)
             if not diff <= atol:  # also catches NaN
                 raise ExportError(f"{task}: the exported {fmt} subnet differs from the supernet by {diff:.3g} "
-                                  f"(> atol {atol:g}); nothing was written to {final}")
+                                  f"(> atol {atol:g}); nothing was written to {w.final}")
 
-    config = json.loads((tmp / "config.json").read_text())
-    config["model_args"] = args
+    config = json.loads((w.tmp / "config.json").read_text())
+    config["model_args"] = w.args
     config["pretrained_cfg"]["tag"] = f"ufo_{task}"
     config["pretrained_cfg"].pop("license", None)
     config["ufo"] = dict(
-        task=task, kind=kind, path=path[:e.depth] if e.depth else path, param_count=params,
+        task=task, kind=kind, path=path[:e.depth] if e.depth else path, param_count=result.param_count,
         elastic={"depth": e.depth, "mlp_ratio": e.mlp_ratio, "supernet_path": path} if e.depth or e.mlp_ratio
         else None,
         output="l2-normalized embedding" if kind == "retrieval" else "logits",
         postprocess="l2_normalize" if kind == "retrieval" else None,
-        preprocessing=preprocessing, files={fmt: FILES[fmt] for fmt in formats},
-        verification={"max_abs_diff": result.max_abs_diff, "atol": atol} if verify else None,
-        source_checkpoint=str(ckpt.path), source_step=ckpt.step, ufo_version=ufo.__version__,
+        preprocessing=w.preprocessing, files={fmt: FILES[fmt] for fmt in formats},
+        verification={"max_abs_diff": result.max_abs_diff, "atol": atol} if w.reference is not None else None,
+        source_checkpoint=str(ckpt_path), source_step=step, ufo_version=ufo.__version__,
     )
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (w.tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if "safetensors" not in formats:
-        (tmp / FILES["safetensors"]).unlink()
+        (w.tmp / FILES["safetensors"]).unlink()
     checks = "  ".join(f"{fmt} max|diff| {d:.2e}" for fmt, d in result.max_abs_diff.items())
     size = f" depth {e.depth or cfg.model.depth} mlp_ratio {e.mlp_ratio or cfg.model.mlp_ratio:g}" \
         if e.depth or e.mlp_ratio else ""
-    log(f"  {task:<12} {kind:<14} path {path}{size}  {params / 1e6:8.3f} M params  {checks or 'not verified'}")
+    log(f"  {task:<12} {kind:<14} path {path}{size}  {result.param_count / 1e6:8.3f} M params  "
+        f"{checks or 'not verified'}")
     return result
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(state: dict[str, torch.Tensor], file: Path) -> None:
+    """A safetensors file (the format's header, then each tensor's bytes in turn) written tensor by
+    tensor from the tensors' own memory: safetensors' save_file first copies every tensor into one
+    buffer, a second copy of the model."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, tensor in state.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with open(file, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for tensor in state.values():
+            if tensor.numel():
+                f.write(memoryview(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy()))
 
 
 def _write_onnx(deployed: DeployedSubnet, file: Path, cfg: UfoConfig) -> None:

@@ -84,8 +84,11 @@ def deepspeed_config(cfg: UfoConfig) -> dict[str, Any]:
     }
     if d.zero_stage == 3:  # buckets sized to the model (the usual recipe), not DeepSpeed's 5e8-element defaults
         h = cfg.model.embed_dim
+        # and gathered parameters released after use: DeepSpeed's 1e9-element reuse distance and live
+        # limit keep every gathered parameter until backward, the whole model beside its partitions
         config["zero_optimization"].update(reduce_bucket_size=h * h, stage3_prefetch_bucket_size=int(0.9 * h * h),
-                                           stage3_param_persistence_threshold=10 * h)
+                                           stage3_param_persistence_threshold=10 * h,
+                                           stage3_max_live_parameters=16 * h * h, stage3_max_reuse_distance=h * h)
     return _merge(config, d.overrides)
 
 
