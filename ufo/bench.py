@@ -202,6 +202,10 @@ def _train_bench_rank(rank: int, world: int, port: int, raw: dict, steps: int, p
     weighting = Static(tasks, [cfg.tasks[t].weight for t in tasks])
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
     cuda = torch.cuda.is_available()
+
+    def peak_now() -> int:
+        return torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
     result = {}
     for name in (["supernet", "plain"] if plain else ["supernet"]):
         torch.manual_seed(0)
@@ -213,6 +217,7 @@ def _train_bench_rank(rank: int, world: int, port: int, raw: dict, steps: int, p
             model = _PlainWithHeads(cfg, heads)
             optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
             engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
+        result.setdefault("built_bytes", peak_now())  # the supernet's engine built, before any step
         x, y = images.to(engine.device, dtype=dtype), labels.to(engine.device)
         micro_step(engine, x, y, slices, weighting, world, None, tasks, clip)  # warm-up
         torch.distributed.barrier()
@@ -224,8 +229,7 @@ def _train_bench_rank(rank: int, world: int, port: int, raw: dict, steps: int, p
         result[name] = {"s_per_step": seconds, "samples_per_s": world * len(y) / seconds,
                         "params": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())}
         del engine
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    result["peak_bytes"] = peak
+    result["peak_bytes"] = peak_now()
     result["peak_kind"] = "cuda max allocated" if cuda else "process peak RSS"
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump(result, f)
@@ -254,6 +258,7 @@ def bench_train(cfg: UfoConfig, steps: int = 5, world: int = 2, memory_config: U
             raw["train"]["micro_batch_size"] = memory_batch
             ranks = _spawn_bench(raw, 1, plain=False, world=world)
             result["memory"][stage] = {"peak_bytes_per_rank": [r["peak_bytes"] for r in ranks],
+                                       "built_bytes_per_rank": [r["built_bytes"] for r in ranks],
                                        "kind": ranks[0]["peak_kind"],
                                        "supernet_params": ranks[0]["supernet"]["params"]}
     return result
@@ -270,7 +275,8 @@ def format_train_bench(r: dict[str, Any]) -> str:
              f"  ratio         {r['ratio']:9.3f}   ({verdict} the target >= {r['target']})"]
     for stage, mem in r["memory"].items():
         gib = ", ".join(f"{b / 2**30:.2f}" for b in mem["peak_bytes_per_rank"])
-        lines.append(f"  ZeRO {stage}: peak {mem['kind']} per rank {gib} GiB "
+        built = ", ".join(f"{b / 2**30:.2f}" for b in mem["built_bytes_per_rank"])
+        lines.append(f"  ZeRO {stage}: peak {mem['kind']} per rank {gib} GiB, {built} GiB once built "
                      f"(supernet {mem['supernet_params'] / 1e6:.0f} M parameters)")
     return "\n".join(lines)
 
