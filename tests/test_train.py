@@ -405,3 +405,17 @@ def test_the_step_slices_carry_each_tasks_elastic_size():
                      {"face": (2, 16)})
     assert slices == [TaskSlice("face", "SSTT", 3, 2, 16), TaskSlice("person", "STST", 0),
                       TaskSlice("digits", "TSSS", 2)]
+
+
+def test_zero3_is_configured_to_the_model_and_overrides_win(tiny_config_file):
+    from ufo.config import load_config
+    from ufo.train import deepspeed_config
+
+    zero = deepspeed_config(load_config(tiny_config_file, ["deepspeed.zero_stage=3"]))["zero_optimization"]
+    h = 32  # the tiny model's width
+    assert zero["sub_group_size"] == zero["stage3_max_live_parameters"] == 16 * h * h
+    assert zero["stage3_max_reuse_distance"] == zero["reduce_bucket_size"] == h * h
+    mine = load_config(tiny_config_file, ["deepspeed.zero_stage=3",
+                                          "deepspeed.overrides.zero_optimization.sub_group_size=1000000000"])
+    assert deepspeed_config(mine)["zero_optimization"]["sub_group_size"] == 1_000_000_000
+    assert "sub_group_size" not in deepspeed_config(load_config(tiny_config_file))["zero_optimization"]

@@ -84,11 +84,14 @@ def deepspeed_config(cfg: UfoConfig) -> dict[str, Any]:
     }
     if d.zero_stage == 3:  # buckets sized to the model (the usual recipe), not DeepSpeed's 5e8-element defaults
         h = cfg.model.embed_dim
-        # and gathered parameters released after use: DeepSpeed's 1e9-element reuse distance and live
-        # limit keep every gathered parameter until backward, the whole model beside its partitions
+        # gathered parameters released after use (DeepSpeed's 1e9-element reuse distance and live limit
+        # keep every gathered parameter until backward), and the optimizer stepped in sub-groups of
+        # 16 width^2 elements: with the 1e9 default one rank's whole partition is one sub-group, and the
+        # step's fp32 gradient copy and Adam's temporaries are each as large as the partition
         config["zero_optimization"].update(reduce_bucket_size=h * h, stage3_prefetch_bucket_size=int(0.9 * h * h),
                                            stage3_param_persistence_threshold=10 * h,
-                                           stage3_max_live_parameters=16 * h * h, stage3_max_reuse_distance=h * h)
+                                           stage3_max_live_parameters=16 * h * h, stage3_max_reuse_distance=h * h,
+                                           sub_group_size=16 * h * h)
     return _merge(config, d.overrides)
 
 
