@@ -387,6 +387,7 @@ def bench_elastic(cfg: UfoConfig, steps: int, out: Path, fractions: Sequence[flo
         raw["train"].update(steps=steps, out_dir=str(out / name), layout="mixed", eval_every=0, checkpoint_every=0,
                             warmup_steps=min(raw["train"]["warmup_steps"], steps // 2))
         raw["tracking"]["enabled"] = False
+        raw["model"]["ffns"] = "all"  # every FFN, as before model.ffns: the elastic run is what `ufo search` takes
         log(f"== {name}")
         train(config_from_dict(raw, f"bench elastic ({name})"),
               log=lambda line: log("   " + line) if line.startswith(("step", "eval")) else None)
