@@ -91,6 +91,16 @@ def _seed_of(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest(), "little") >> 1
 
 
+_TIMM_INIT = get_init_weights_vit("")
+
+
+def _timm_init(module: nn.Module, seed: int, name: str) -> None:
+    """timm's ViT initialisation of `module`, drawn from the seed of `name` (another module's name
+    gives that module's values: how an FFN-task starts as FFN-shared)."""
+    torch.manual_seed(_seed_of(seed, name))
+    _TIMM_INIT(module, name)
+
+
 class SupernetViT(VisionTransformer):
     """All tasks' paths in one ViT. `forward(images, slices)` runs a task-grouped micro-batch.
 
@@ -135,7 +145,6 @@ class SupernetViT(VisionTransformer):
     @torch.no_grad()
     def _init_shared(self, seed: int, gather: Gather) -> None:
         """timm's ViT initialisation of every part that is not a task's, one module at a time."""
-        init = get_init_weights_vit("")
         with gather([self.pos_embed, self.cls_token]):
             torch.manual_seed(_seed_of(seed, "pos_embed"))
             trunc_normal_(self.pos_embed, std=0.02)
@@ -146,8 +155,7 @@ class SupernetViT(VisionTransformer):
                 hasattr(module, "reset_parameters")
             if name and touched and not name.startswith("heads") and ".mlp.task" not in name:
                 with gather(list(module.parameters())):
-                    torch.manual_seed(_seed_of(seed, name))
-                    init(module, name)
+                    _timm_init(module, seed, name)
 
     @torch.no_grad()
     def _init_task(self, seed: int, task: str, copy_shared: bool, gather: Gather) -> None:
@@ -161,11 +169,8 @@ class SupernetViT(VisionTransformer):
             ffn = block.mlp.task[task]
             with gather(list(ffn.parameters())):
                 for sub in ("fc1", "fc2"):
-                    linear = getattr(ffn, sub)
-                    torch.manual_seed(_seed_of(seed, f"blocks.{i}.mlp.shared.{sub}" if copy_shared
-                                               else f"blocks.{i}.mlp.task.{task}.{sub}"))
-                    trunc_normal_(linear.weight, std=0.02)
-                    nn.init.zeros_(linear.bias)
+                    _timm_init(getattr(ffn, sub), seed, f"blocks.{i}.mlp.shared.{sub}" if copy_shared
+                               else f"blocks.{i}.mlp.task.{task}.{sub}")
         with gather(list(self.heads[task].parameters())):
             for name, module in self.heads[task].named_modules():
                 torch.manual_seed(_seed_of(seed, f"heads.{task}.{name}"))
