@@ -78,7 +78,7 @@ case "$LAUNCHER" in
             args+=(--master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
         fi
         echo "launch/train.sh: torchrun, node $NODE_RANK of $NODES, $PROCS rank(s) here, rendezvous $MASTER_ADDR:$MASTER_PORT"
-        exec "$UFO_PYTHON" -m torch.distributed.run "${args[@]}" -m ufo.cli train "$CONFIG" "$@"
+        cmd=("$UFO_PYTHON" -m torch.distributed.run "${args[@]}" -m ufo.cli train "$CONFIG" "$@")
         ;;
     deepspeed)
         args=(--master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
@@ -97,7 +97,35 @@ case "$LAUNCHER" in
             args+=(--num_gpus "$PROCS")
         fi
         echo "launch/train.sh: deepspeed, node $NODE_RANK of $NODES, master $MASTER_ADDR:$MASTER_PORT"
-        exec "$UFO_BIN/deepspeed" "${args[@]}" --module ufo.cli train "$CONFIG" "$@"
+        cmd=("$UFO_BIN/deepspeed" "${args[@]}" --module ufo.cli train "$CONFIG" "$@")
         ;;
     *) die "--launcher $LAUNCHER: use torchrun or deepspeed" ;;
 esac
+
+# A signal to this script (a supervisor's SIGTERM, Slurm's SIGUSR1, this script as a container's
+# PID 1) is not passed to the launcher, which would kill the ranks 30 s later, mid-checkpoint:
+# the script writes UFO_STOP_FILE, which every rank here watches; they checkpoint and stop in
+# their own time, write "3" to UFO_EXIT_FILE, and the script exits 3 (checkpoint written, rerun
+# to resume) whatever the launcher says. The ranks also stop if this script dies.
+state=$(mktemp -d "${TMPDIR:-/tmp}/ufo-launch.XXXXXX")
+export UFO_STOP_FILE="$state/stop" UFO_EXIT_FILE="$state/exit"
+stop() {
+    echo "launch/train.sh: $1: every rank checkpoints and stops" >&2
+    echo "$1" > "$UFO_STOP_FILE"
+}
+for sig in TERM INT USR1 HUP; do
+    # shellcheck disable=SC2064
+    trap "stop SIG$sig" "$sig"
+done
+"${cmd[@]}" &
+launcher=$!
+rc=0
+while :; do
+    wait "$launcher" && rc=0 || rc=$?
+    kill -0 "$launcher" 2>/dev/null || break  # a trapped signal ends `wait` early: wait again
+done
+if [ "$rc" -ne 0 ] && [ "$(cat "$UFO_EXIT_FILE" 2>/dev/null)" = 3 ]; then
+    rc=3
+fi
+rm -rf "$state"
+exit "$rc"

@@ -106,7 +106,8 @@ def test_only_marked_training_checkpoints_count(tmp_path):
         d.mkdir(parents=True)
         (d / "mp_rank_00_model_states.pt").write_bytes(b"partial")
         if marked:
-            (d / "ufo.json").write_text(json.dumps({"step": step}))
+            (d / "ufo.json").write_text(json.dumps({"step": step, "files": {"mp_rank_00_model_states.pt":
+                                                                             {"bytes": 7}}}))
     assert [p.name for p in complete_checkpoints(ckpts)] == ["step00000010", "step00000020"]
     assert find_training_checkpoint(tmp_path / "run").name == "step00000020"
     assert find_training_checkpoint(ckpts / "step00000010").name == "step00000010"

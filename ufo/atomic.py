@@ -14,6 +14,29 @@ from pathlib import Path
 from typing import Iterator
 
 
+def pid_alive(pid: str) -> bool:
+    """Whether a process of that id runs on this host (temporary names end in their writer's pid)."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(parent: Path, name: str) -> list[Path]:
+    """Remove what writes of `name` that died left in `parent` (its hidden `.tmp-PID`/`.old-PID`
+    siblings whose process is gone); returns what was removed."""
+    removed = []
+    for stale in parent.glob(f".{name}.*-*"):
+        kind, _, pid = stale.name[len(name) + 2:].partition("-")
+        if kind in ("tmp", "old") and not pid_alive(pid):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+            removed.append(stale)
+    return removed
+
+
 def readable_mode() -> int:
     """The mode an ordinary new file gets here (0666 less the umask)."""
     mask = os.umask(0)
@@ -40,6 +63,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
 def atomic_dir(out: Path) -> Iterator[Path]:
     """Yield a hidden temporary directory; on success it replaces `out` whole."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(out.parent, out.name)  # a killed earlier write of the same directory
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -5,16 +5,26 @@ reader for all of them.
 config and the ufo version. Training writes DeepSpeed checkpoints (any ZeRO stage) as
 `OUT/checkpoints/stepNNNNNNNN/`; each rank adds its own state file (data position, RNG), and
 rank 0 writes the marker `ufo.json` last, after every rank has finished: a directory without
-it is torn and is never read. `read_checkpoint` turns any of them into (config, consolidated
-fp32 state dict, step); `ufo export` and training start from it.
+it is torn and is never read. The marker lists every file of the step with its size (and the
+SHA-256 of the small ones), so a step damaged after the fact (a file deleted, truncated or
+replaced) is skipped for the newest one that is whole. `read_checkpoint` turns any of them
+into (config, consolidated fp32 state dict, step); `ufo export` and training start from it.
+
+Trust: nothing read from a checkpoint runs code. Every torch file is unpickled with
+`weights_only=True` (tensors and plain values; the few DeepSpeed classes its ZeRO files hold are
+allowed by name), DeepSpeed's own files are checked that way before DeepSpeed opens them, and
+ufo's own files hold nothing else.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import pickle
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -25,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 import ufo
-from ufo.atomic import atomic_file
+from ufo.atomic import atomic_file, pid_alive
 from ufo.config import UfoConfig, config_from_dict
 from ufo.errors import CheckpointError
 from ufo.layout import import_deepspeed
@@ -115,25 +125,114 @@ def save_supernet(model: SupernetViT, cfg: UfoConfig, out: str | Path, step: int
     return out
 
 
+HASHED_BELOW = 4 << 20  # files smaller than this get a SHA-256 in the marker (ufo's own rank files, small models)
+
+
 def save_training_checkpoint(engine, directory: Path, step: int, meta: dict, rank_state: dict, rank: int,
                              keep: int) -> Path:
-    """Save a DeepSpeed checkpoint of every rank, then mark it complete; keep the newest `keep`."""
+    """Save a DeepSpeed checkpoint of every rank, then mark it complete; keep the newest `keep`.
+
+    A rank whose write fails (a full disk, say) makes every rank fail: the step's directory is
+    removed, older checkpoints are kept, and the error names the path and the OS's reason.
+    """
     import torch.distributed as dist
 
     tag = f"step{step:08d}"
-    # DeepSpeed's own `latest` is written before all ranks finish: ufo's marker replaces it
-    engine.save_checkpoint(str(directory), tag=tag, client_state={"ufo": meta}, save_latest=False)
-    with atomic_file(directory / tag / f"ufo_rank{rank:05d}.pt") as tmp:
-        torch.save(rank_state, tmp)
-    dist.barrier()
+    where = directory / tag
+    error = ""
+    try:
+        # DeepSpeed's own `latest` is written before all ranks finish: ufo's marker replaces it
+        engine.save_checkpoint(str(directory), tag=tag, client_state={"ufo": meta}, save_latest=False)
+        with atomic_file(where / f"ufo_rank{rank:05d}.pt") as tmp:
+            torch.save(rank_state, tmp)
+    except (OSError, RuntimeError) as e:
+        error = write_failure(where, e)
+    errors: list = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)  # every rank learns whether all wrote their part
+    failed = next((e for e in errors if e), "")
     if rank == 0:
-        with atomic_file(directory / tag / MARKER) as tmp:
-            tmp.write_text(json.dumps({"format": TRAIN_FORMAT, "tag": tag, "step": step,
-                                       "ufo_version": ufo.__version__, **meta}, indent=1))
-        for old in complete_checkpoints(directory)[:-keep]:
-            shutil.rmtree(old)
-    dist.barrier()
-    return directory / tag
+        if failed:
+            shutil.rmtree(where, ignore_errors=True)
+        else:
+            try:
+                with atomic_file(where / MARKER) as tmp:
+                    tmp.write_text(json.dumps({"format": TRAIN_FORMAT, "tag": tag, "step": step,
+                                               "ufo_version": ufo.__version__, **meta,
+                                               "files": _inventory(where)}, indent=1))
+            except OSError as e:
+                failed = write_failure(where / MARKER, e)
+                shutil.rmtree(where, ignore_errors=True)
+        if not failed:
+            for old in complete_checkpoints(directory)[:-keep]:
+                shutil.rmtree(old)
+    flag = [failed]
+    dist.broadcast_object_list(flag, src=0)
+    if flag[0]:
+        raise CheckpointError(f"checkpoint at step {step} not written: {flag[0]} (the newest complete "
+                              "checkpoint is kept)")
+    return where
+
+
+def write_failure(path: Path, error: BaseException) -> str:
+    """What went wrong writing `path`: the OS's reason where it has one. (torch's writer reports a full
+    disk as `unexpected pos ...`: a filesystem with no room left is named as such.)"""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename or path}: {error.strerror}"
+    try:
+        fs = os.statvfs(path.parent if not path.exists() else path)
+        if fs.f_bavail * fs.f_frsize < (1 << 20):
+            return f"{path}: No space left on device ({fs.f_bavail * fs.f_frsize} bytes free)"
+    except OSError:
+        pass
+    text = str(error).strip().splitlines()
+    return f"{path}: {type(error).__name__}: {text[0] if text else ''}"
+
+
+def _inventory(step_dir: Path) -> dict[str, dict]:
+    """Every file of a step directory (but the marker) with its size, and a SHA-256 of the small ones."""
+    files = {}
+    for file in sorted(step_dir.rglob("*")):
+        if file.is_file() and file.name != MARKER and not file.name.startswith("."):
+            entry = {"bytes": file.stat().st_size}
+            if entry["bytes"] < HASHED_BELOW:
+                entry["sha256"] = hashlib.sha256(file.read_bytes()).hexdigest()
+            files[file.relative_to(step_dir).as_posix()] = entry
+    return files
+
+
+def _marker(step_dir: Path) -> dict:
+    """A step's marker, or CheckpointError saying why it is not one."""
+    try:
+        marker = json.loads((step_dir / MARKER).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{step_dir / MARKER}: unreadable marker ({type(e).__name__})") from None
+    if not isinstance(marker, dict) or not isinstance(marker.get("step"), int):
+        raise CheckpointError(f"{step_dir / MARKER}: malformed marker (not an object with an integer step)")
+    return marker
+
+
+def damage(step_dir: Path) -> str:
+    """Why a marked step directory cannot be used ('' if it is whole): a file its marker lists is
+    missing, of another size, or (small files) of another content; a rank's state file missing."""
+    try:
+        marker = _marker(step_dir)
+    except CheckpointError as e:
+        return str(e)
+    files = marker.get("files")
+    if files is None:  # written by an older ufo: at least every rank's own file
+        files = {f"ufo_rank{r:05d}.pt": {} for r in range(int(marker.get("world_size", 1)))}
+    if not isinstance(files, dict):
+        return f"{step_dir / MARKER}: malformed marker (files is not an object)"
+    for name, want in files.items():
+        file = step_dir / name
+        if not file.is_file():
+            return f"{file}: missing"
+        size = file.stat().st_size
+        if "bytes" in want and size != want["bytes"]:
+            return f"{file}: {size} bytes, the marker says {want['bytes']} (truncated or replaced)"
+        if "sha256" in want and hashlib.sha256(file.read_bytes()).hexdigest() != want["sha256"]:
+            return f"{file}: its content differs from what was written (SHA-256)"
+    return ""
 
 
 def complete_checkpoints(directory: Path) -> list[Path]:
@@ -143,27 +242,87 @@ def complete_checkpoints(directory: Path) -> list[Path]:
     found = []
     for marker in directory.glob(f"step*/{MARKER}"):
         try:
-            found.append((int(json.loads(marker.read_text())["step"]), marker.parent))
-        except (ValueError, KeyError, OSError):
+            found.append((_marker(marker.parent)["step"], marker.parent))
+        except CheckpointError:
             continue  # a marker is written atomically; an unreadable one is not ours
     return [path for _, path in sorted(found)]
+
+
+def clean_checkpoints(directory: Path, say=None) -> None:
+    """Before a run starts: remove step directories without a marker (a save that died) and the
+    temporary files of writes that died; report each."""
+    say = say or _warn
+    if not directory.is_dir():
+        return
+    for step_dir in sorted(directory.glob("step*")):
+        if step_dir.is_dir() and not (step_dir / MARKER).exists():
+            shutil.rmtree(step_dir, ignore_errors=True)
+            say(f"removed {step_dir}: an unfinished checkpoint (no {MARKER})")
+    for tmp in list(directory.glob(".*.tmp-*")) + list(directory.glob("step*/.*.tmp-*")):
+        if not pid_alive(tmp.name.rpartition("-")[2]):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
+
+def _warn(line: str) -> None:
+    print(f"ufo: warning: {line}", file=sys.stderr)
 
 
 def read_rank_state(tag_dir: Path, rank: int) -> dict:
     file = tag_dir / f"ufo_rank{rank:05d}.pt"
     if not file.is_file():
         raise CheckpointError(f"{tag_dir}: has no state for rank {rank} (was it written by as many ranks?)")
-    return torch.load(file, weights_only=False)
+    return safe_load(file)
 
 
-def find_training_checkpoint(path: Path) -> Path | None:
-    """The checkpoint a path names: a marked step directory, else the newest under it (or OUT/checkpoints)."""
+def safe_load(file: Path, mmap: bool = False) -> dict:
+    """A torch file unpickled with `weights_only=True`: tensors and plain values, and the few DeepSpeed
+    classes its ZeRO files hold, allowed by name; anything else is refused before it can run."""
+    from torch.serialization import safe_globals
+
+    import_deepspeed()
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    try:
+        with safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        what = re.search(r"GLOBAL (\S+)|Unsupported (?:global|operand)[^.]*", str(e))
+        raise CheckpointError(f"{file}: refused: it holds pickled objects beyond tensors and plain values "
+                              f"({what.group(0) if what else 'not a weights-only file'}); reading it could "
+                              "run code") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        text = str(e).strip().splitlines()
+        raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {text[0] if text else ''})") from None
+
+
+def check_step_files(tag_dir: Path, rank: int = 0, world: int = 1) -> None:
+    """Open every torch file of a step directory the way `safe_load` does (memory-mapped: only the
+    pickles are read), before DeepSpeed, whose loader unpickles anything, opens them. Rank r of
+    `world` checks every world-th file; the caller gathers the verdicts."""
+    for i, file in enumerate(sorted(tag_dir.glob("*.pt"))):
+        if i % world == rank:
+            safe_load(file, mmap=True)
+
+
+def find_training_checkpoint(path: Path, say=None) -> Path | None:
+    """The checkpoint a path names: a marked step directory, else the newest whole one under it (or
+    OUT/checkpoints); each damaged newer one is skipped with a line saying what is wrong."""
+    say = say or _warn
     if (path / MARKER).is_file():
         return path
     for directory in (path / "checkpoints", path):
-        done = complete_checkpoints(directory)
-        if done:
-            return done[-1]
+        if not directory.is_dir():
+            continue
+        for marker in sorted(directory.glob(f"step*/{MARKER}"), reverse=True):
+            why = damage(marker.parent)
+            if not why:
+                return marker.parent
+            say(f"skipping checkpoint {marker.parent.name}: {why}")
+        if any(directory.glob(f"step*/{MARKER}")):
+            raise CheckpointError(f"{directory}: every checkpoint in it is damaged (above); move it away to "
+                                  "start afresh, or name a step directory to read")
     return None
 
 
@@ -205,17 +364,20 @@ def _only(state: dict[str, torch.Tensor], cfg: UfoConfig, tasks: Sequence[str] |
 
 
 def _read_training_checkpoint(tag_dir: Path, tasks: Sequence[str] | None = None) -> Checkpoint:
-    try:
-        marker = json.loads((tag_dir / MARKER).read_text())
-        raw, step = marker["config"], int(marker["step"])
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{tag_dir / MARKER}: damaged marker ({e})") from None
+    marker = _marker(tag_dir)
+    if not isinstance(marker.get("config"), dict):
+        raise CheckpointError(f"{tag_dir / MARKER}: damaged marker (no config)")
+    raw, step = marker["config"], marker["step"]
+    why = damage(tag_dir)
+    if why:
+        raise CheckpointError(f"{tag_dir}: damaged checkpoint: {why}")
     cfg = config_from_dict(raw, source=f"{tag_dir} (embedded config)")
     tasks = None if tasks is None else [t for t in tasks if t in cfg.tasks]
     try:
         if marker.get("zero_stage", 0) in (0, 1, 2):
             state = _read_module_files(tag_dir, marker, cfg, list(cfg.tasks) if tasks is None else list(tasks))
         else:  # ZeRO-3: the module files hold placeholders; the weights are in the shards
+            check_step_files(tag_dir)  # before DeepSpeed's loader, which unpickles anything
             import_deepspeed()
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -241,19 +403,10 @@ def canonical_name(name: str) -> str:
 
 
 def _load(file: Path) -> dict:
-    """A DeepSpeed checkpoint file, memory-mapped (only what is read is paged in), with no pickled code:
-    the few DeepSpeed classes its ZeRO files hold are allowed by name, nothing else."""
-    from torch.serialization import safe_globals
-
+    """A DeepSpeed checkpoint file, memory-mapped (only what is read is paged in), with no pickled code."""
     if not file.is_file():
         raise CheckpointError(f"{file.parent}: lacks {file.name} (an incomplete copy of the checkpoint?)")
-    import_deepspeed()
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    with safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    return safe_load(file, mmap=True)
 
 
 def _read_module_files(tag_dir: Path, marker: dict, cfg: UfoConfig, tasks: list[str]) -> dict[str, torch.Tensor]:

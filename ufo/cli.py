@@ -32,6 +32,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def track_args(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("--track", metavar="URI", dest="track_uri",
+                       help=f"log {what} to the checkpoint's MLflow run in this store (default: the store its "
+                       "marker names, if that is a local store that exists here; never a remote one)")
+        p.add_argument("--no-track", dest="track", action="store_false",
+                       help=f"do not log {what} to the checkpoint's MLflow run")
+
     def config_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("config", type=Path, help="YAML config file (see configs/)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -85,8 +92,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip checking the exported files against the supernet")
     p.add_argument("--atol", type=float, help="largest accepted |subnet - supernet| (default: export.atol, 1e-5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--no-track", dest="track", action="store_false",
-                   help="do not log the subnets to the checkpoint's MLflow run")
+    track_args(p, "the subnets")
     p.set_defaults(run=_export)
 
     p = commands.add_parser("search", help="find a task's best path on its eval shards (no retraining)")
@@ -102,8 +108,7 @@ def _parser() -> argparse.ArgumentParser:
                    "measured on this machine")
     p.add_argument("--out", type=Path, help="result JSON (default: search-TASK.json in the run directory; "
                    "with a budget also a Pareto plot, .png)")
-    p.add_argument("--no-track", dest="track", action="store_false",
-                   help="do not log the search to the checkpoint's MLflow run")
+    track_args(p, "the search")
     p.set_defaults(run=_search)
 
     p = commands.add_parser("data", help="write and inspect task shards (WebDataset)")
@@ -208,8 +213,21 @@ def _train(args: argparse.Namespace) -> int:
 
     from ufo.layout import leave_distributed
 
+    from ufo.supervise import peer_lost
+
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except RuntimeError as e:
+        if not peer_lost(e):
+            raise
+        import os
+
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        print(f"ufo train: error: rank {os.environ.get('RANK', '0')}: lost another rank (hung, stopped, cut off "
+              f"or dead; train.collective_timeout {cfg.train.collective_timeout:g} s): {first}; the newest "
+              "checkpoint is kept, rerun to resume", file=sys.stderr)
+        return 4
     leave_distributed()
     return 3 if result.stopped_by else 0  # 3: stopped early by a signal, checkpointed; rerun to resume
 
@@ -273,7 +291,7 @@ def _export(args: argparse.Namespace) -> None:
     if args.track:
         from ufo.tracking import log_export
 
-        log_export(ckpt.path, results)
+        log_export(ckpt.path, results, uri=args.track_uri)
 
 
 def _search(args: argparse.Namespace) -> None:
@@ -309,7 +327,7 @@ def _search(args: argparse.Namespace) -> None:
     if args.track:
         from ufo.tracking import log_search
 
-        log_search(ckpt.path, result, out)
+        log_search(ckpt.path, result, out, uri=args.track_uri)
 
 
 def _data_write(args: argparse.Namespace) -> None:

@@ -175,6 +175,9 @@ class TrainConfig(Section):
     eval_batch_size: int = Field(128, gt=0)
     checkpoint_every: int = Field(0, ge=0)  # 0: at the end (and on SIGTERM/SIGUSR1) only
     keep_checkpoints: int = Field(3, gt=0)
+    # seconds a collective (and so every rank) waits for a rank that is hung, stopped or cut off
+    # before the job fails: long enough for the slowest checkpoint save or evaluation of rank 0
+    collective_timeout: float = Field(600, gt=0)
     weighting: WeightingConfig = WeightingConfig()
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Mapping
 
 from ufo.config import UfoConfig, sharding_unsupported
@@ -124,23 +124,38 @@ def import_deepspeed():
     deepspeed.utils.logger.setLevel(logging.WARNING)
     return deepspeed
 
-def init_distributed() -> tuple[int, int, int]:
+def init_distributed(timeout: float | None = None) -> tuple[int, int, int]:
     """Join the launcher's process group (deepspeed, torchrun) or make a one-rank one.
 
-    Returns (rank, world size, local rank). gloo on CPU, nccl on GPUs.
+    Returns (rank, world size, local rank). gloo on CPU, nccl on GPUs. `timeout` (seconds): how long
+    any collective waits for the slowest rank, for this group and every group made after it
+    (DeepSpeed's expert and data-parallel groups take torch's default, which is set to it: the one
+    private torch API ufo uses, `distributed_c10d.default_pg_timeout`, torch pinned in pyproject).
     """
+    from datetime import timedelta
+
     import torch
     import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
 
     deepspeed = import_deepspeed()
     if "WORLD_SIZE" not in os.environ and "SLURM_STEP_ID" in os.environ:
         os.environ.update(slurm_ranks(os.environ))
-    if "WORLD_SIZE" not in os.environ:  # a plain `ufo train`: one process
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   verbose=False)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    kw = {}
+    if timeout is not None and not dist.is_initialized():
+        kw["timeout"] = c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timedelta(seconds=timeout)
+    if "WORLD_SIZE" not in os.environ and not dist.is_initialized():
+        # a plain `ufo train`: one process, whose group meets in a local file and talks over loopback
+        # only: it opens no listener on the network (a TCP store would listen on every interface)
+        import tempfile
+
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        store = Path(tempfile.mkdtemp(prefix="ufo-pg-")) / "store"
+        dist.init_process_group(backend, init_method=store.as_uri(), rank=0, world_size=1, **kw)
+    if not dist.is_initialized() or not _deepspeed_joined(deepspeed):
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, **kw)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -149,6 +164,10 @@ def init_distributed() -> tuple[int, int, int]:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     return dist.get_rank(), dist.get_world_size(), local_rank
+
+def _deepspeed_joined(deepspeed) -> bool:
+    return deepspeed.comm.comm.cdb is not None and deepspeed.comm.comm.cdb.is_initialized()
+
 
 _task_groups: dict[tuple, dict] = {}
 
@@ -202,8 +221,3 @@ def _expand_tasks(spec: str) -> list[int]:
         n, _, times = part.partition("(x")
         counts += [int(n)] * (int(times.rstrip(")")) if times else 1)
     return counts
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -255,16 +255,27 @@ def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
 
 
-def _checkpoint_run(checkpoint: Path):
-    """The MLflow client, run id and step of the run that trained a checkpoint (from its marker), or None."""
+def _checkpoint_run(checkpoint: Path, uri: str | None = None, say: Log = print):
+    """The MLflow client, run id and step of the run that trained a checkpoint (from its marker), or None.
+
+    The store: `uri` where the invocation names one, else the marker's, followed only where it is a
+    local store that already exists (a marker is a file anyone who can write the checkpoint can
+    change: it must not make this process create stores or send requests elsewhere)."""
     marker = checkpoint / "ufo.json"
     try:
         meta = json.loads(marker.read_text()) if marker.is_file() else {}
     except ValueError:
         meta = {}
-    run_id, uri = meta.get("mlflow_run_id"), meta.get("mlflow_uri")
-    if not run_id or not uri:
+    meta = meta if isinstance(meta, dict) else {}
+    run_id, named = meta.get("mlflow_run_id"), meta.get("mlflow_uri")
+    if not run_id or not isinstance(run_id, str) or not (uri or named):
         return None
+    if uri is None:
+        if not isinstance(named, str) or not existing_local_store(named):
+            say(f"mlflow: not logging to {str(named)[:200]!s}, the store {marker} names: it is not a local store "
+                "that exists here (pass --track URI to log there)")
+            return None
+        uri = named
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     from mlflow import MlflowClient
@@ -272,10 +283,23 @@ def _checkpoint_run(checkpoint: Path):
     return MlflowClient(uri), run_id, int(meta.get("step", 0))
 
 
-def log_export(checkpoint: Path, exports: list, say: Log = print) -> str | None:
+def existing_local_store(uri: str) -> bool:
+    """Whether `uri` is a store on this host's filesystem that exists: an sqlite file, or a file store."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).is_file()
+    if uri.startswith("file:"):
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        return Path(url2pathname(urlparse(uri).path)).is_dir()
+    return "://" not in uri and Path(uri).is_dir()
+
+
+def log_export(checkpoint: Path, exports: list, say: Log = print, uri: str | None = None) -> str | None:
     """Log exported subnets (their directories and verification figures) to the MLflow run that trained
-    the checkpoint, named in its marker. Returns the run id, or None where there is none or it failed."""
-    found = _checkpoint_run(checkpoint)
+    the checkpoint, named in its marker (the store: see `_checkpoint_run`). Returns the run id, or None
+    where there is none or it failed."""
+    found = _checkpoint_run(checkpoint, uri, say)
     if found is None:
         return None
     client, run_id, step = found
@@ -298,9 +322,9 @@ def log_export(checkpoint: Path, exports: list, say: Log = print) -> str | None:
     return run_id
 
 
-def log_search(checkpoint: Path, result, file: Path, say: Log = print) -> str | None:
+def log_search(checkpoint: Path, result, file: Path, say: Log = print, uri: str | None = None) -> str | None:
     """Log a path search (best and baseline values, the result file) to the checkpoint's MLflow run."""
-    found = _checkpoint_run(checkpoint)
+    found = _checkpoint_run(checkpoint, uri, say)
     if found is None:
         return None
     client, run_id, step = found

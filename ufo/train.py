@@ -34,6 +34,8 @@ import ufo
 from ufo.atomic import atomic_file
 from ufo.checkpoint import (
     canonical_name,
+    check_step_files,
+    clean_checkpoints,
     find_training_checkpoint,
     init_supernet,
     load_supernet,
@@ -49,6 +51,7 @@ from ufo.metrics import retrieval, top1
 from ufo.model import SupernetViT, TaskSlice
 from ufo.model.supernet import apply_heads
 from ufo.model.paths import ElasticPolicy, PathPolicy
+from ufo.supervise import Stop, report_stopped
 from ufo.tracking import Tracker, flatten
 from ufo.weighting import Observation, Weighting, build_weighting, label_entropy
 
@@ -192,39 +195,23 @@ def checkpoint_meta(cfg: UfoConfig, layout: Layout, group_names: list) -> dict:
             "param_group_names": group_names if d.zero_stage == 0 and d.precision != "fp32" else None}
 
 
-class _Signals:
-    """SIGTERM and SIGUSR1 (Slurm's warning before preemption) ask for a checkpoint and a clean stop."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._old = {}
-
-    def __enter__(self) -> "_Signals":
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The generators' states as tensors and plain values (what a weights-only load reads back)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                   cached), "torch": torch.get_rng_state()}
 
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
 
 
 def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
     """Train the supernet of `cfg` on this process's rank; resume from `train.out_dir` if it holds a checkpoint."""
-    rank, world, _ = init_distributed()
+    rank, world, _ = init_distributed(cfg.train.collective_timeout)
     say = log if rank == 0 else (lambda _: None)
     t = cfg.train
     tasks = list(cfg.tasks)
@@ -252,7 +239,10 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
 
     step = 0
     torch.manual_seed(t.seed + 1 + rank)  # drop path and the like differ between ranks
-    resume = find_training_checkpoint(ckpt_dir)
+    if rank == 0:  # what a save that died left behind
+        clean_checkpoints(ckpt_dir, say)
+    dist.barrier()
+    resume = find_training_checkpoint(ckpt_dir, say=lambda line: say(f"warning: {line}"))
     if resume is not None:
         step = _resume(engine, loader, weighting, resume, cfg, layout, rank, say)
         say(f"resumed from {resume} at step {step}")
@@ -269,7 +259,7 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
     start_step, started = step, time.perf_counter()
     status = "FAILED"
     try:
-        with _Signals() as signals:
+        with Stop() as signals:
             while step < t.steps:
                 paths, sizes = policy.paths_at(step), elastic.sizes_at(step)
                 seen = _StepMean(len(tasks))
@@ -325,7 +315,9 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
                     say(f"checkpoint {result.checkpoint}")
                 if stop.item():
                     name = signal.Signals(int(stop.item())).name
-                    say(f"stopped by {name} at step {step}; rerun the same command to resume")
+                    why = f" ({signals.reason})" if signals.reason and signals.reason != name else ""
+                    say(f"stopped by {name}{why} at step {step}; rerun the same command to resume")
+                    report_stopped()
                     result.step, result.stopped_by = step, name
                     status = "KILLED"
                     return result
@@ -605,6 +597,16 @@ def _resume(engine, loader, weighting: Weighting, tag_dir: Path, cfg: UfoConfig,
             say: Log) -> int:
     world = layout.world_size
     marker = json.loads((tag_dir / "ufo.json").read_text())
+    # DeepSpeed's loader unpickles anything: its files are opened weights-only first, a share on each rank
+    try:
+        check_step_files(tag_dir, rank, world)
+        refused = ""
+    except UfoError as e:
+        refused = str(e)
+    verdicts: list = [None] * world
+    dist.all_gather_object(verdicts, refused)
+    if any(verdicts):
+        raise UfoError(next(v for v in verdicts if v))
     if marker["world_size"] != world:
         raise UfoError(f"{tag_dir}: was written by {marker['world_size']} ranks, this run has {world}; "
                        "resume with the same number of ranks (or export it and start a new run from it)")

@@ -1,0 +1,237 @@
+"""Faults of a real cluster: signals to any launcher, a hung rank, damaged or planted checkpoint files,
+a full disk. Real launchers, real signals, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+
+from test_launch import SCRIPT, env
+from test_train import launch, tiny_run
+from ufo.checkpoint import _inventory, read_checkpoint
+from ufo.config import config_from_dict
+from ufo.errors import UfoError
+from ufo.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ufo_processes(tag: str) -> list[psutil.Process]:
+    """Every live process whose command line names `tag` (the test's own directory)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and tag in " ".join(proc.info["cmdline"] or []):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while text not in (log.read_text() if log.exists() else "") and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert text in log.read_text(), log.read_text()[-3000:]
+
+
+def long_run(tmp_path: Path, **train_args) -> Path:
+    raw = tiny_run(tmp_path, ("face", "digits"), steps=2000, eval_every=0, **train_args)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    return config
+
+
+def assert_nothing_left(tag: str) -> None:
+    deadline = time.time() + 60
+    while ufo_processes(tag) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not ufo_processes(tag), [p.info["cmdline"] for p in ufo_processes(tag)]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_sigterm_to_the_launch_script_checkpoints_every_rank_and_exits_3(tmp_path, launcher):
+    config = long_run(tmp_path)
+    log = tmp_path / "run.log"
+    e = {**env(), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "PYTHONUNBUFFERED": "1"}
+    run = subprocess.Popen([str(SCRIPT), "--launcher", launcher, "--procs-per-node", "2", "--master-port",
+                            str(29300 + os.getpid() % 150 + (150 if launcher == "deepspeed" else 0)), str(config)],
+                           stdout=open(log, "w"), stderr=subprocess.STDOUT, env=e, cwd=REPO, start_new_session=True)
+    wait_for(log, "step 3/", run)
+    run.send_signal(signal.SIGTERM)  # the outermost process only, as a supervisor does
+    assert run.wait(timeout=300) == 3, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "stopped by SIGTERM (SIGTERM to the launch script)" in text, text[-3000:]
+    assert 3 <= read_checkpoint(tmp_path / "run").step < 2000
+    assert_nothing_left(str(tmp_path))
+
+
+@pytest.mark.dist
+def test_sigterm_to_the_deepspeed_launcher_leaves_no_rank_training(tmp_path):
+    # DeepSpeed's runner dies on SIGTERM without a word to its ranks: they see it gone and stop
+    config = long_run(tmp_path)
+    log = tmp_path / "run.log"
+    args = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
+            str(29600 + os.getpid() % 100), "--module", "ufo.cli", "train", str(config)]
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "ext")
+    run = launch(args, log)
+    wait_for(log, "step 3/", run)
+    run.send_signal(signal.SIGTERM)
+    run.wait(timeout=60)
+    assert_nothing_left(str(tmp_path))
+    text = log.read_text()
+    assert "gone" in text and "stopped by SIGTERM" in text, text[-3000:]
+    assert 3 <= read_checkpoint(tmp_path / "run").step < 2000
+
+
+@pytest.mark.dist
+def test_a_stopped_rank_ends_the_job_within_the_collective_timeout(tmp_path):
+    config = long_run(tmp_path, collective_timeout=8)
+    log = tmp_path / "run.log"
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(29750 + os.getpid() % 100), "-m", "ufo.cli", "train", str(config)]
+    run = launch(args, log)
+    wait_for(log, "step 3/", run)
+    ranks = [p for p in psutil.Process(run.pid).children(recursive=True) if "ufo.cli" in " ".join(p.cmdline())]
+    assert len(ranks) == 2
+    stopped_at = time.time()
+    ranks[1].suspend()  # SIGSTOP: hung, as a rank on a partitioned node looks to the others
+    try:
+        rc = run.wait(timeout=180)
+    finally:
+        for proc in ranks:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+    took = time.time() - stopped_at
+    text = log.read_text()
+    assert rc != 0 and "lost another rank" in text and "train.collective_timeout 8 s" in text, text[-3000:]
+    assert took < 8 + 30 + 20, took  # the timeout, torchrun's 30 s grace for the stopped rank, start-up slack
+    assert_nothing_left(str(tmp_path))
+
+
+def one_rank(tmp_path: Path, **train_args) -> dict:
+    raw = tiny_run(tmp_path, ("face", "digits"), eval_every=0, **train_args)
+    return raw
+
+
+def steps_of(raw: dict, steps: int):
+    return config_from_dict({**raw, "train": {**raw["train"], "steps": steps}}, "test")
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_newest_whole_one(tmp_path):
+    raw = one_rank(tmp_path, steps=6, checkpoint_every=2, keep_checkpoints=5)
+    train(steps_of(raw, 6), log=lambda _: None)
+    ckpts = tmp_path / "run" / "checkpoints"
+    # step 6: a rank's file deleted; step 4: the model file truncated; step 2 whole
+    (ckpts / "step00000006" / "ufo_rank00000.pt").unlink()
+    model = ckpts / "step00000004" / "mp_rank_00_model_states.pt"
+    model.write_bytes(model.read_bytes()[:1000])
+    lines: list[str] = []
+    result = train(steps_of(raw, 8), log=lines.append)
+    text = "\n".join(lines)
+    assert "skipping checkpoint step00000006: " in text and "ufo_rank00000.pt: missing" in text
+    assert "skipping checkpoint step00000004: " in text and "1000 bytes, the marker says" in text
+    assert "resumed from" in text and "at step 2" in text, text
+    assert result.step == 8
+    # a malformed marker: a warning, the run goes on from another step
+    (ckpts / "step00000008" / "ufo.json").write_text("[]")
+    lines.clear()
+    result = train(steps_of(raw, 9), log=lines.append)
+    assert any("malformed marker" in line for line in lines) and result.step == 9
+
+
+def test_every_checkpoint_damaged_is_one_line_not_a_fresh_start(tmp_path):
+    raw = one_rank(tmp_path, steps=2)
+    train(steps_of(raw, 2), log=lambda _: None)
+    (tmp_path / "run" / "checkpoints" / "step00000002" / "ufo_rank00000.pt").write_bytes(b"x")
+    with pytest.raises(UfoError, match="every checkpoint in it is damaged"):
+        train(steps_of(raw, 4), log=lambda _: None)
+    assert (tmp_path / "run" / "checkpoints" / "step00000002").is_dir()  # nothing removed
+
+
+def test_unfinished_checkpoints_and_stale_temporaries_are_removed_at_start(tmp_path):
+    raw = one_rank(tmp_path, steps=2)
+    train(steps_of(raw, 2), log=lambda _: None)
+    ckpts = tmp_path / "run" / "checkpoints"
+    torn = ckpts / "step00000003"
+    torn.mkdir()
+    (torn / "mp_rank_00_model_states.pt").write_bytes(b"half")
+    stale = ckpts / "step00000002" / ".ufo_rank00000.pt.tmp-999999"
+    stale.write_bytes(b"x")
+    lines: list[str] = []
+    train(steps_of(raw, 3), log=lines.append)
+    assert any("removed" in line and "step00000003" in line for line in lines)
+    assert not stale.exists() and (ckpts / "step00000003" / "ufo.json").is_file()
+
+
+def plant(file: Path) -> Path:
+    """Replace a torch file by one whose unpickling runs code (touches a file), and make the step's marker
+    agree with it, as someone who can write the checkpoint directory can."""
+    proof = file.parent.parent.parent / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {proof}",))
+
+    torch.save({"module": Evil()}, file)
+    marker = file.parent / "ufo.json"
+    meta = json.loads(marker.read_text())
+    meta["files"] = _inventory(file.parent)
+    marker.write_text(json.dumps(meta))
+    return proof
+
+
+@pytest.mark.parametrize("name", ["mp_rank_00_model_states.pt", "ufo_rank00000.pt"])
+def test_a_planted_pickle_is_refused_and_never_runs(tmp_path, name):
+    raw = one_rank(tmp_path, steps=2)
+    train(steps_of(raw, 2), log=lambda _: None)
+    proof = plant(tmp_path / "run" / "checkpoints" / "step00000002" / name)
+    with pytest.raises(UfoError, match=rf"{name}: refused: it holds pickled objects .*GLOBAL posix.system"):
+        train(steps_of(raw, 4), log=lambda _: None)
+    if name.startswith("mp_rank"):
+        out = subprocess.run([sys.executable, "-m", "ufo.cli", "export", str(tmp_path / "run"), "--task", "face",
+                              "--out", str(tmp_path / "sub")], capture_output=True, text=True, cwd=REPO)
+        assert out.returncode == 2 and "refused" in out.stderr and len(out.stderr.strip().splitlines()) == 1, \
+            out.stderr[-2000:]
+    assert not proof.exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs: room for one tiny checkpoint, not two."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small filesystem")
+    where = tmp_path / "disk"
+    where.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True,
+                          text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    yield where
+    subprocess.run(["umount", "-l", str(where)])
+
+
+def test_a_full_disk_names_the_path_keeps_the_last_checkpoint_and_leaves_no_torn_step(tmp_path, small_disk):
+    raw = one_rank(tmp_path, steps=4, checkpoint_every=2, keep_checkpoints=3)
+    raw["train"]["out_dir"] = str(small_disk / "run")
+    with pytest.raises(UfoError) as failed:
+        train(steps_of(raw, 4), log=lambda _: None)
+    message = str(failed.value)
+    assert "No space left on device" in message and str(small_disk / "run" / "checkpoints") in message, message
+    assert "\n" not in message
+    ckpts = small_disk / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if not p.name.startswith(".")) == ["step00000002"]
+    assert read_checkpoint(small_disk / "run").step == 2
