@@ -235,3 +235,40 @@ def test_a_full_disk_names_the_path_keeps_the_last_checkpoint_and_leaves_no_torn
     ckpts = small_disk / "run" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir() if not p.name.startswith(".")) == ["step00000002"]
     assert read_checkpoint(small_disk / "run").step == 2
+
+
+def test_export_never_creates_or_calls_a_store_its_checkpoint_names(tmp_path):
+    import socket
+
+    raw = one_rank(tmp_path, steps=1)
+    train(steps_of(raw, 1), log=lambda _: None)
+    step = tmp_path / "run" / "checkpoints" / "step00000001"
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(0.5)
+    for uri in (f"sqlite:///{tmp_path / 'cluster' / 'mlflow.db'}", f"http://127.0.0.1:{listener.getsockname()[1]}"):
+        meta = json.loads((step / "ufo.json").read_text())
+        (step / "ufo.json").write_text(json.dumps({**meta, "mlflow_run_id": "0" * 32, "mlflow_uri": uri}))
+        out = subprocess.run([sys.executable, "-m", "ufo.cli", "export", str(tmp_path / "run"), "--task", "face",
+                              "--out", str(tmp_path / "sub"), "--overwrite"], capture_output=True, text=True, cwd=REPO)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert f"mlflow: not logging to {uri}" in out.stdout and "--track URI" in out.stdout
+    assert not (tmp_path / "cluster").exists()
+    with pytest.raises(socket.timeout):
+        listener.accept()  # nobody called
+
+
+@pytest.mark.dist
+def test_a_one_process_run_listens_on_no_network_address(tmp_path):
+    config = long_run(tmp_path)
+    log = tmp_path / "run.log"
+    run = launch([sys.executable, "-m", "ufo.cli", "train", str(config)], log)
+    try:
+        wait_for(log, "step 2/", run)
+        listening = [c.laddr for c in psutil.Process(run.pid).net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN]
+    finally:
+        run.send_signal(signal.SIGTERM)
+        run.wait(timeout=120)
+    assert all(addr.ip in ("127.0.0.1", "::1") for addr in listening), listening

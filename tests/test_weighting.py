@@ -70,7 +70,7 @@ def test_uncertainty_learns_log_variances():
 
 
 def test_gradnorm_balances_weighted_gradient_norms():
-    g = make("gradnorm", alpha=1.5, lr=0.1)
+    g = make("gradnorm", alpha=1.5, lr=0.1, initial_steps=1)  # L0 from the first step, as Chen et al.
     assert close(g.weights(obs([2.0, 4.0], grad_norms=[1.0, 3.0])), [1.0, 1.0])
     # step 1: L0 = L, rates 1; G = [1, 3], target mean(G) = 2; d|G - target|/dw = sign(G - target) g = [-1, 3]
     g.step(obs([2.0, 4.0], grad_norms=[1.0, 3.0]))
@@ -83,6 +83,62 @@ def test_gradnorm_balances_weighted_gradient_norms():
     w = [w0 - 0.1 * (mi / (1 - b1 ** 2)) / (math.sqrt(vi / (1 - b2 ** 2)) + 1e-8)
          for w0, mi, vi in zip([1.1, 0.9], m, v)]
     assert close(g.weights(obs([1.0, 4.0])), [wi * 2 / sum(w) for wi in w])
+
+
+def test_gradnorm_takes_l0_as_the_mean_of_the_first_steps():
+    g = make("gradnorm", alpha=1.5, lr=0.1, initial_steps=3)
+    for losses in ([1e-6, 4.0], [2.0, 2.0], [3.0, 6.0], [100.0, 100.0]):
+        g.step(obs(losses, grad_norms=[1.0, 1.0]))
+    assert close(g.values()["first_loss"], [(1e-6 + 2.0 + 3.0) / 3, 4.0])
+
+
+EDGES = [[0.0, 1.0], [0.0, 0.0], [1.0, 0.0], [math.nan, 2.0], [0.0, math.nan], [1e-300, 3.0], [5.0, 1e-300],
+         [0.0, 0.0], [2.0, 0.0], [math.nan, math.nan], [0.0, 4.0]]
+
+
+@pytest.mark.parametrize("name", [n for n in STRATEGIES if n != "prior"])
+def test_no_weight_is_ever_nan_or_inf_on_zero_tiny_or_missing_losses(name):
+    w = make(name, window=2) if name == "dwa" else make(name)
+    for losses in EDGES * 3:
+        o = obs(losses, grad_norms=[0.0 if not math.isnan(v) else math.nan for v in losses],
+                accuracies=[0.0 if not math.isnan(v) else math.nan for v in losses])
+        weights = w.weights(o)
+        assert torch.isfinite(weights).all(), (name, losses, weights)
+        w.step(o)
+        assert all(torch.isfinite(v[torch.isfinite(v)]).all() for v in w.values().values())
+
+
+def test_lbtw_with_a_first_loss_of_zero_waits_for_a_positive_one():
+    lbtw = make("lbtw", alpha=0.5)
+    assert close(lbtw.weights(obs([0.0, 4.0])), [1.0, 1.0])
+    assert close(lbtw.weights(obs([2.0, 1.0])), [1.0, 0.5])  # L0 = 2 (first positive), 4
+    assert close(lbtw.weights(obs([0.5, 1.0])), [0.5, 0.5])
+
+
+def test_lbtw_normalized_as_the_authors_code_sums_to_the_task_count():
+    lbtw = make("lbtw", alpha=0.5, normalize=True)
+    lbtw.weights(obs([4.0, 4.0]))
+    assert close(lbtw.weights(obs([1.0, 4.0])), [2 * 0.5 / 1.5, 2 * 1.0 / 1.5])
+
+
+def test_dwa_with_a_zero_window_loss_gives_finite_weights():
+    d = make("dwa", temperature=2.0, window=1)
+    for losses in ([0.0, 4.0], [1.0, 2.0]):
+        d.step(obs(losses))
+    assert close(d.weights(obs([1.0, 1.0])), (2 * torch.softmax(torch.tensor([1.0, 0.5]) / 2.0, 0)).tolist())
+
+
+@pytest.mark.parametrize("name", ["uncertainty", "gradnorm"])
+def test_a_learned_value_of_a_task_without_samples_does_not_move(name):
+    w = make(name, lr=0.1, initial_steps=1) if name == "gradnorm" else make(name, lr=0.1)
+    w.step(obs([2.0, 0.5], grad_norms=[1.0, 3.0]))
+    w.step(obs([3.0, 0.25], grad_norms=[2.0, 1.0]))
+    before = w.weights(obs([1.0, 1.0]))
+    w.step(obs([math.nan, 0.4], grad_norms=[math.nan, 2.0]))  # face had no samples: its momentum must not act
+    after = w.weights(obs([1.0, 1.0]))
+    assert after[0] == before[0]
+    if name == "uncertainty":
+        assert after[1] != before[1]
 
 
 def test_dwa_softmax_of_window_loss_ratios():

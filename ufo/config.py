@@ -139,6 +139,12 @@ class WeightingConfig(Section):
     window: int = Field(20, gt=0)  # dwa: optimizer steps per window (its "epoch")
     gamma: float = Field(1.0, ge=0)  # dtp: focusing exponent
     smoothing: float = Field(0.5, gt=0, le=1)  # dtp: weight of the newest accuracy in its moving average
+    # gradnorm: L0 is the mean of each task's first `initial_steps` losses (1: Chen et al.'s first
+    # step; one step's loss can be tiny, and weights collapse toward the task that had it)
+    initial_steps: int = Field(10, gt=0)
+    # lbtw: rescale the weights to sum to the number of tasks every step (what the authors' code
+    # does); false: (L / L0)^alpha as the paper writes it
+    normalize: bool = False
 
 
 class TrainConfig(Section):

@@ -54,7 +54,8 @@ class Weighting:
 
     def load_state_dict(self, state: Mapping) -> None:
         for name in self.saved:
-            setattr(self, name, state[name].clone())
+            if name in state:  # a checkpoint of an older ufo may lack a newer value: it keeps its start
+                setattr(self, name, state[name].clone())
 
     def _ones(self) -> torch.Tensor:
         return torch.ones(len(self.tasks), dtype=torch.float64)
@@ -70,8 +71,9 @@ def _known(values: torch.Tensor | None) -> torch.Tensor:
 
 
 def _first_seen(first: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
-    """Each task's first known loss: kept once set, taken from `losses` until then."""
-    return torch.where(torch.isnan(first) & _known(losses), losses, first)
+    """Each task's first known positive loss: kept once set, taken from `losses` until then (a loss of
+    0 is no scale to divide by: the task's weight stays 1 until it has one)."""
+    return torch.where(torch.isnan(first) & _known(losses) & (losses > 0), losses, first)
 
 
 def _inverse(values: torch.Tensor) -> torch.Tensor:
@@ -124,7 +126,7 @@ class Initial(_FirstLoss):
 
     def weights(self, obs: Observation) -> torch.Tensor:
         self._remember(obs.losses)
-        return _inverse(self.first)
+        return _inverse(self.first)  # 1 until the task has a positive first loss
 
 
 class Prior(Weighting):
@@ -182,10 +184,19 @@ class _Learned(Weighting):
         self.param = torch.nn.Parameter(torch.full((len(tasks),), start, dtype=torch.float64))
         self.optimizer = torch.optim.Adam([self.param], lr=lr)
 
-    def _descend(self, grad: torch.Tensor) -> None:
-        self.param.grad = grad
+    def _descend(self, grad: torch.Tensor, known: torch.Tensor) -> None:
+        """One Adam step on the tasks that were observed: an absent task's value and moments stay as they
+        were (Adam's momentum would otherwise move it on a step it had no samples in)."""
+        state = self.optimizer.state.get(self.param, {})
+        kept = {name: state[name].clone() for name in ("exp_avg", "exp_avg_sq") if name in state}
+        before = self.param.detach().clone()
+        self.param.grad = torch.where(known, grad, 0.0)
         self.optimizer.step()
         self.param.grad = None
+        with torch.no_grad():
+            self.param.copy_(torch.where(known, self.param, before))
+            for name, old in kept.items():
+                state[name].copy_(torch.where(known, state[name], old))
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "param": self.param.detach().clone(),
@@ -214,8 +225,10 @@ class Uncertainty(_Learned):
 
     def step(self, obs: Observation) -> None:
         known = _known(obs.losses)
+        if not known.any():
+            return
         s = self.param.detach()
-        self._descend(torch.where(known, 1.0 - torch.exp(-s) * obs.losses, 0.0))
+        self._descend(torch.where(known, 1.0 - torch.exp(-s) * obs.losses, 0.0), known)
 
     def values(self) -> dict[str, torch.Tensor]:
         return {"log_variance": self.param.detach()}
@@ -230,30 +243,42 @@ class GradNorm(_Learned):
 
     name = "gradnorm"
     needs_grad_norms = True
-    saved = ("first",)
+    saved = ("first", "first_sum", "first_steps")
 
-    def __init__(self, tasks: Sequence[str], alpha: float, lr: float):
+    def __init__(self, tasks: Sequence[str], alpha: float, lr: float, initial_steps: int = 1):
         super().__init__(tasks, 1.0, lr)
-        self.alpha = alpha
-        self.first = self._nan()
+        self.alpha, self.initial_steps = alpha, initial_steps
+        self.first = self._nan()  # L0: the mean of the task's first `initial_steps` positive losses
+        self.first_sum = torch.zeros(len(tasks), dtype=torch.float64)
+        self.first_steps = torch.zeros(len(tasks), dtype=torch.float64)
 
     def weights(self, obs: Observation) -> torch.Tensor:
         return self.param.detach().clone()
 
+    def load_state_dict(self, state: Mapping) -> None:
+        super().load_state_dict(state)
+        if "first_steps" not in state:  # an older ufo's L0, of one step: taken as settled
+            self.first_steps = torch.where(torch.isfinite(self.first), float(self.initial_steps), 0.0)
+            self.first_sum = torch.where(torch.isfinite(self.first), self.first * self.first_steps, 0.0)
+
     def step(self, obs: Observation) -> None:
-        self.first = _first_seen(self.first, obs.losses)
-        known = _known(obs.losses) & _known(obs.grad_norms)
+        taking = _known(obs.losses) & (obs.losses > 0) & (self.first_steps < self.initial_steps)
+        self.first_sum += torch.where(taking, obs.losses, 0.0)
+        self.first_steps += taking.double()
+        self.first = torch.where(self.first_steps > 0, self.first_sum / self.first_steps.clamp_min(1), self.first)
+        known = _known(obs.losses) & _known(obs.grad_norms) & torch.isfinite(self.first)
         if not known.any():
             return
         w, g = self.param.detach(), obs.grad_norms
         ratio = obs.losses / self.first
-        rate = ratio / ratio[known].mean()
+        rate = ratio / ratio[known].mean().clamp_min(1e-12)
         norms = w * g
         target = norms[known].mean() * rate.pow(self.alpha)
-        self._descend(torch.where(known, torch.sign(norms - target) * g, 0.0))
-        with torch.no_grad():
+        self._descend(torch.where(known, torch.sign(norms - target) * g, 0.0), known)
+        with torch.no_grad():  # the observed tasks' weights share what the absent ones leave of sum = T
             self.param.clamp_(min=1e-4)
-            self.param.mul_(len(self.tasks) / self.param.sum())
+            room = len(self.tasks) - float(self.param[~known].sum())
+            self.param.copy_(torch.where(known, self.param * room / self.param[known].sum(), self.param))
 
     def values(self) -> dict[str, torch.Tensor]:
         return {"first_loss": self.first}
@@ -278,7 +303,9 @@ class DWA(Weighting):
     def weights(self, obs: Observation) -> torch.Tensor:
         if not (torch.isfinite(self.previous).all() and torch.isfinite(self.last).all()):
             return self._ones()
-        return len(self.tasks) * torch.softmax(self.last / self.previous / self.temperature, dim=0)
+        # a window whose mean loss was 0 gives no rate: the ratio is 1 (neither faster nor slower)
+        ratio = torch.where(self.previous > 0, self.last / self.previous.clamp_min(1e-300), 1.0)
+        return len(self.tasks) * torch.softmax(ratio / self.temperature, dim=0)
 
     def step(self, obs: Observation) -> None:
         known = _known(obs.losses)
@@ -297,18 +324,23 @@ class DWA(Weighting):
 
 
 class LBTW(_FirstLoss):
-    """Liu et al. 2019, Loss-Balanced Task Weighting: w_t = (L_t / L_t0)^alpha with this micro-step's loss."""
+    """Liu et al. 2019, Loss-Balanced Task Weighting: w_t = (L_t / L_t0)^alpha with this micro-step's loss
+    (1 for a task without samples or without a positive L_t0 yet); with `normalize`, rescaled to sum to
+    T as the authors' code does."""
 
     name = "lbtw"
 
-    def __init__(self, tasks: Sequence[str], alpha: float):
+    def __init__(self, tasks: Sequence[str], alpha: float, normalize: bool = False):
         super().__init__(tasks)
-        self.alpha = alpha
+        self.alpha, self.normalize = alpha, normalize
 
     def weights(self, obs: Observation) -> torch.Tensor:
         self._remember(obs.losses)
-        known = _known(obs.losses)
-        return torch.where(known, (obs.losses / self.first).pow(self.alpha), 1.0)
+        known = _known(obs.losses) & torch.isfinite(self.first)
+        w = torch.where(known, (obs.losses / self.first).pow(self.alpha), 1.0)
+        if self.normalize and w.sum() > 0:
+            w = w * len(self.tasks) / w.sum()
+        return w
 
 
 class DTP(Weighting):
@@ -359,11 +391,11 @@ def build_weighting(cfg: UfoConfig, entropies: Mapping[str, float] | None = None
     if w.name == "uncertainty":
         return Uncertainty(tasks, w.lr)
     if w.name == "gradnorm":
-        return GradNorm(tasks, 1.5 if w.alpha is None else w.alpha, w.lr)
+        return GradNorm(tasks, 1.5 if w.alpha is None else w.alpha, w.lr, w.initial_steps)
     if w.name == "dwa":
         return DWA(tasks, w.temperature, w.window)
     if w.name == "lbtw":
-        return LBTW(tasks, 0.5 if w.alpha is None else w.alpha)
+        return LBTW(tasks, 0.5 if w.alpha is None else w.alpha, w.normalize)
     if w.name == "dtp":
         return DTP(tasks, w.gamma, w.smoothing)
     return STRATEGIES[w.name](tasks)
