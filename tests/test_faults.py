@@ -272,3 +272,75 @@ def test_a_one_process_run_listens_on_no_network_address(tmp_path):
         run.send_signal(signal.SIGTERM)
         run.wait(timeout=120)
     assert all(addr.ip in ("127.0.0.1", "::1") for addr in listening), listening
+
+
+# bad data: found before anything starts, or counted, skipped alike on every rank and summed at the end
+
+def test_shards_that_do_not_exist_are_refused_before_anything_starts(tmp_path):
+    raw = one_rank(tmp_path, steps=2)
+    raw["tasks"]["digits"]["eval_shards"] = str(tmp_path / "nowhere")
+    with pytest.raises(UfoError, match=r"^tasks.digits.eval_shards: task digits: shards .*nowhere.* match no shard"):
+        train(steps_of(raw, 2), log=lambda _: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_task_without_eval_shards_and_a_short_shard_are_reported(tmp_path):
+    raw = one_rank(tmp_path, steps=2)
+    raw["tasks"]["digits"]["eval_shards"] = None
+    shard = sorted(Path(raw["tasks"]["face"]["shards"]).glob("*.tar"))[0]
+    shard.write_bytes(b"")  # an empty tar whose manifest says it holds samples
+    lines: list[str] = []
+    train(steps_of(raw, 2), log=lines.append)
+    text = "\n".join(lines)
+    assert "tasks.digits.eval_shards is not set: it is never evaluated" in text
+    assert f"{shard}: 0 bytes, its manifest says" in text
+
+
+def test_a_shard_cut_short_is_counted_per_sample_without_object_reprs(tmp_path):
+    from shardtools import write_synth  # tests/data
+    from ufo.data import TaskLoader
+
+    out = write_synth(tmp_path / "s", samples=20, maxcount=10)
+    shard = out / "shapes-000000.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    lines: list[str] = []
+    loader = TaskLoader("shapes", str(out), batch_size=5, transform=lambda im: torch.zeros(3, 16, 16),
+                        num_classes=5, log=lines.append)
+    read = sum(len(batch["labels"]) for batch in loader)
+    assert read + sum(loader.bad_samples.values()) == 20, (read, loader.bad_samples)
+    assert loader.bad_samples["missing"] >= 4
+    assert not any(" at 0x" in line or "object" in line for line in lines), lines
+
+
+def write_half_bad(root: Path, task: str, samples: int, bad_first: int, classes: int) -> str:
+    """One shard whose first `bad_first` samples have no image."""
+    import io
+
+    from PIL import Image
+    from shardtools import write_tar
+
+    members = []
+    for i in range(samples):
+        members.append((f"{task}{i:04d}.cls", str(i % classes).encode()))
+        if i >= bad_first:
+            png = io.BytesIO()
+            Image.new("RGB", (16, 16), (i * 7 % 255, 0, 0)).save(png, format="png")
+            members.append((f"{task}{i:04d}.png", png.getvalue()))
+    (root / task).mkdir(parents=True)
+    write_tar(root / task / f"{task}-000000.tar", members)
+    return str(root / task)
+
+
+def test_a_micro_batch_empty_on_every_task_is_skipped_counted_and_summarised(tmp_path):
+    raw = one_rank(tmp_path, steps=3, layout="mixed")
+    raw["data"]["shuffle_buffer"] = 0
+    for task in ("face", "digits"):
+        raw["tasks"][task]["shards"] = write_half_bad(tmp_path / "bad", task, 12, 6, raw["tasks"][task]["num_classes"])
+    lines: list[str] = []
+    result = train(steps_of(raw, 3), log=lines.append)  # each epoch: an empty micro-batch, then a full one
+    assert result.step == 3
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())["bad_data"]
+    assert summary["empty_micro_batches"] == 3
+    assert summary["samples"] == {"face": {"no image member": 18}, "digits": {"no image member": 18}}
+    assert any(line.startswith("bad data (all ranks): face: 18 no image member") and "3 empty micro-batches" in line
+               for line in lines), lines

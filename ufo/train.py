@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -45,6 +47,7 @@ from ufo.checkpoint import (
 )
 from ufo.config import UfoConfig
 from ufo.data import MixedLoader, endless, label_counts, task_loader
+from ufo.data.shards import check_task_data
 from ufo.errors import ConfigError, UfoError
 from ufo.layout import Layout, import_deepspeed, init_distributed, make_layout, task_groups
 from ufo.metrics import retrieval, top1
@@ -211,6 +214,9 @@ def _set_rng_state(state: dict) -> None:
 
 def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
     """Train the supernet of `cfg` on this process's rank; resume from `train.out_dir` if it holds a checkpoint."""
+    first = os.environ.get("RANK", "0") == "0"
+    # every shard pattern is checked before anything starts: not found at the first eval, hours later
+    check_task_data(cfg, warn=(lambda line: log(f"warning: {line}")) if first else (lambda _: None))
     rank, world, _ = init_distributed(cfg.train.collective_timeout)
     say = log if rank == 0 else (lambda _: None)
     t = cfg.train
@@ -256,6 +262,7 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
     result = TrainResult(step, None, resume, engine=engine, weighting=weighting, history=history.records)
     tracker = _open_tracker(cfg, out, resume, layout, weighting, say) if rank == 0 and cfg.tracking.enabled else None
     meter = _Meter(tasks)
+    skipped = Counter()  # micro-batches with no sample on any rank, skipped by every rank alike
     start_step, started = step, time.perf_counter()
     status = "FAILED"
     try:
@@ -264,15 +271,14 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
                 paths, sizes = policy.paths_at(step), elastic.sizes_at(step)
                 seen = _StepMean(len(tasks))
                 for _ in range(t.gradient_accumulation_steps):
-                    batch = next(batches)
-                    slices = _slices(batch, held, paths, sizes)
+                    batch, slices, counts = _next_batch(batches, held, paths, sizes, tasks, device, skipped)
                     images = batch["images"]
                     if images.ndim != 4:  # every sample of this batch was bad
                         images = torch.zeros(0, m.in_chans, m.img_size, m.img_size)
                     images = images.to(device=device, dtype=dtype)
                     labels = batch["labels"].to(device)
                     obs, weights, counts = micro_step(engine, images, labels, slices, weighting, world, features,
-                                                      tasks, clip)
+                                                      tasks, clip, counts)
                     seen.add(obs, counts)
                     meter.add(obs, counts)
                 step_obs = seen.mean()
@@ -325,12 +331,18 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
         history.close()
         if rank == 0 and history.path.is_file():
             plot_history(history.path, out / "weighting.png", title=f"{out.name}: {weighting.name} weighting")
+        bad = bad_data_summary(loader, layout, skipped["empty"], say)
         if t.steps > 0:
             result.metrics = evaluate(engine, cfg, layout, rank, policy.paths_at(max(step - 1, 0)), dtype, say)
             if rank == 0:
-                (out / "metrics.json").write_text(json.dumps({"step": step, "eval": result.metrics}, indent=2) + "\n")
+                (out / "metrics.json").write_text(json.dumps({"step": step, "eval": result.metrics, "bad_data": bad},
+                                                             indent=2) + "\n")
             if tracker:
                 tracker.log_metrics(step, _eval_metrics(result.metrics))
+        if tracker:
+            tracker.log_metrics(step, {f"data/bad/{task}/{reason.replace(' ', '_')}": n
+                                       for task, reasons in bad["samples"].items() for reason, n in reasons.items()}
+                                | {"data/empty_micro_batches": bad["empty_micro_batches"]})
         status = "FINISHED"
         return result
     finally:
@@ -373,7 +385,8 @@ def _eval_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
 
 def micro_step(engine, images: torch.Tensor, labels: torch.Tensor, slices: list[TaskSlice], weighting: Weighting,
                world: int, features: list | None = None, tasks: list[str] | None = None,
-               clip: Callable[[], object] | None = None) -> tuple[Observation, torch.Tensor, torch.Tensor]:
+               clip: Callable[[], object] | None = None,
+               counts: torch.Tensor | None = None) -> tuple[Observation, torch.Tensor, torch.Tensor]:
     """Forward, per-task losses over all ranks, weights, weighted backward and (at the accumulation
     boundary) step.
 
@@ -391,8 +404,9 @@ def micro_step(engine, images: torch.Tensor, labels: torch.Tensor, slices: list[
         out = torch.zeros(T, dtype=torch.float64, device=device)
         return out.index_copy(0, at.to(device), torch.stack(values).double().to(device)) if values else out
 
-    # N_t: task t's samples in this micro-step, all ranks
-    counts = all_ranks_sum(per_task([torch.tensor(float(s.size)) for s in slices]), device)
+    # N_t: task t's samples in this micro-step, all ranks (the loop's, where it counted them already)
+    if counts is None:
+        counts = all_ranks_sum(per_task([torch.tensor(float(s.size)) for s in slices]), device)
     outputs = engine(images, slices, labels, reduction="sum", hits=weighting.needs_accuracy)
     sums = [o[0] for o in outputs] if weighting.needs_accuracy else outputs
     zeros = torch.zeros(T, dtype=torch.float64, device=device)
@@ -577,6 +591,46 @@ def _make_loader(cfg: UfoConfig, layout: Layout, rank: int):
     (task,) = layout.tasks_of(rank)
     return task_loader(cfg, task, rank_in_group=layout.rank_in_group(task, rank),
                        group_size=layout.group_size(task))
+
+
+def _next_batch(batches, held: list[str], paths: dict, sizes: dict, tasks: list[str], device, skipped: Counter,
+                limit: int = 1000):
+    """The next micro-batch with a sample on some rank, its slices and every task's count over all ranks.
+
+    A micro-batch that is empty on every rank (all its samples bad, in every task's slice) is skipped
+    by every rank alike (the counts are all-reduced) and counted."""
+    for _ in range(limit):
+        batch = next(batches)
+        slices = _slices(batch, held, paths, sizes)
+        counts = torch.zeros(len(tasks), dtype=torch.float64)
+        for s in slices:
+            counts[tasks.index(s.task)] = float(s.size)
+        counts = all_ranks_sum(counts, device)
+        if counts.sum() > 0:
+            return batch, slices, counts
+        skipped["empty"] += 1
+    raise UfoError(f"{limit} micro-batches in a row held no readable sample on any rank: check the shards "
+                   "(`ufo data inspect`)")
+
+
+def bad_data_summary(loader, layout: Layout, empty: int, say: Log) -> dict:
+    """Bad samples per task and reason, summed over every rank (each rank reads its own part), and the
+    empty micro-batches skipped; printed on rank 0."""
+    loaders = loader.loaders if isinstance(loader, MixedLoader) else {loader.task: loader}
+    mine = {task: dict(tl.bad_samples) for task, tl in loaders.items()}
+    everyone: list = [None] * layout.world_size
+    dist.all_gather_object(everyone, mine)
+    samples: dict[str, Counter] = {}
+    for part in everyone:
+        for task, reasons in part.items():
+            samples.setdefault(task, Counter()).update(reasons)
+    samples = {task: dict(samples[task]) for task in layout.groups if task in samples and samples[task]}
+    if samples or empty:
+        say("bad data (all ranks): " + ("; ".join(f"{task}: " + ", ".join(f"{n} {reason}" for reason, n in
+                                                                           sorted(r.items(), key=lambda x: -x[1]))
+                                                  for task, r in samples.items()) or "no bad samples")
+            + (f"; {empty} empty micro-batches skipped" if empty else ""))
+    return {"samples": samples, "empty_micro_batches": empty}
 
 
 def _slices(batch: dict, tasks: list[str], paths: dict[str, str],

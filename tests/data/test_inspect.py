@@ -63,3 +63,11 @@ def test_cli_inspect_exits_1_on_problems(tmp_path, capsys):
 def test_cli_write_refuses_existing(shards, capsys):
     assert main(["data", "write", "--task", "shapes", "--from", "synth:shapes", "--out", str(shards)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_labels_outside_the_manifests_classes_are_a_problem(tmp_path):
+    out = write_synth(tmp_path / "s", classes=5)
+    meta = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**meta, "num_classes": 3}))
+    text = "\n".join(inspect_shards(str(out)).problems)
+    assert "labels outside the manifest's 3 classes (0..2): 3, 4" in text

@@ -68,6 +68,13 @@ def inspect_shards(spec: str, sheet: Path | None = None, per_class: int = 6, max
     for r in reports:
         classes.update(r.classes)
     problems = [f"{r.shard}: {p}" for r in reports for p in r.problems]
+    known = manifest.get("num_classes") if manifest else None
+    if isinstance(known, int):  # labels the manifest's classes do not cover
+        for r in reports:
+            outside = sorted(label for label in r.classes if not 0 <= label < known)
+            if outside:
+                problems.append(f"{r.shard}: {sum(r.classes[c] for c in outside)} samples with labels outside the "
+                                f"manifest's {known} classes (0..{known - 1}): {', '.join(map(str, outside[:10]))}")
     result = InspectReport(str(spec), reports, sum(r.samples for r in reports), dict(sorted(classes.items())),
                            problems, manifest and {k: v for k, v in manifest.items() if k != "shards"})
     if sheet is not None and thumbs:

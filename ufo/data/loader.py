@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import re
 import sys
 from collections import Counter
 from contextlib import contextmanager
@@ -147,11 +148,17 @@ class _TaskStream(IterableDataset):
 
     def _read(self, segment: Segment, problems: list) -> Iterator[dict]:
         def unreadable(exn: Exception) -> bool:
-            problems.append((segment.url, None, f"unreadable: {str(exn.args[0]) if exn.args else exn}"))
+            problems.append((segment.url, None, f"unreadable: {reason_of(exn)}"))
             return True
 
         samples = wds.tarfile_samples([{"url": segment.url}], handler=unreadable)
-        yield from islice(samples, segment.skip, segment.skip + segment.take)
+        read = 0
+        for sample in islice(samples, segment.skip, segment.skip + segment.take):
+            read += 1
+            yield sample
+        if self.mode == "exact" and read < segment.take:  # the manifest promised more than the tar holds
+            why = "missing: the shard ends early or holds fewer samples than its manifest says"
+            problems += [(segment.url, None, why)] * (segment.take - read)
 
     def _decode(self, chunk: list[dict], index: int, problems: list) -> dict:
         images, labels, keys = [], [], []
@@ -191,6 +198,24 @@ class _TaskStream(IterableDataset):
         except Exception as e:
             raise ValueError(f"undecodable image ({type(e).__name__})") from None
         return self.transform(image), label
+
+
+def category(reason: str) -> str:
+    """The kind of a bad sample's reason, for counting: `unreadable`, `bad label`, `undecodable image`..."""
+    if reason.startswith("bad label"):
+        return "bad label"
+    if reason.startswith("label ") and "outside" in reason:
+        return "label outside the classes"
+    return reason.split(" (")[0].split(":")[0]
+
+
+def reason_of(error: BaseException) -> str:
+    """An exception as a short reason: the innermost message, without object reprs or addresses."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    text = str(error.args[0]) if error.args and isinstance(error.args[0], str) else str(error)
+    text = re.sub(r"<[^<>]* at 0x[0-9a-f]+>", "", text.strip().splitlines()[0] if text.strip() else "").strip(" ,:")
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _segments(shards: Sequence[Shard], start: int, length: int) -> list[Segment]:
@@ -239,6 +264,7 @@ class TaskLoader:
         self.batches_per_epoch = batches_per_epoch(self.samples_per_epoch, group_size, batch_size)
         self.epoch, self.position = 0, 0
         self._warned: set[str] = set()
+        self.bad_samples: Counter = Counter()  # reason -> samples skipped since this loader was made
         self._epoch_problems: Counter = Counter()
         self._epoch_samples = 0
 
@@ -292,6 +318,8 @@ class TaskLoader:
     def _note(self, problems: list[tuple[str, str | None, str]]) -> None:
         for shard, key, reason in problems:
             self._epoch_problems[(shard, reason.split(" (")[0])] += 1
+            if self.mode != "exact" or not reason.startswith("unreadable"):  # exact: counted as `missing`
+                self.bad_samples[category(reason)] += 1
             if shard not in self._warned:
                 self._warned.add(shard)
                 where = f"{shard}, key {key}" if key else shard
@@ -344,8 +372,9 @@ class MixedLoader:
         while self.position < self.batches_per_epoch:
             parts = [next(stream) for stream in streams.values()]
             self.position += 1
+            held = [p["images"] for p in parts if len(p["labels"])]
             yield {
-                "images": torch.cat([p["images"] for p in parts if len(p["labels"])]),
+                "images": torch.cat(held) if held else torch.empty(0),  # every task's slice empty
                 "labels": torch.cat([p["labels"] for p in parts]),
                 "slices": [(p["task"], len(p["labels"])) for p in parts],
                 "keys": [k for p in parts for k in p["keys"]],

@@ -140,6 +140,32 @@ def resolve_shards(spec: str | Sequence[str], task: str) -> list[Shard]:
     return shards
 
 
+def check_task_data(cfg, warn: Callable[[str], None]) -> None:
+    """Before a run starts anything: every task's train and eval shards resolve to files (one line
+    naming the task and key where not), a task without eval shards is named, and local shards whose
+    size differs from their manifest's record are reported (a sample count the loader plans with
+    would be wrong)."""
+    for task, tc in cfg.tasks.items():
+        for key, spec in (("shards", tc.shards), ("eval_shards", tc.eval_shards)):
+            if spec is None:
+                if key == "eval_shards":
+                    warn(f"task {task}: tasks.{task}.eval_shards is not set: it is never evaluated")
+                continue
+            try:
+                found = resolve_shards(spec, task)
+            except DataError as e:
+                raise DataError(f"tasks.{task}.{key}: {e}") from None
+            for directory in sorted({Path(s.url).parent for s in found if s.local}):
+                manifest = read_manifest(directory) or {"shards": []}
+                for entry in manifest["shards"]:
+                    file = directory / entry["file"]
+                    if not file.is_file():
+                        warn(f"task {task}: {file}: listed in {directory / MANIFEST} but missing")
+                    elif "bytes" in entry and file.stat().st_size != entry["bytes"]:
+                        warn(f"task {task}: {file}: {file.stat().st_size} bytes, its manifest says {entry['bytes']} "
+                             f"(its {entry['samples']} samples may not all be there)")
+
+
 def label_counts(spec: str | Sequence[str], task: str) -> Counter:
     """How often each label occurs in a task's shards: from manifests, else by reading local tars' `.cls`."""
     counts: Counter = Counter()
