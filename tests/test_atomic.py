@@ -28,3 +28,19 @@ def test_atomic_dir_replaces_only_on_success(tmp_path):
     with atomic_dir(out) as tmp:
         (tmp / "b").write_text("new")
     assert [p.name for p in out.iterdir()] == ["b"] and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_killed_writes_leftovers_are_removed_by_the_next_write_of_that_directory(tmp_path):
+    import os
+
+    from ufo.atomic import atomic_dir
+
+    out = tmp_path / "subnet"
+    dead = tmp_path / ".subnet.tmp-999999"  # a kill -9 during an export left it
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"half")
+    alive = tmp_path / f".subnet.tmp-{os.getppid()}"  # another process still writing
+    alive.mkdir()
+    with atomic_dir(out) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert not dead.exists() and alive.is_dir() and (out / "config.json").is_file()

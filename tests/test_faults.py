@@ -344,3 +344,53 @@ def test_a_micro_batch_empty_on_every_task_is_skipped_counted_and_summarised(tmp
     assert summary["samples"] == {"face": {"no image member": 18}, "digits": {"no image member": 18}}
     assert any(line.startswith("bad data (all ranks): face: 18 no image member") and "3 empty micro-batches" in line
                for line in lines), lines
+
+
+@pytest.mark.dist
+def test_a_zero3_run_continues_on_one_rank_then_on_two_with_its_state_schedule_and_mlflow_run(tmp_path):
+    from mlflow import MlflowClient
+
+    from test_train import torchrun
+    from ufo.train import lr_schedule
+
+    raw = tiny_run(tmp_path, ("face", "digits"), steps=6, eval_every=0, layout="mixed")
+    raw["deepspeed"] = {"zero_stage": 3}
+    raw["tracking"] = {"enabled": True}
+    raw["train"]["weighting"] = {"name": "uncertainty", "lr": 0.5}
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+
+    def run(args: list[str], log: str) -> str:
+        proc = launch(args, tmp_path / log)
+        assert proc.wait(timeout=600) == 0, (tmp_path / log).read_text()[-3000:]
+        return (tmp_path / log).read_text()
+
+    run(torchrun(config, out, "train.steps=2"), "two.log")
+    one = run([sys.executable, "-m", "ufo.cli", "train", str(config), "--set", "train.steps=4"], "one.log")
+    assert "resuming step00000002 of 2 ranks, placement replicated, digits:0,1 face:0,1 on 1 rank, placement " \
+           "replicated, digits:0 face:0" in one
+    assert "resumed from" in one and "at step 2" in one
+    again = run(torchrun(config, out, "train.steps=6"), "again.log")
+    assert "resuming step00000004 of 1 rank, placement replicated, digits:0 face:0 on 2 ranks" in again
+    assert "at step 4" in again
+    # each task's epoch goes on where the ranks before left it: 2 ranks took 2 batches, then 1 rank 2 more
+    from ufo.checkpoint import safe_load
+
+    moved = safe_load(out / "checkpoints" / "step00000004" / "ufo_rank00000.pt")["data"]["tasks"]
+    assert moved["face"] == {"epoch": 0, "batches": 2, "splits": [[2, 2]]}, moved
+
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history] == [1, 2, 3, 4, 5, 6]
+    cfg = config_from_dict(raw, "test")
+    factor = lr_schedule(cfg)
+    for r in history:  # the schedule of one straight run, through both moves
+        assert r["lr"] == pytest.approx(cfg.train.lr * factor(r["step"]), rel=1e-9), r
+    # the learned log-variances carry on (started afresh they would be back near +-lr after one step)
+    for task in ("face", "digits"):
+        s2, s3 = history[1]["log_variance"][task], history[2]["log_variance"][task]
+        assert abs(s2) > 0.8 and abs(s3 - s2) < 0.6, (task, s2, s3)
+    markers = [json.loads((out / "checkpoints" / f"step0000000{s}" / "ufo.json").read_text()) for s in (6,)]
+    run_id = markers[0]["mlflow_run_id"]
+    steps = [m.step for m in MlflowClient(markers[0]["mlflow_uri"]).get_metric_history(run_id, "lr")]
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]

@@ -311,7 +311,8 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
                 final = step == t.steps or stop.item()
                 if final or (t.checkpoint_every and step % t.checkpoint_every == 0):
                     state = {"step": step, "data": loader.state_dict(), "rng": _rng_state(),
-                             "weighting": {"name": weighting.name, "state": weighting.state_dict()}}
+                             "weighting": {"name": weighting.name, "state": weighting.state_dict()},
+                             "param_groups": group_names}  # what resuming on other ranks matches by name
                     meta = {**checkpoint_meta(cfg, layout, group_names),
                             "path_policy": policy.state_dict(), "weighting": weighting.name,
                             "mlflow_run_id": tracker.run_id if tracker else None,
@@ -661,15 +662,10 @@ def _resume(engine, loader, weighting: Weighting, tag_dir: Path, cfg: UfoConfig,
     dist.all_gather_object(verdicts, refused)
     if any(verdicts):
         raise UfoError(next(v for v in verdicts if v))
-    if marker["world_size"] != world:
-        raise UfoError(f"{tag_dir}: was written by {marker['world_size']} ranks, this run has {world}; "
-                       "resume with the same number of ranks (or export it and start a new run from it)")
-    saved = (marker.get("placement", "replicated"), {t: list(r) for t, r in marker.get("layout_groups", {}).items()})
-    if saved[0] == "task_sharded" or layout.placement == "task_sharded":
-        if saved != (layout.placement, {t: list(r) for t, r in layout.groups.items()}):
-            raise UfoError(f"{tag_dir}: was written with placement {saved[0]} and task ranks {saved[1]}, this run has "
-                           f"{layout.placement} and {dict(layout.groups)}; resume with the same layout (or export it "
-                           "and start a new run from it)")
+    saved = (marker["world_size"], marker.get("placement", "replicated"),
+             {t: list(r) for t, r in marker.get("layout_groups", {}).items()})
+    if saved != (world, layout.placement, {t: list(r) for t, r in layout.groups.items()}):
+        return _resume_elsewhere(engine, loader, weighting, tag_dir, marker, cfg, layout, rank, say)
     engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=True)
     state = read_rank_state(tag_dir, rank)
     loader.load_state_dict(state["data"])
@@ -681,6 +677,54 @@ def _resume(engine, loader, weighting: Weighting, tag_dir: Path, cfg: UfoConfig,
         say(f"warning: {tag_dir} was trained with {saved['name']} weighting, this run uses {weighting.name}: "
             "its weighting starts afresh")
     return int(state["step"])
+
+
+def _resume_elsewhere(engine, loader, weighting: Weighting, tag_dir: Path, marker: dict, cfg: UfoConfig,
+                      layout: Layout, rank: int, say: Log) -> int:
+    """Resume a checkpoint written by another number of ranks, layout split or placement (`ufo/reshard.py`):
+    weights, optimizer state, step and lr schedule by parameter name; each task's data position
+    re-split over its new ranks (`TaskLoader.load_state_dict`); the weighting as it was; a rank that
+    existed keeps its RNG state, a new rank's is seeded from (seed, step, rank)."""
+    from ufo.reshard import load_portable, portable_rank_state, read_portable
+
+    d = cfg.deepspeed
+    if (marker.get("zero_stage", 0), marker.get("precision", "fp32")) != (d.zero_stage, d.precision):
+        raise UfoError(f"{tag_dir}: was written under ZeRO {marker.get('zero_stage', 0)} {marker.get('precision')}, "
+                       f"this run is ZeRO {d.zero_stage} {d.precision}: resume with the same deepspeed section")
+    old = layout_of(marker)
+    say(f"resuming {tag_dir.name} of {old} on {layout_of(checkpoint_meta(cfg, layout, []))}: weights and "
+        "optimizer state by name, data re-split")
+    state = portable_rank_state(tag_dir, marker, layout, rank, layout.tasks_of(rank))
+    if d.zero_stage == 0 and marker.get("placement", "replicated") == layout.placement == "replicated":
+        # ZeRO 0 replicated: rank 0's files hold the whole model and optimizer, whatever the world size
+        engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=True)
+    else:
+        portable, optimizer_step = read_portable(tag_dir, marker, cfg, layout.held(rank))
+        # Adam's count is the run's step (bf16 and fp32 skip no step)
+        load_portable(engine, portable, optimizer_step or state["step"], cfg, layout, rank)
+    loaders = loader.loaders if isinstance(loader, MixedLoader) else {loader.task: loader}
+    for task, task_loader_ in loaders.items():
+        position, group_size = state["data"][task]
+        task_loader_.load_state_dict(position, group_size=group_size)
+    step = state["step"]
+    if rank < marker["world_size"]:  # a rank that was there before keeps its generators
+        _set_rng_state(read_rank_state(tag_dir, rank)["rng"])
+    else:
+        fresh = int(np.random.SeedSequence([cfg.train.seed, step, rank]).generate_state(1)[0])
+        random.seed(fresh)
+        np.random.seed(fresh)
+        torch.manual_seed(fresh)
+    saved = state.get("weighting") or {"name": "static", "state": {}}
+    if saved["name"] == weighting.name:
+        weighting.load_state_dict(saved["state"])
+    return step
+
+
+def layout_of(marker: dict) -> str:
+    groups = marker.get("layout_groups", {})
+    return (f"{marker['world_size']} rank{'s' if marker['world_size'] > 1 else ''}, placement "
+            f"{marker.get('placement', 'replicated')}, " + " ".join(f"{t}:{','.join(map(str, r))}"
+                                                                   for t, r in groups.items()))
 
 
 class _Meter:

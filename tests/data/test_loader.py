@@ -195,3 +195,40 @@ def test_pipe_specs_in_resampled_mode(shards, transform):
     batches = list(ld)
     assert len(batches) == 5 and all(len(b["keys"]) == 4 for b in batches)
     assert all(k.startswith("shapes_") for b in batches for k in b["keys"])
+
+
+def _keys(loaders) -> list[str]:
+    return [k for loader in loaders for batch in loader for k in batch["keys"]]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_epoch_resplit_over_another_number_of_ranks_reads_every_sample_once(tmp_path, workers):
+    import itertools
+
+    from ufo.data import TaskLoader
+
+    out = write_synth(tmp_path / "s", samples=61, maxcount=9)
+
+    def loaders(group):
+        return [TaskLoader("shapes", str(out), batch_size=4, transform=lambda im: torch.zeros(1), rank_in_group=r,
+                           group_size=group, num_workers=workers, seed=5, shuffle_buffer=6, num_classes=5)
+                for r in range(group)]
+
+    first = loaders(2)
+    seen = []
+    for loader in first:  # 3 batches on each of 2 ranks, then the job stops
+        seen += [k for batch in itertools.islice(iter(loader), 3) for k in batch["keys"]]
+    saved = first[0].state_dict()
+    assert saved == {"epoch": 0, "batches": 3}
+    second = loaders(3)  # resumed on 3 ranks: 1 batch each, then stopped again
+    for loader in second:
+        loader.load_state_dict(saved, group_size=2)
+        seen += [k for batch in itertools.islice(iter(loader), 1) for k in batch["keys"]]
+    again = second[1].state_dict()
+    assert again["splits"] == [[2, 3]] and again["batches"] == 1
+    last = loaders(1)  # and finished on 1 rank
+    last[0].load_state_dict(again, group_size=3)
+    seen += _keys(last)
+    assert sorted(seen) == sorted(_keys(loaders(1)))  # every sample of the epoch, each once
+    assert len(seen) == 61
+    assert last[0].epoch == 1 and last[0].splits == [] and len(last[0]) == len(loaders(1)[0])

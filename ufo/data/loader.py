@@ -106,6 +106,9 @@ class _TaskStream(IterableDataset):
         self.shuffle_buffer, self.num_workers = loader.shuffle_buffer, max(1, loader.num_workers)
         self.total, self.nb = loader.samples_per_epoch, loader.batches_per_epoch
         self.epoch, self.skip = epoch, skip
+        # exact mode: this rank's samples of the epoch, as positions in the epoch's order (None: its
+        # contiguous share; a list after a resume on another number of ranks, see `TaskLoader.resplit`)
+        self.positions = loader.plan_positions()
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -128,6 +131,8 @@ class _TaskStream(IterableDataset):
     def _sizes(self) -> list[int]:
         if self.mode == "resampled":
             return [self.batch_size] * self.nb
+        if self.positions is not None:
+            return balanced(len(self.positions), self.nb)
         return balanced(balanced(self.total, self.group_size)[self.rank], self.nb)
 
     def _raw(self, worker: int, mine: Sequence[int], sizes: Sequence[int],
@@ -136,15 +141,23 @@ class _TaskStream(IterableDataset):
             rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, 2))
             while True:
                 yield from self._read(Segment(rng.choice(self.shards).url, 0, 1 << 62), problems)
-        order = list(self.shards)
-        random.Random(_seed(self.seed, self.epoch, 3)).shuffle(order)
-        start = sum(balanced(self.total, self.group_size)[: self.rank])
-        for j in range(self.num_workers):
-            if j == worker:
-                break
-            start += sum(sizes[k] for k in range(j, self.nb, self.num_workers))
-        for segment in _segments(order, start, sum(sizes[j] for j in mine)):
-            yield from self._read(segment, problems)
+        order = epoch_order(self.shards, self.seed, self.epoch)
+        start = sum(sizes[k] for j in range(worker) for k in range(j, self.nb, self.num_workers))
+        length = sum(sizes[j] for j in mine)
+        if self.positions is None:
+            start += sum(balanced(self.total, self.group_size)[: self.rank])
+            for segment in _segments(order, start, length):
+                yield from self._read(segment, problems)
+            return
+        wanted = self.positions[start:start + length]  # ascending: read the span, keep what is wanted
+        if not wanted:
+            return
+        keep, at = set(wanted), wanted[0]
+        for segment in _segments(order, wanted[0], wanted[-1] + 1 - wanted[0]):
+            for sample in self._read(segment, problems):
+                if at in keep:
+                    yield sample
+                at += 1
 
     def _read(self, segment: Segment, problems: list) -> Iterator[dict]:
         def unreadable(exn: Exception) -> bool:
@@ -218,6 +231,13 @@ def reason_of(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def epoch_order(shards: Sequence[Shard], seed: int, epoch: int) -> list[Shard]:
+    """The shards in an epoch's (seeded) order: the epoch's samples are theirs, in this order."""
+    order = list(shards)
+    random.Random(_seed(seed, epoch, 3)).shuffle(order)
+    return order
+
+
 def _segments(shards: Sequence[Shard], start: int, length: int) -> list[Segment]:
     """The pieces of shards that hold samples [start, start + length) of the ordered epoch."""
     segments, offset = [], 0
@@ -261,8 +281,11 @@ class TaskLoader:
         self.samples_per_epoch = samples_per_epoch if mode == "resampled" and samples_per_epoch else known
         if self.samples_per_epoch < group_size:
             raise DataError(f"task {task}: {self.samples_per_epoch} samples cannot feed {group_size} ranks")
-        self.batches_per_epoch = batches_per_epoch(self.samples_per_epoch, group_size, batch_size)
+        self.full_batches_per_epoch = batches_per_epoch(self.samples_per_epoch, group_size, batch_size)
         self.epoch, self.position = 0, 0
+        # earlier splits of the current epoch, [group size, batches every rank of it consumed], oldest first:
+        # set by a resume on another number of ranks; this rank's share is then of what they left
+        self.splits: list[tuple[int, int]] = []
         self._warned: set[str] = set()
         self.bad_samples: Counter = Counter()  # reason -> samples skipped since this loader was made
         self._epoch_problems: Counter = Counter()
@@ -285,17 +308,88 @@ class TaskLoader:
             raise DataError(f"task {self.task}: every shard is unreadable ({len(bad)} shards; {url}: {error})")
         return good
 
-    def state_dict(self) -> dict[str, int]:
-        """The position: epoch and batches of it already consumed."""
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches of the current epoch (the same on every rank of the group)."""
+        if not self.splits:
+            return self.full_batches_per_epoch
+        return batches_per_epoch(len(self._remaining()), self.group_size, self.batch_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position: epoch and batches of it already consumed (and the epoch's earlier splits)."""
         if self.position == self.batches_per_epoch:  # finished, though the epoch has not been closed yet
             return {"epoch": self.epoch + 1, "batches": 0}
-        return {"epoch": self.epoch, "batches": self.position}
+        state: dict[str, Any] = {"epoch": self.epoch, "batches": self.position}
+        if self.splits:
+            state["splits"] = [list(split) for split in self.splits]
+        return state
 
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        if not 0 <= state["batches"] <= self.batches_per_epoch:
+    def load_state_dict(self, state: Mapping[str, Any], group_size: int | None = None) -> None:
+        """Continue from a saved position; `group_size`: the number of ranks that saved it, where it is not
+        this loader's (a resume on another number of ranks).
+
+        Exact mode: the rest of the interrupted epoch is what every rank of the old split had not yet
+        taken (each rank's unread batches, found by replaying its plan and shuffle on sample
+        positions), divided afresh among the new ranks; so every sample of the epoch is read once,
+        as in an uninterrupted epoch, only by other ranks and in another order. Later epochs are
+        planned for the new ranks from their start. Resampled mode draws shards with replacement:
+        the position carries on.
+        """
+        splits = [(int(g), int(b)) for g, b in state.get("splits", [])]
+        self.splits, self.epoch, self.position = splits, int(state["epoch"]), int(state["batches"])
+        if group_size is not None and group_size != self.group_size and self.mode == "exact" and self.position:
+            before = self.group_size
+            self.group_size = group_size  # the plan of the ranks that saved the position
+            self.splits, self.position = splits + [(group_size, self.position)], 0
+            self.group_size = before
+        if not 0 <= self.position <= self.batches_per_epoch:
+            self.splits, self.position = [], 0
             raise DataError(f"task {self.task}: saved position {dict(state)} does not fit an epoch of "
                             f"{self.batches_per_epoch} batches (did the shards or batch size change?)")
-        self.epoch, self.position = int(state["epoch"]), int(state["batches"])
+
+    def plan_positions(self) -> list[int] | None:
+        """This rank's positions in the current epoch's order after a resplit (None: its plain share)."""
+        if self.mode != "exact" or not self.splits:
+            return None
+        remaining = self._remaining()
+        start = sum(balanced(len(remaining), self.group_size)[: self.rank_in_group])
+        return remaining[start:start + balanced(len(remaining), self.group_size)[self.rank_in_group]]
+
+    def _remaining(self) -> list[int]:
+        """The current epoch's sample positions that its earlier splits left unread, ascending."""
+        key = (self.epoch, tuple(self.splits))
+        if getattr(self, "_left", (None,))[0] != key:
+            self._left = (key, self._replay())
+        return self._left[1]
+
+    def _replay(self) -> list[int]:
+        left = list(range(self.samples_per_epoch))
+        for group, taken in self.splits:
+            read: set[int] = set()
+            for rank in range(group):
+                read.update(self._taken(left, group, rank, taken))
+            left = [p for p in left if p not in read]
+        return left
+
+    def _taken(self, left: list[int], group: int, rank: int, taken: int) -> list[int]:
+        """The positions rank `rank` of `group` ranks read in its first `taken` batches, planned over
+        `left`: its share cut into batches, its workers' blocks and their shuffles replayed."""
+        nb = batches_per_epoch(len(left), group, self.batch_size)
+        start = sum(balanced(len(left), group)[:rank])
+        mine = left[start:start + balanced(len(left), group)[rank]]
+        sizes = balanced(len(mine), nb)
+        workers = max(1, self.num_workers)
+        read, offset = [], 0
+        for worker in range(workers):
+            batches = list(range(worker, nb, workers))
+            block = mine[offset:offset + sum(sizes[j] for j in batches)]
+            offset += len(block)
+            stream: Iterator[int] = iter(block)
+            if self.shuffle_buffer > 1:
+                stream = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer,
+                                     seed=_seed(self.seed, self.epoch, rank, worker, 1))(stream)
+            read += list(islice(stream, sum(sizes[j] for j in batches if j < taken)))
+        return read
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -339,7 +433,7 @@ class TaskLoader:
             if self._epoch_samples == 0:
                 (shard, reason), _ = self._epoch_problems.most_common(1)[0]
                 raise DataError(f"task {self.task}: every shard is unreadable ({shard}: {reason})")
-        self.epoch, self.position = self.epoch + 1, 0
+        self.epoch, self.position, self.splits = self.epoch + 1, 0, []
         self._epoch_problems.clear()
         self._epoch_samples = 0
 
