@@ -222,7 +222,9 @@ def init_params(raw: dict) -> dict:
     return _init_cache[key]
 
 
-LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# what an in-process one-rank run leaves in this process's environment (GLOO_SOCKET_IFNAME: lo)
+LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "GLOO_SOCKET_IFNAME")
 
 
 def launch(args: list[str], log: Path) -> subprocess.Popen:

@@ -151,7 +151,7 @@ def init_distributed(timeout: float | None = None) -> tuple[int, int, int]:
         import tempfile
 
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # read by every gloo group made later
         store = Path(tempfile.mkdtemp(prefix="ufo-pg-")) / "store"
         dist.init_process_group(backend, init_method=store.as_uri(), rank=0, world_size=1, **kw)
     if not dist.is_initialized() or not _deepspeed_joined(deepspeed):
