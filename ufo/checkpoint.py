@@ -143,10 +143,15 @@ def save_training_checkpoint(engine, directory: Path, step: int, meta: dict, ran
     try:
         # DeepSpeed's own `latest` is written before all ranks finish: ufo's marker replaces it
         engine.save_checkpoint(str(directory), tag=tag, client_state={"ufo": meta}, save_latest=False)
-        with atomic_file(where / f"ufo_rank{rank:05d}.pt") as tmp:
-            torch.save(rank_state, tmp)
     except (OSError, RuntimeError) as e:
         error = write_failure(where, e)
+        dist.barrier()  # the one DeepSpeed's save ends with, where the ranks whose writes went well wait
+    if not error:
+        try:
+            with atomic_file(where / f"ufo_rank{rank:05d}.pt") as tmp:
+                torch.save(rank_state, tmp)
+        except (OSError, RuntimeError) as e:
+            error = write_failure(where, e)
     errors: list = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)  # every rank learns whether all wrote their part
     failed = next((e for e in errors if e), "")
