@@ -48,7 +48,13 @@ def write_task_shards(source: Source, task: str, out: Path, *, kind: str, maxcou
     order = list(range(len(source.items)))
     random.Random(seed).shuffle(order)  # class-sorted sources must not give class-sorted shards
     splits = {"": order}
-    if eval_fraction > 0:
+    if source.splits is not None:  # the dataset's own splits, as it defines them
+        if eval_fraction > 0:
+            raise DataError(f"--eval-fraction: {source.description} comes with its own splits "
+                            f"({', '.join(source.splits)}); leave it out")
+        rank = {i: n for n, i in enumerate(order)}
+        splits = {name: sorted(indices, key=rank.__getitem__) for name, indices in source.splits.items()}
+    elif eval_fraction > 0:
         by_class: dict[int, list[int]] = {}
         for i in order:
             by_class.setdefault(source.labels[i], []).append(i)
@@ -89,6 +95,9 @@ def _write_split(source: Source, items: Sequence, directory: Path, task: str, ki
             Path(fname).unlink()
     manifest = {
         "format": FORMAT, "task": task, "kind": kind, "split": split, "num_classes": len(source.classes),
+        **({"protocol": source.protocol} if source.protocol else {}),
+        # a re-identification query or gallery is labelled by identity, not by training class
+        **({"labels": "identity"} if source.protocol and split not in (None, "train") else {}),
         "classes": source.classes, "source": source.description, "samples": sum(s["samples"] for s in shards),
         "class_counts": {str(k): v for k, v in sorted(class_counts.items())}, "shards": shards,
     }

@@ -9,6 +9,7 @@ A source is a list of cheap items and a `load(item)` that returns one encoded sa
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -38,6 +39,10 @@ class Source:
     items: list[Any]
     labels: list[int]  # label of each item, for stratified splits
     load: Callable[[Any], RawSample]
+    # the dataset's own splits (split name -> indices into items), written as they are; None: one
+    # set, split by --eval-fraction
+    splits: dict[str, list[int]] | None = None
+    protocol: str | None = None  # the evaluation protocol the splits follow (`ufo/evaluate.py`)
 
 
 def open_source(spec: str, task: str, *, classes: int = 10, samples: int = 1000, difficulty: float = 0.3,
@@ -55,6 +60,13 @@ def open_source(spec: str, task: str, *, classes: int = 10, samples: int = 1000,
                       lambda i: RawSample(encode_png(synth.image(i)), "png", synth.label(i), {"index": i}))
     if spec == "sklearn:digits":
         return _digits(image_size)
+    kind, _, where = spec.partition(":")
+    if kind in REID_LAYOUTS and where:
+        return reid_folders(Path(where), kind)
+    if kind == "msmt17" and where:
+        return msmt17(Path(where))
+    if kind == "sop" and where:
+        return stanford_online_products(Path(where))
     path = Path(spec)
     if path.suffix == ".npz":
         return _npz(path)
@@ -64,6 +76,133 @@ def open_source(spec: str, task: str, *, classes: int = 10, samples: int = 1000,
         raise DataError(f"--from {spec}: no such file or directory (or use sklearn:digits, synth:shapes, "
                         "synth:instances)")
     raise DataError(f"--from {spec}: not an image folder, a .npz file, sklearn:digits or synth:...")
+
+
+# re-identification datasets as they ship: split folders of `PID_cCAM...` images
+REID_LAYOUTS = {
+    "market1501": {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"},
+    "dukemtmc": {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"},
+    "veri776": {"train": "image_train", "query": "image_query", "gallery": "image_test"},
+}
+_REID_NAME = re.compile(r"^(-?\d+)_c(\d+)")
+
+
+def reid_folders(root: Path, kind: str) -> Source:
+    """Market-1501, DukeMTMC-reID or VeRi-776 in their shipped layout: identity and camera from each file's
+    name (`0001_c1s1_001051_00.jpg`, `0001_c001_00016450_0.jpg`); identity -1 (junk) dropped, 0
+    (distractors) kept in the gallery, as the benchmark's protocol does. Training identities become
+    labels 0..C-1; query and gallery keep the dataset's identity as label (the protocol compares them)."""
+    layout = REID_LAYOUTS[kind]
+    if not root.is_dir():
+        raise DataError(f"--from {kind}:{root}: no such directory")
+    for folder in layout.values():
+        if not (root / folder).is_dir():
+            raise DataError(f"--from {kind}:{root}: not the {kind} layout: no folder {root / folder}")
+    items, labels, splits, train_ids = [], [], {}, {}
+    for split, folder in layout.items():
+        indices = []
+        for file in sorted((root / folder).iterdir()):
+            if file.suffix.lower() not in IMAGE_EXTS:
+                continue
+            match = _REID_NAME.match(file.name)
+            if match is None:
+                raise DataError(f"{file}: not a {kind} image name (PID_cCAM...{file.suffix})")
+            pid, cam = int(match.group(1)), int(match.group(2))
+            if pid < 0 or (pid == 0 and split != "gallery"):
+                continue  # junk, and distractors outside the gallery
+            label = train_ids.setdefault(pid, len(train_ids)) if split == "train" else pid
+            indices.append(len(items))
+            items.append((file, label, {"identity": pid, "camera": cam, "split": split,
+                                        "file": str(file.relative_to(root))}))
+            labels.append(label)
+        if not indices:
+            raise DataError(f"--from {kind}:{root}: {root / folder} holds no images")
+        splits[split] = indices
+
+    def load(item: tuple[Path, int, dict]) -> RawSample:
+        file, label, meta = item
+        return RawSample(file.read_bytes(), IMAGE_EXTS[file.suffix.lower()], label, meta)
+
+    counts = ", ".join(f"{split} {len(ix)}" for split, ix in splits.items())
+    return Source(f"{kind} {root} ({counts} images; {len(train_ids)} training identities)", "retrieval",
+                  [str(pid) for pid in train_ids], items, labels, load, splits, "reid")
+
+
+def _lines(file: Path, kind: str, root: Path, skip: int = 0) -> list[list[str]]:
+    if not file.is_file():
+        raise DataError(f"--from {kind}:{root}: not the {kind} layout: no file {file}")
+    rows = [line.split() for line in file.read_text().splitlines()[skip:] if line.strip()]
+    return rows
+
+
+def _listed_source(root: Path, kind: str, splits: dict[str, list[tuple[Path, int, dict]]], protocol: str,
+                   train_ids: dict) -> Source:
+    items, labels, indices = [], [], {}
+    for split, entries in splits.items():
+        indices[split] = list(range(len(items), len(items) + len(entries)))
+        for file, label, meta in entries:
+            if not file.is_file():
+                raise DataError(f"{file}: listed in {kind}'s split files but missing")
+            items.append((file, label, meta))
+            labels.append(label)
+
+    def load(item: tuple[Path, int, dict]) -> RawSample:
+        file, label, meta = item
+        return RawSample(file.read_bytes(), IMAGE_EXTS.get(file.suffix.lower(), "jpg"), label, meta)
+
+    counts = ", ".join(f"{split} {len(ix)}" for split, ix in indices.items())
+    return Source(f"{kind} {root} ({counts} images; {len(train_ids)} training classes)", "retrieval",
+                  [str(c) for c in train_ids], items, labels, load, indices, protocol)
+
+
+def msmt17(root: Path) -> Source:
+    """MSMT17 as it ships: `train/`, `test/` and `list_{train,val,query,gallery}.txt` of `relpath pid`
+    lines (the lists' paths are relative to `train/` or `test/`); the camera is the name's second
+    field (`0000_011_01_0303morning_0015_0.jpg`). Train and val are training data (the usual
+    protocol), query and gallery the evaluation."""
+    kind = "msmt17"
+    if not root.is_dir():
+        raise DataError(f"--from {kind}:{root}: no such directory")
+    for folder in ("train", "test"):
+        if not (root / folder).is_dir():
+            raise DataError(f"--from {kind}:{root}: not the {kind} layout: no folder {root / folder}")
+    train_ids: dict[int, int] = {}
+    splits: dict[str, list] = {"train": [], "query": [], "gallery": []}
+    for listing, split, folder in (("list_train.txt", "train", "train"), ("list_val.txt", "train", "train"),
+                                   ("list_query.txt", "query", "test"), ("list_gallery.txt", "gallery", "test")):
+        for row in _lines(root / listing, kind, root):
+            if len(row) != 2 or not row[1].lstrip("-").isdigit():
+                raise DataError(f"{root / listing}: line {' '.join(row)!r} is not `relpath pid`")
+            rel, pid = row[0], int(row[1])
+            parts = Path(rel).name.split("_")
+            if len(parts) < 2 or not parts[1].isdigit():
+                raise DataError(f"{root / listing}: {rel}: no camera field in the name (PID_CAM_...)")
+            label = train_ids.setdefault(pid, len(train_ids)) if split == "train" else pid
+            splits[split].append((root / folder / rel, label, {"identity": pid, "camera": int(parts[1]),
+                                                               "split": split, "file": f"{folder}/{rel}"}))
+    return _listed_source(root, kind, splits, "reid", train_ids)
+
+
+def stanford_online_products(root: Path) -> Source:
+    """Stanford Online Products as it ships: `Ebay_train.txt` and `Ebay_test.txt` (a header, then
+    `image_id class_id super_class_id path` lines, paths relative to the root). Train classes become
+    labels 0..C-1; the test split keeps its class ids, evaluated leave-one-out (`retrieval`)."""
+    kind = "sop"
+    if not root.is_dir():
+        raise DataError(f"--from {kind}:{root}: no such directory")
+    train_ids: dict[int, int] = {}
+    splits: dict[str, list] = {}
+    for listing, split in (("Ebay_train.txt", "train"), ("Ebay_test.txt", "test")):
+        splits[split] = []
+        for row in _lines(root / listing, kind, root, skip=1):
+            if len(row) != 4 or not all(v.isdigit() for v in row[:3]):
+                raise DataError(f"{root / listing}: line {' '.join(row)!r} is not `image_id class_id super_class_id "
+                                "path`")
+            cls, sup = int(row[1]), int(row[2])
+            label = train_ids.setdefault(cls, len(train_ids)) if split == "train" else cls
+            splits[split].append((root / row[3], label, {"class": cls, "super_class": sup, "split": split,
+                                                         "file": row[3]}))
+    return _listed_source(root, kind, splits, "retrieval", train_ids)
 
 
 def encode_png(image: np.ndarray) -> bytes:
