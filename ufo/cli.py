@@ -118,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--from", dest="source", required=True, metavar="SOURCE",
                    help="image folder (ImageFolder layout), FILE.npz (images, labels), sklearn:digits, "
                         "synth:shapes, synth:instances, or a dataset as it ships with its own splits: "
-                        "market1501:DIR, dukemtmc:DIR, veri776:DIR, msmt17:DIR, sop:DIR")
+                        "market1501:DIR, dukemtmc:DIR, veri776:DIR, msmt17:DIR, sop:DIR, insightface:DIR")
     w.add_argument("--out", type=Path, required=True, help="output directory (must be empty unless --overwrite)")
     w.add_argument("--kind", choices=["classification", "retrieval"],
                    help="task kind recorded in the manifest (default: the source's, else classification)")

@@ -133,3 +133,67 @@ def test_stanford_online_products_from_its_split_files(tmp_path, capsys):
     (root / "Ebay_test.txt").unlink()
     assert main(["data", "write", "--task", "products", "--from", f"sop:{root}", "--out", str(tmp_path / "o2")]) == 2
     assert f"not the sop layout: no file {root / 'Ebay_test.txt'}" in capsys.readouterr().err
+
+
+def write_face_pack(root, identities: list[int], classes: int):
+    """A train.rec/.idx/property as InsightFace's tools write them with mxnet: record 0 a header whose
+    labels give the image records' range, then one record per image (label: its identity)."""
+    import pickle
+
+    from ufo.data.recordio import pack, write_record
+
+    root.mkdir(parents=True)
+    lines = []
+    with open(root / "train.rec", "wb") as f:
+        lines.append(f"0\t{write_record(f, pack([len(identities) + 1.0, len(identities) + 1.0 + classes], b''))}")
+        for i, identity in enumerate(identities, 1):
+            lines.append(f"{i}\t{write_record(f, pack([float(identity)], jpeg(i), id_=i))}")
+    (root / "train.idx").write_text("\n".join(lines) + "\n")
+    (root / "property").write_text(f"{classes},112,112\n")
+    pairs = [jpeg(100 + n) for n in range(6)]
+    with open(root / "lfw.bin", "wb") as f:
+        pickle.dump((pairs, [True, False, True]), f, protocol=2)
+
+
+def test_an_insightface_pack_and_its_verification_sets(tmp_path, capsys):
+    write_face_pack(tmp_path / "faces", [0, 0, 1, 2, 2, 2], classes=3)
+    assert main(["data", "write", "--task", "face", "--from", f"insightface:{tmp_path / 'faces'}",
+                 "--out", str(tmp_path / "out")]) == 0
+    train = json.loads((tmp_path / "out" / "train" / "manifest.json").read_text())
+    assert train["samples"] == 6 and train["num_classes"] == 3 and train["class_counts"] == {"0": 2, "1": 1, "2": 3}
+    lfw = json.loads((tmp_path / "out" / "lfw" / "manifest.json").read_text())
+    assert lfw["protocol"] == "verification" and lfw["labels"] == "pair" and lfw["samples"] == 6
+    pairs = sorted((m["pair"], m["member"], m["same"]) for _, m in samples(tmp_path / "out" / "lfw"))
+    assert pairs == [(0, 0, True), (0, 1, True), (1, 0, False), (1, 1, False), (2, 0, True), (2, 1, True)]
+    # the images are the pack's own bytes
+    with tarfile.open(sorted((tmp_path / "out" / "train").glob("*.tar"))[0]) as tar:
+        images = {tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")}
+    assert images == {jpeg(i) for i in range(1, 7)}
+
+
+def test_a_verification_set_that_would_run_code_is_refused(tmp_path, capsys):
+    import os
+    import pickle
+
+    write_face_pack(tmp_path / "faces", [0, 1], classes=2)
+    proof = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {proof}",))
+
+    (tmp_path / "faces" / "agedb_30.bin").write_bytes(pickle.dumps(([b"x", b"y"], [Evil()]), protocol=2))
+    assert main(["data", "write", "--task", "face", "--from", f"insightface:{tmp_path / 'faces'}",
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "agedb_30.bin: refused: the pickle names posix.system" in err and len(err.strip().splitlines()) == 1
+    assert not proof.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_cut_record_file_is_one_line(tmp_path, capsys):
+    write_face_pack(tmp_path / "faces", [0, 1, 1], classes=2)
+    rec = tmp_path / "faces" / "train.rec"
+    rec.write_bytes(rec.read_bytes()[:-100])
+    assert main(["data", "write", "--task", "face", "--from", f"insightface:{tmp_path / 'faces'}",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "train.rec: record at byte" in capsys.readouterr().err

@@ -68,7 +68,7 @@ def inspect_shards(spec: str, sheet: Path | None = None, per_class: int = 6, max
     for r in reports:
         classes.update(r.classes)
     problems = [f"{r.shard}: {p}" for r in reports for p in r.problems]
-    known = manifest.get("num_classes") if manifest and manifest.get("labels") != "identity" else None
+    known = manifest.get("num_classes") if manifest and manifest.get("labels") is None else None
     if isinstance(known, int):  # labels the manifest's classes do not cover
         for r in reports:
             outside = sorted(label for label in r.classes if not 0 <= label < known)

@@ -95,14 +95,22 @@ def _write_split(source: Source, items: Sequence, directory: Path, task: str, ki
             Path(fname).unlink()
     manifest = {
         "format": FORMAT, "task": task, "kind": kind, "split": split, "num_classes": len(source.classes),
-        **({"protocol": source.protocol} if source.protocol else {}),
-        # a re-identification query or gallery is labelled by identity, not by training class
-        **({"labels": "identity"} if source.protocol and split not in (None, "train") else {}),
+        **_protocol_keys(source, split),
         "classes": source.classes, "source": source.description, "samples": sum(s["samples"] for s in shards),
         "class_counts": {str(k): v for k, v in sorted(class_counts.items())}, "shards": shards,
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _protocol_keys(source: Source, split: str | None) -> dict:
+    """The manifest's `protocol` of a split, and what its labels are where they are not training classes
+    (an evaluation split of a dataset: its own identities, or verification pairs)."""
+    protocol = source.protocol.get(split) if isinstance(source.protocol, dict) else source.protocol
+    keys = {"protocol": protocol} if protocol else {}
+    if source.protocol and split not in (None, "train"):
+        keys["labels"] = "pair" if protocol == "verification" else "identity"
+    return keys
 
 
 def sha256_file(path: Path) -> str:

@@ -42,7 +42,8 @@ class Source:
     # the dataset's own splits (split name -> indices into items), written as they are; None: one
     # set, split by --eval-fraction
     splits: dict[str, list[int]] | None = None
-    protocol: str | None = None  # the evaluation protocol the splits follow (`ufo/evaluate.py`)
+    # the evaluation protocol the splits follow (`ufo/evaluate.py`): one for all, or per split
+    protocol: str | dict[str, str] | None = None
 
 
 def open_source(spec: str, task: str, *, classes: int = 10, samples: int = 1000, difficulty: float = 0.3,
@@ -67,6 +68,8 @@ def open_source(spec: str, task: str, *, classes: int = 10, samples: int = 1000,
         return msmt17(Path(where))
     if kind == "sop" and where:
         return stanford_online_products(Path(where))
+    if kind == "insightface" and where:
+        return insightface(Path(where))
     path = Path(spec)
     if path.suffix == ".npz":
         return _npz(path)
@@ -203,6 +206,52 @@ def stanford_online_products(root: Path) -> Source:
             splits[split].append((root / row[3], label, {"class": cls, "super_class": sup, "split": split,
                                                          "file": row[3]}))
     return _listed_source(root, kind, splits, "retrieval", train_ids)
+
+
+def insightface(root: Path) -> Source:
+    """An InsightFace face pack: `train.rec` + `train.idx` (MXNet RecordIO, read by `ufo.data.recordio`)
+    and `property` (`num_classes,height,width`) as the training split; every verification set beside
+    them (`lfw.bin`, `cfp_fp.bin`, `agedb_30.bin`, ...) as a split of its own, two samples a pair
+    (label: the pair's index; json: pair, member, same)."""
+    from ufo.data.recordio import face_pack, verification_pairs
+
+    kind = "insightface"
+    if not root.is_dir():
+        raise DataError(f"--from {kind}:{root}: no such directory")
+    for name in ("train.rec", "train.idx", "property"):
+        if not (root / name).is_file():
+            raise DataError(f"--from {kind}:{root}: not an InsightFace pack: no file {root / name}")
+    try:
+        num_classes = int((root / "property").read_text().split(",")[0])
+    except ValueError:
+        raise DataError(f"{root / 'property'}: not `num_classes,height,width`") from None
+    items: list = []
+    labels: list[int] = []
+    splits: dict[str, list[int]] = {"train": []}
+    protocol: dict[str, str] = {}
+    for key, identity, image in face_pack(root / "train.rec", root / "train.idx"):
+        if not 0 <= identity < num_classes:
+            raise DataError(f"{root / 'train.rec'}: record {key} has identity {identity}, outside the "
+                            f"{num_classes} classes of {root / 'property'}")
+        splits["train"].append(len(items))
+        items.append((image, identity, {"identity": identity, "record": key, "split": "train"}))
+        labels.append(identity)
+    for bin_file in sorted(root.glob("*.bin")):
+        images, same = verification_pairs(bin_file)
+        split = bin_file.stem
+        splits[split], protocol[split] = [], "verification"
+        for n, image in enumerate(images):
+            splits[split].append(len(items))
+            items.append((image, n // 2, {"pair": n // 2, "member": n % 2, "same": same[n // 2], "split": split}))
+            labels.append(n // 2)
+
+    def load(item: tuple[bytes, int, dict]) -> RawSample:
+        image, label, meta = item
+        return RawSample(image, "png" if image[:4] == b"\x89PNG" else "jpg", label, meta)
+
+    counts = ", ".join(f"{split} {len(ix)}" for split, ix in splits.items())
+    return Source(f"{kind} {root} ({counts} images; {num_classes} identities)", "retrieval",
+                  [str(c) for c in range(num_classes)], items, labels, load, splits, protocol)
 
 
 def encode_png(image: np.ndarray) -> bytes:
