@@ -35,7 +35,6 @@ from ufo.checkpoint import (
     _load,
     _only,
     canonical_name,
-    check_step_files,
     read_checkpoint,
     read_rank_state,
     safe_load,
@@ -129,11 +128,11 @@ def _read_zero_partitions(tag_dir: Path, marker: dict, cfg: UfoConfig, weights: 
 
 def _read_universal(tag_dir: Path, cfg: UfoConfig, tasks: list[str]) -> tuple[dict, int]:
     """ZeRO 3: DeepSpeed's universal checkpoint of the step, made in a temporary directory (rank 0
-    converts, in a directory every rank of this host sees; the others wait)."""
+    converts, in a directory every rank of this host sees; the others wait). The converter unpickles
+    anything: the caller has checked the step's files (`ufo.train._resume`)."""
     import_deepspeed()
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-    check_step_files(tag_dir)  # the converter unpickles anything
     holder: list = [None]
     if dist.get_rank() == 0:
         holder[0] = tempfile.mkdtemp(prefix="ufo-universal-", dir=tag_dir.parent)

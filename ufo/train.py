@@ -36,6 +36,7 @@ import ufo
 from ufo.atomic import atomic_file
 from ufo.checkpoint import (
     canonical_name,
+    _marker,
     check_step_files,
     clean_checkpoints,
     find_training_checkpoint,
@@ -651,7 +652,7 @@ def _elastic_policy(cfg: UfoConfig) -> ElasticPolicy:
 def _resume(engine, loader, weighting: Weighting, tag_dir: Path, cfg: UfoConfig, layout: Layout, rank: int,
             say: Log) -> int:
     world = layout.world_size
-    marker = json.loads((tag_dir / "ufo.json").read_text())
+    marker = _marker(tag_dir)
     # DeepSpeed's loader unpickles anything: its files are opened weights-only first, a share on each rank
     try:
         check_step_files(tag_dir, rank, world)
@@ -692,7 +693,8 @@ def _resume_elsewhere(engine, loader, weighting: Weighting, tag_dir: Path, marke
         raise UfoError(f"{tag_dir}: was written under ZeRO {marker.get('zero_stage', 0)} {marker.get('precision')}, "
                        f"this run is ZeRO {d.zero_stage} {d.precision}: resume with the same deepspeed section")
     old = layout_of(marker)
-    say(f"resuming {tag_dir.name} of {old} on {layout_of(checkpoint_meta(cfg, layout, []))}: weights and "
+    now = {"world_size": layout.world_size, "placement": layout.placement, "layout_groups": layout.groups}
+    say(f"resuming {tag_dir.name} of {old} on {layout_of(now)}: weights and "
         "optimizer state by name, data re-split")
     state = portable_rank_state(tag_dir, marker, layout, rank, layout.tasks_of(rank))
     if d.zero_stage == 0 and marker.get("placement", "replicated") == layout.placement == "replicated":

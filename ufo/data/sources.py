@@ -134,8 +134,7 @@ def reid_folders(root: Path, kind: str) -> Source:
 def _lines(file: Path, kind: str, root: Path, skip: int = 0) -> list[list[str]]:
     if not file.is_file():
         raise DataError(f"--from {kind}:{root}: not the {kind} layout: no file {file}")
-    rows = [line.split() for line in file.read_text().splitlines()[skip:] if line.strip()]
-    return rows
+    return [line.split() for line in file.read_text().splitlines()[skip:] if line.strip()]
 
 
 def _listed_source(root: Path, kind: str, splits: dict[str, list[tuple[Path, int, dict]]], protocol: str,
