@@ -14,15 +14,15 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[onnx,test]'
 	touch $@
 
-# the demo's three tasks (paths as in configs/demo.yaml): real digits, synthetic shapes and products
+# the demo's three tasks (paths as in configs/demo.yaml): real digits, synthetic shapes and persons
 data: venv
 	$(BIN)/ufo data write --task digits --from sklearn:digits --out $(DATA)/digits \
 		--eval-fraction 0.2 --maxcount 500 --overwrite
 	$(BIN)/ufo data write --task shapes --from synth:shapes --classes 8 --samples 3000 --difficulty 0.15 \
 		--out $(DATA)/shapes --eval-fraction 0.2 --maxcount 1000 --overwrite
-	$(BIN)/ufo data write --task products --from synth:instances --classes 50 --samples 3000 --difficulty 0.3 \
-		--out $(DATA)/products --eval-fraction 0.2 --maxcount 1000 --seed 1 --overwrite
-	$(BIN)/ufo data inspect $(DATA)/products/train --sheet $(DATA)/products-contact-sheet.png
+	$(BIN)/ufo data write --task persons --from synth:persons --classes 50 --samples 3000 --difficulty 0.5 \
+		--out $(DATA)/persons --maxcount 1000 --seed 1 --overwrite
+	$(BIN)/ufo data inspect $(DATA)/persons/query --sheet $(DATA)/persons-contact-sheet.png
 
 # train on 2 CPU ranks with DeepSpeed (a rerun resumes, or just evaluates a finished run), then
 # export every task's subnet from the newest checkpoint and verify it

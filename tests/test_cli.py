@@ -61,4 +61,4 @@ def test_console_script_runs(tmp_path):
     ufo = Path(sys.executable).with_name("ufo")
     result = subprocess.run([ufo, "info", REPO / "configs" / "demo.yaml"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "subnet products" in result.stdout
+    assert "subnet persons" in result.stdout

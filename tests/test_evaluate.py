@@ -1,162 +1,183 @@
-"""The evaluation protocols against independent reference implementations written here from their
-definitions (numpy, one query at a time), on random embeddings with planted identities and cameras."""
+"""A task's eval sets from its config and manifests, and `ufo eval` on a checkpoint, on the subnet
+exported from it (timm alone) and on two ranks: the same numbers as the protocol computed by hand."""
 
 from __future__ import annotations
 
-import numpy as np
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from ufo import evaluate
+from test_train import LAUNCHER_ENV
+from tiny import TINY
+from ufo.checkpoint import init_supernet, load_supernet, read_checkpoint, save_supernet
+from ufo.cli import main
+from ufo.config import config_from_dict
+from ufo.data import open_source, task_loader, write_task_shards
+from ufo.errors import ConfigError, DataError
+from ufo.evaluate import eval_sets, evaluate_task
+from ufo.export import export_subnet
+from ufo.metrics import reid
 
 
-def planted(n: int, ids: int, cams: int, dim: int = 16, noise: float = 1.0, seed: int = 0):
-    centers = torch.randn(ids, dim, generator=torch.Generator().manual_seed(ids))  # shared by query and gallery
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, ids, (n,), generator=g)
-    cameras = torch.randint(0, cams, (n,), generator=g)
-    x = centers[labels] + noise * torch.randn(n, dim, generator=g)
-    return x, labels, cameras
+def persons(root: Path, classes: int = 6) -> dict[str, str]:
+    """A small synthetic re-identification set: train, query and gallery splits, 4 cameras."""
+    if not root.exists():
+        source = open_source("synth:persons", "person", classes=classes, samples=4 * classes, image_size=16, seed=2)
+        write_task_shards(source, "person", root, kind="retrieval", maxcount=40, log=lambda _: None)
+    return {part: str(root / part) for part in ("train", "query", "gallery")}
 
 
-def reference_market1501(qf, q_pids, q_camids, gf, g_pids, g_camids, max_rank=10):
-    """The Market-1501 protocol as its reference code states it, query by query."""
-    qf = qf / np.linalg.norm(qf, axis=1, keepdims=True)
-    gf = gf / np.linalg.norm(gf, axis=1, keepdims=True)
-    distmat = 1 - qf @ gf.T
-    all_cmc, all_ap, all_inp = [], [], []
-    for i in range(len(qf)):
-        order = np.argsort(distmat[i], kind="stable")
-        remove = (g_pids[order] == q_pids[i]) & (g_camids[order] == q_camids[i])
-        raw_cmc = (g_pids[order] == q_pids[i]).astype(np.int32)[~remove]
-        if not raw_cmc.any():
-            continue
-        cmc = raw_cmc.cumsum()
-        pos = np.where(raw_cmc == 1)[0]
-        all_inp.append(cmc[pos.max()] / (pos.max() + 1.0))
-        cmc[cmc > 1] = 1
-        all_cmc.append(cmc[:max_rank])
-        num_rel = raw_cmc.sum()
-        tmp = raw_cmc.cumsum() / (np.arange(len(raw_cmc)) + 1.0) * raw_cmc
-        all_ap.append(tmp.sum() / num_rel)
-    cmc = np.asarray(all_cmc).astype(np.float64).sum(0) / len(all_cmc)
-    return {"rank1": cmc[0], "rank5": cmc[4], "rank10": cmc[9], "map": np.mean(all_ap), "minp": np.mean(all_inp),
-            "queries": len(all_cmc)}
+def config(tmp_path: Path, **person) -> dict:
+    raw = copy.deepcopy(TINY)
+    raw["model"]["ffns"] = "all"
+    raw["tasks"]["person"].update(person)
+    return raw
 
 
-@pytest.mark.parametrize("block", [None, 7])
-def test_reid_equals_the_market1501_reference(block):
-    g, g_ids, g_cams = planted(400, 40, 6, noise=1.2, seed=1)
-    q, q_ids, q_cams = planted(120, 40, 6, noise=1.2, seed=2)
-    q_ids[:5] = 999  # queries of an identity the gallery lacks: skipped
-    got = evaluate.reid(q, q_ids, q_cams, g, g_ids, g_cams, block=block)
-    want = reference_market1501(q.numpy(), q_ids.numpy(), q_cams.numpy(), g.numpy(), g_ids.numpy(), g_cams.numpy())
-    assert got["queries"] == want["queries"] == 115
-    for key in ("rank1", "rank5", "rank10", "map", "minp"):
-        assert got[key] == pytest.approx(want[key], abs=1e-6), key
-    assert 0.05 < got["map"] < 0.95  # informative data: neither chance nor trivial
+def test_eval_sets_follow_the_config_and_the_shards_manifest(tmp_path):
+    data = persons(tmp_path / "persons")
+    (reid_set,) = eval_sets(config_from_dict(config(tmp_path, eval_shards={"query": data["query"],
+                                                                          "gallery": data["gallery"]}), "t"),
+                            "person")
+    assert reid_set.protocol == "reid" and reid_set.parts == {"query": data["query"], "gallery": data["gallery"]}
+    # one directory: its manifest names the protocol, and reid needs a query and a gallery
+    with pytest.raises(DataError, match=r"^tasks\.person\.eval_shards: the reid protocol takes a query and a "):
+        eval_sets(config_from_dict(config(tmp_path, eval_shards=data["gallery"]), "t"), "person")
+    # named sets, each measured on its own, by the protocol the config names
+    named = eval_sets(config_from_dict(config(tmp_path, eval_shards={"cam_a": data["query"], "cam_b": data["gallery"]},
+                                              protocol="retrieval"), "t"), "person")
+    assert [(s.name, s.protocol, s.key("recall@1")) for s in named] == [
+        ("cam_a", "retrieval", "cam_a/recall@1"), ("cam_b", "retrieval", "cam_b/recall@1")]
+    with pytest.raises(ConfigError, match=r"tasks\.digits\.protocol: the reid protocol measures embeddings"):
+        raw = config(tmp_path)
+        raw["tasks"]["digits"]["protocol"] = "reid"
+        config_from_dict(raw, "t")
 
 
-def test_reid_drops_same_camera_matches():
-    # the only match of the query is in its own camera: no valid match, the query is skipped
-    g = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    out = evaluate.reid(torch.tensor([[1.0, 0.0]]), torch.tensor([3]), torch.tensor([0]), g, torch.tensor([3, 4]),
-                        torch.tensor([0, 1]))
-    assert out["queries"] == 0
-    out = evaluate.reid(torch.tensor([[1.0, 0.0]]), torch.tensor([3]), torch.tensor([1]), g, torch.tensor([3, 4]),
-                        torch.tensor([0, 1]))
-    assert out == {"rank1": 1.0, "rank5": 1.0, "rank10": 1.0, "map": 1.0, "minp": 1.0, "queries": 1}
+def test_a_reid_part_without_cameras_counts_its_samples_as_bad(tmp_path):
+    source = open_source("synth:instances", "person", classes=3, samples=12, image_size=16)
+    write_task_shards(source, "person", tmp_path / "plain", kind="retrieval", maxcount=40, log=lambda _: None)
+    cfg = config_from_dict(config(tmp_path), "t")
+    lines: list[str] = []
+    loader = task_loader(cfg, "person", train=False, spec=str(tmp_path / "plain"), protocol="reid", batch_size=5,
+                         log=lines.append)
+    with pytest.raises(DataError, match=r"^task person: no sample of the epoch could be used \(.*\.tar: no integer "
+                                        r"'camera' in its \.json\)$"):
+        list(loader)
+    assert "skipped 12 bad samples" in lines[-1]
 
 
-def reference_recall_at_k(x, labels, ks):
-    x = x / np.linalg.norm(x, axis=1, keepdims=True)
-    sim = x @ x.T
-    np.fill_diagonal(sim, -np.inf)
-    hits, aps, queries = np.zeros(len(ks)), [], 0
-    for i in range(len(x)):
-        order = np.argsort(-sim[i], kind="stable")[: len(x) - 1]
-        rel = labels[order] == labels[i]
-        if not rel.any():
-            continue
-        queries += 1
-        first = np.argmax(rel)
-        hits += [first < k for k in ks]
-        aps.append((np.cumsum(rel) / np.arange(1, len(rel) + 1) * rel).sum() / rel.sum())
-    return {**{f"recall@{k}": h / queries for k, h in zip(ks, hits)}, "map": np.mean(aps), "queries": queries}
+@pytest.fixture
+def checkpoint_and_subnet(tmp_path):
+    data = persons(tmp_path / "persons")
+    cfg = config_from_dict(config(tmp_path, eval_shards={"query": data["query"], "gallery": data["gallery"]}), "t")
+    ckpt = save_supernet(init_supernet(cfg), cfg, tmp_path / "ckpt" / "supernet.safetensors")
+    export_subnet(ckpt, "person", tmp_path / "subnet", log=lambda _: None)
+    return ckpt, tmp_path / "subnet", data
 
 
-@pytest.mark.parametrize("block", [None, 13])
-def test_retrieval_equals_the_leave_one_out_reference(block):
-    x, labels, _ = planted(300, 60, 1, seed=3)
-    labels[0] = 1000  # a class of one sample: no query
-    got = evaluate.retrieval(x, labels, block=block)
-    want = reference_recall_at_k(x.numpy(), labels.numpy(), [1, 10, 100])
-    assert set(got) == {"recall@1", "recall@10", "recall@100", "map", "queries"}  # no K of 1000 in 300 samples
-    for key, value in want.items():
-        assert got[key] == pytest.approx(value, abs=1e-6), key
+def by_hand(ckpt: Path, data: dict[str, str]) -> dict[str, float]:
+    """The reid protocol on the supernet's outputs for the task's configured path, read part by part."""
+    checkpoint = read_checkpoint(ckpt)
+    supernet = load_supernet(checkpoint).eval()
+    parts = {}
+    for role in ("query", "gallery"):
+        outs, ids, cams = [], [], []
+        for batch in task_loader(checkpoint.config, "person", train=False, spec=data[role], protocol="reid",
+                                 batch_size=7):
+            with torch.no_grad():
+                outs.append(supernet.forward_task(batch["images"], "person", "STST"))
+            ids.append(batch["labels"])
+            cams.append(batch["meta"][:, 0])
+        parts[role] = (torch.cat(outs), torch.cat(ids), torch.cat(cams))
+    (q, qi, qc), (g, gi, gc) = parts["query"], parts["gallery"]
+    return reid(q, qi, qc, g, gi, gc)
 
 
-def reference_lfw(e1, e2, same, folds=10):
-    """InsightFace's calculate_roc accuracy: 10 contiguous folds, best threshold on the other nine."""
-    e1 = e1 / np.linalg.norm(e1, axis=1, keepdims=True)
-    e2 = e2 / np.linalg.norm(e2, axis=1, keepdims=True)
-    dist = np.sum(np.square(e1 - e2), 1)
-    thresholds = np.arange(0, 4, 0.01)
-    n = len(dist)
-    idx = np.arange(n)
-    sizes = np.full(folds, n // folds)
-    sizes[: n % folds] += 1
-    edges = np.concatenate([[0], np.cumsum(sizes)])
-    accs = []
-    for f in range(folds):
-        test = idx[edges[f]:edges[f + 1]]
-        train = np.setdiff1d(idx, test)
-        acc_train = [np.mean((dist[train] < t) == same[train]) for t in thresholds]
-        best = thresholds[int(np.argmax(acc_train))]
-        accs.append(np.mean((dist[test] < best) == same[test]))
-    return np.mean(accs), np.std(accs)
+def test_ufo_eval_measures_a_checkpoint_and_its_deployed_subnet_alike(checkpoint_and_subnet, tmp_path, capsys):
+    ckpt, subnet, data = checkpoint_and_subnet
+    expected = by_hand(ckpt, data)
+    assert expected["queries"] == 24 and 0 < expected["map"] < 1  # every query has a match in another camera
+    assert main(["eval", str(ckpt), "--task", "person"]) == 0
+    out = capsys.readouterr().out
+    assert "by reid" in out and "rank1" in out and "minp" in out
+    report = json.loads((ckpt.parent / "eval-person.json").read_text())
+    assert report["path"] == "STST" and report["sets"]["person"]["protocol"] == "reid"
+    for key in ("rank1", "rank5", "rank10", "map", "minp", "queries"):
+        assert report["metrics"][key] == pytest.approx(expected[key], abs=1e-6), key
+    # the exported subnet, loaded with timm alone: its own checkpoint's config has the eval shards
+    # only in a training run's marker, so they are named here
+    assert main(["eval", str(subnet), "--task", "person", "--shards", f"query={data['query']}",
+                 "--shards", f"gallery={data['gallery']}", "--batch-size", "5"]) == 0
+    deployed = json.loads((subnet / "eval-person.json").read_text())
+    assert deployed["evaluated"] == "subnet" and deployed["path"] == "STST"
+    for key in ("rank1", "map", "minp"):
+        assert deployed["metrics"][key] == pytest.approx(expected[key], abs=1e-5), key
+    # another protocol on the same images, chosen on the command line
+    assert main(["eval", str(subnet), "--task", "person", "--shards", data["gallery"], "--protocol", "retrieval",
+                 "--out", str(tmp_path / "r.json")]) == 0
+    assert "recall@1" in json.loads((tmp_path / "r.json").read_text())["metrics"]
 
 
-def test_verification_equals_the_insightface_reference():
-    x, ids, _ = planted(1200, 300, 1, noise=0.9, seed=4)
-    first, second = x[:600], x[600:]
-    same = ids[:600] == ids[600:]
-    second[:300] = first[:300] + 0.9 * torch.randn(300, 16, generator=torch.Generator().manual_seed(5))
-    same[:300] = True
-    got = evaluate.verification(first, second, same)
-    acc, std = reference_lfw(first.numpy(), second.numpy(), same.numpy())
-    assert got["acc"] == pytest.approx(acc, abs=1e-9) and got["acc_std"] == pytest.approx(std, abs=1e-9)
-    assert 0.6 < got["acc"] < 0.99
-    assert "tar@far=0.001" not in got  # 300 negatives cannot measure a FAR of 1e-3
+@pytest.mark.parametrize("argv,message", [
+    (["--task", "face"], "is the subnet of task 'person', not 'face'"),
+    ([ "--task", "person"], "no eval shards"),
+    (["--task", "person", "--shards", "query=/nowhere/q"], "takes exactly the keys query and gallery"),
+])
+def test_ufo_eval_errors_are_one_line(checkpoint_and_subnet, capsys, argv, message):
+    _, subnet, _ = checkpoint_and_subnet
+    assert main(["eval", str(subnet), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
 
 
-def test_tar_at_far_where_the_negatives_measure_it():
-    g = torch.Generator().manual_seed(6)
-    pos = torch.randn(2000, 8, generator=g)
-    first = torch.cat([pos, torch.randn(20000, 8, generator=g)])
-    second = torch.cat([pos + 0.5 * torch.randn(2000, 8, generator=g), torch.randn(20000, 8, generator=g)])
-    same = torch.cat([torch.ones(2000, dtype=torch.bool), torch.zeros(20000, dtype=torch.bool)])
-    got = evaluate.verification(first, second, same)
-    a, b = torch.nn.functional.normalize(first, dim=1), torch.nn.functional.normalize(second, dim=1)
-    dist = (a - b).pow(2).sum(1)
-    for far in (1e-4, 1e-3):
-        threshold = torch.sort(dist[~same]).values[int(far * 20000)]
-        assert ((dist[~same] < threshold).double().mean().item()) <= far
-        assert got[f"tar@far={far:g}"] == pytest.approx((dist[same] < threshold).double().mean().item())
-    assert 0 < got["tar@far=0.0001"] <= got["tar@far=0.001"] < 1
+@pytest.mark.dist
+def test_ufo_eval_on_two_ranks_equals_one_process(checkpoint_and_subnet, tmp_path):
+    ckpt, _, data = checkpoint_and_subnet
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    run = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 400),
+                          "-m", "ufo.cli", "eval", str(ckpt), "--task", "person", "--batch-size", "4",
+                          "--out", str(tmp_path / "two.json")], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 ranks" in run.stdout
+    two = json.loads((tmp_path / "two.json").read_text())["metrics"]
+    expected = by_hand(ckpt, data)
+    for key in ("rank1", "map", "minp", "queries", "gallery"):
+        assert two[key] == pytest.approx(expected.get(key, two[key]), abs=1e-6), key
+    assert two["gallery"] == sum(json.loads((Path(data["gallery"]) / "manifest.json").read_text())[k]
+                                 for k in ("samples",))
 
 
-def test_classification_top1_and_top5():
-    logits = torch.tensor([[0.1, 0.9, 0.0, 0.0, 0.0, 0.0], [0.5, 0.1, 0.2, 0.3, 0.4, 0.0]])
-    assert evaluate.classification(logits, torch.tensor([1, 5])) == {"top1": 0.5, "top5": 0.5}
-    assert evaluate.classification(logits, torch.tensor([1, 2])) == {"top1": 0.5, "top5": 1.0}
-    assert evaluate.classification(logits[:, :3], torch.tensor([1, 2])) == {"top1": 0.5}  # 3 classes: no top-5
+def test_evaluate_task_gathers_every_ranks_share(tmp_path):
+    """Two ranks' shares, gathered by hand, measure what one process measures (the training loop's path)."""
+    data = persons(tmp_path / "persons")
+    cfg = config_from_dict(config(tmp_path, eval_shards={"query": data["query"], "gallery": data["gallery"]}), "t")
+    supernet = init_supernet(cfg).eval()
 
+    def forward(images):
+        return supernet.forward_task(images, "person", "STST")
 
-def test_a_large_gallery_is_evaluated_in_bounded_blocks(monkeypatch):
-    monkeypatch.setattr(evaluate, "BLOCK_ELEMENTS", 1000)  # 2 query rows of a 500-sample gallery at a time
-    g, g_ids, g_cams = planted(500, 50, 4, seed=7)
-    q, q_ids, q_cams = planted(60, 50, 4, seed=8)
-    small = evaluate.reid(q, q_ids, q_cams, g, g_ids, g_cams)
-    monkeypatch.setattr(evaluate, "BLOCK_ELEMENTS", 1 << 24)
-    assert small == pytest.approx(evaluate.reid(q, q_ids, q_cams, g, g_ids, g_cams))
+    second: list = []  # rank 1's share of each part, in the order the parts are read
+
+    def keep(mine):
+        second.append(mine)
+        return None  # rank 1 does not measure
+
+    def gather(mine):
+        return [mine, second[gathered.pop(0)]]
+
+    gathered = [0, 1]
+    with torch.no_grad():
+        whole = evaluate_task(cfg, "person", forward, batch_size=4)
+        assert evaluate_task(cfg, "person", forward, rank=1, group_size=2, gather=keep, batch_size=4) is None
+        merged = evaluate_task(cfg, "person", forward, rank=0, group_size=2, gather=gather, batch_size=4)
+    assert len(second) == 2 and 0 < len(second[0][1]) < whole["queries"]  # rank 1 read a share, not all
+    for key in ("rank1", "map", "minp", "queries", "gallery"):
+        assert merged[key] == pytest.approx(whole[key], abs=1e-6), key

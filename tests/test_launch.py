@@ -17,7 +17,7 @@ from ufo.data import open_source, write_task_shards
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "launch" / "train.sh"
-DEMO_TASKS = {"digits": ("classification", 10), "shapes": ("classification", 8), "products": ("retrieval", 50)}
+DEMO_TASKS = {"digits": ("classification", 10), "shapes": ("classification", 8), "persons": ("retrieval", 50)}
 
 
 def sh(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -56,10 +56,14 @@ def demo_overrides(tmp_path: Path, out: Path) -> list[str]:
     for task, (kind, classes) in DEMO_TASKS.items():
         root = tmp_path / "data" / task
         if not root.exists():
-            source = open_source("synth:shapes" if kind == "classification" else "synth:instances", task,
+            source = open_source("synth:shapes" if kind == "classification" else "synth:persons", task,
                                  classes=classes, samples=4 * classes + 40, image_size=32)
-            write_task_shards(source, task, root, kind=kind, maxcount=60, eval_fraction=0.25, log=lambda _: None)
-        sets += [f"tasks.{task}.shards={root / 'train'}", f"tasks.{task}.eval_shards={root / 'eval'}"]
+            write_task_shards(source, task, root, kind=kind, maxcount=60, eval_fraction=0.0 if source.splits else 0.25, log=lambda _: None)
+        sets.append(f"tasks.{task}.shards={root / 'train'}")
+        if kind == "classification":
+            sets.append(f"tasks.{task}.eval_shards={root / 'eval'}")
+        else:  # the demo's re-identification task: a query and a gallery
+            sets += [f"tasks.{task}.eval_shards.{part}={root / part}" for part in ("query", "gallery")]
     return [a for s in sets for a in ("--set", s)]
 
 

@@ -15,6 +15,7 @@ from ufo.model import (
     subnet_state_dict,
     vit_args,
 )
+from ufo.model.paths import PathPolicy
 
 
 @pytest.fixture
@@ -253,3 +254,12 @@ def test_on_path_builds_only_the_ffns_on_the_paths_with_the_values_of_the_whole(
                                                   for t, c in tiny_cfg.tasks.items()}})
     all_s = all_s.model_copy(update={"model": on_path.model})
     assert all(not b.mlp.task for b in SupernetViT.from_config(all_s).blocks)  # no FFN-task at all
+
+
+def test_sampled_paths_are_seeded_per_step_and_task():
+    policy = PathPolicy("sample", {"a": "SSSSSSSS", "b": "TTTTTTTT"}, seed=3, p_task=0.5)
+    assert policy.paths_at(7) == PathPolicy("sample", {"a": "SSSSSSSS", "b": "TTTTTTTT"}, seed=3).paths_at(7)
+    draws = {policy.paths_at(s)["a"] for s in range(20)}
+    assert len(draws) > 10 and all(len(p) == 8 and set(p) <= {"S", "T"} for p in draws)
+    assert policy.paths_at(1)["a"] != policy.paths_at(1)["b"] or policy.paths_at(2)["a"] != policy.paths_at(2)["b"]
+    assert PathPolicy("fixed", {"a": "SSTT"}).paths_at(5) == {"a": "SSTT"}

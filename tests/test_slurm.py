@@ -152,7 +152,7 @@ def test_sbatch_trains_the_demo_config(slurm, tmp_path):
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", text[-3000:]
     assert f"ufo slurm job {job_id} start 1: 1 node(s), 2 ranks" in text and "2 ranks, ZeRO 0" in text
     assert [p.name for p in complete_checkpoints(out / "checkpoints")] == ["step00000006"]
-    assert mlflow_steps(out, "loss/products") == ("FINISHED", [1, 2, 3, 4, 5, 6])
+    assert mlflow_steps(out, "loss/persons") == ("FINISHED", [1, 2, 3, 4, 5, 6])
 
 
 @pytest.mark.dist

@@ -192,3 +192,56 @@ def test_search_logs_to_the_training_run(tmp_path):
     assert "search/digits/trained/top1" in run.data.metrics
     assert len(run.data.tags["ufo.search.digits.best_path"]) == 4
     assert {a.path for a in client.list_artifacts(run.info.run_id, "search")} == {"search/search-digits.json"}
+
+
+def test_a_registered_subnet_loads_back_and_predicts_offline(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import mlflow
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    from ufo.cli import main
+    from ufo.export import load_subnet
+
+    raw = tracked_run(tmp_path, steps=2)
+    train(config_from_dict(raw, "test"), log=lambda _: None)
+    assert main(["export", str(tmp_path / "run"), "--task", "face", "--out", str(tmp_path / "face"),
+                 "--format", "safetensors,onnx", "--register", "tiny-face"]) in (0, None)
+    store = f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
+    client, run = the_run(tmp_path)
+    version = client.get_model_version("tiny-face", "1")
+    assert version.run_id == run.info.run_id
+    assert version.tags["ufo.task"] == "face" and version.tags["ufo.path"] == "SSTT"
+    assert float(version.tags["ufo.max_abs_diff.onnx"]) <= 1e-5
+    subnet, _ = load_subnet(tmp_path / "face")
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = subnet(x).numpy()
+    mlflow.set_tracking_uri(store)
+    mlflow.set_registry_uri(store)
+    model = mlflow.pyfunc.load_model("models:/tiny-face/1")
+    assert model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 3, 16, 16)
+    assert np.abs(model.predict(x.numpy()) - want).max() <= 1e-5
+    # the onnx flavour: the ONNX file as exported, run by onnxruntime
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/tiny-face/1", dst_path=str(tmp_path / "dl")))
+    session = onnxruntime.InferenceSession(str(local / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert np.abs(session.run(None, {"images": x.numpy()})[0] - want).max() <= 1e-5
+    # `mlflow models predict`, offline, in this environment
+    (tmp_path / "input.json").write_text(json.dumps({"inputs": x.numpy().tolist()}))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MLFLOW_REGISTRY_URI": store}
+    cli = subprocess.run([str(Path(sys.executable).with_name("mlflow")), "models", "predict", "-m", "models:/tiny-face/1",
+                          "-i", str(tmp_path / "input.json"), "-t", "json", "-o", str(tmp_path / "out.json"),
+                          "--env-manager", "local"], capture_output=True, text=True, env=env, timeout=300)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    got = np.array(json.loads((tmp_path / "out.json").read_text())["predictions"], dtype=np.float32)
+    assert np.abs(got - want).max() <= 1e-5
+    # a name the registry refuses is one line, and the subnet on disk stays
+    assert main(["export", str(tmp_path / "run"), "--task", "face", "--out", str(tmp_path / "face2"),
+                 "--register", "bad/name"]) == 2
+    assert (tmp_path / "face2" / "model.safetensors").is_file()

@@ -31,11 +31,14 @@ def write_data(root: Path, tasks: dict) -> dict:
     """Small shards for each task; returns the config's tasks with their shard paths."""
     out = {}
     for name, task in tasks.items():
-        generator = "shapes" if task["kind"] == "classification" else "instances"
+        # `person` is a re-identification task: evaluated on a query and a gallery with cameras (reid)
+        generator = "persons" if name == "person" else "shapes" if task["kind"] == "classification" else "instances"
         source = open_source(f"synth:{generator}", name, classes=task["num_classes"], samples=60, image_size=16)
-        write_task_shards(source, name, root / name, kind=task["kind"], maxcount=25, eval_fraction=0.25,
+        write_task_shards(source, name, root / name, kind=task["kind"], maxcount=25, eval_fraction=0.0 if source.splits else 0.25,
                           log=lambda _: None)
-        out[name] = {**task, "shards": str(root / name / "train"), "eval_shards": str(root / name / "eval")}
+        parts = {"query": str(root / name / "query"), "gallery": str(root / name / "gallery")}
+        out[name] = {**task, "shards": str(root / name / "train"),
+                     "eval_shards": parts if generator == "persons" else str(root / name / "eval")}
     return out
 
 

@@ -93,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, help="largest accepted |subnet - supernet| (default: export.atol, 1e-5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     track_args(p, "the subnets")
+    p.add_argument("--register", metavar="NAME", help="also log each subnet as an MLflow model in the checkpoint's "
+                   "run and register it as NAME (several tasks: NAME-TASK) in the store's model registry")
     p.set_defaults(run=_export)
 
     p = commands.add_parser("search", help="find a task's best path on its eval shards (no retraining)")
@@ -110,6 +112,21 @@ def _parser() -> argparse.ArgumentParser:
                    "with a budget also a Pareto plot, .png)")
     track_args(p, "the search")
     p.set_defaults(run=_search)
+
+    p = commands.add_parser("eval", help="measure a checkpoint or an exported subnet on a task's eval sets, "
+                                         "by the task's protocol (reid, verification, retrieval, classification)")
+    p.add_argument("target", help="a training run or step directory, or an exported subnet directory (loaded "
+                   "with timm alone)")
+    p.add_argument("--task", required=True, help="the task to measure")
+    p.add_argument("--shards", action="append", metavar="[NAME=]SPEC",
+                   help="eval shards instead of the config's: one SPEC, or NAME=SPEC per part, repeated "
+                        "(--shards query=DIR --shards gallery=DIR; --shards lfw=DIR --shards cfp_fp=DIR)")
+    p.add_argument("--protocol", choices=["classification", "retrieval", "reid", "verification"],
+                   help="default: the task's, else its shards' manifest, else by kind")
+    p.add_argument("--path", help="checkpoint: the path to measure (default: the task's configured one)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward (default 256)")
+    p.add_argument("--out", type=Path, help="result JSON (default: eval-TASK.json in the run or subnet directory)")
+    p.set_defaults(run=_eval)
 
     p = commands.add_parser("data", help="write and inspect task shards (WebDataset)")
     data = p.add_subparsers(dest="data", required=True, metavar="ACTION")
@@ -132,6 +149,8 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--difficulty", type=float, default=0.3, help="synth: 0 (easy) .. 1 (hard)")
     w.add_argument("--image-size", type=int, default=32, help="synth and sklearn:digits: image side in pixels")
     w.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    w.add_argument("--max-side", type=int, metavar="N", help="store images whose longer side is above N pixels "
+                   "resized to N (JPEG quality 95): decoding full-size photos would dominate the loader")
     w.set_defaults(run=_data_write)
     i = data.add_parser("inspect", help="counts per shard and class, problems, and a contact sheet")
     i.add_argument("shards", help="a shard directory, a pattern like 'dir/task-{000000..000009}.tar', or one tar")
@@ -155,6 +174,9 @@ def _parser() -> argparse.ArgumentParser:
     config_args(b)
     b.add_argument("--workers", default="0,1,2", help="comma-separated worker counts to time")
     b.add_argument("--batches", type=int, default=20, help="timed batches per task and worker count")
+    b.add_argument("--jpeg-side", type=int, default=224, help="also time one core on JPEG shards of photos "
+                   "written with --max-side N, against the photos as shipped (0: skip)")
+    b.add_argument("--jpeg-samples", type=int, default=128, help="samples in each JPEG set")
     b.add_argument("--json", action="store_true", help="print the result as JSON")
     b.set_defaults(run=_bench_data)
     b = benches.add_parser("train", help="training throughput vs a plain ViT, and peak memory per ZeRO stage")
@@ -293,6 +315,10 @@ def _export(args: argparse.Namespace) -> None:
         from ufo.tracking import log_export
 
         log_export(ckpt.path, results, uri=args.track_uri)
+    if args.register:
+        from ufo.tracking import register_subnets
+
+        register_subnets(ckpt.path, results, args.register, uri=args.track_uri)
 
 
 def _search(args: argparse.Namespace) -> None:
@@ -331,6 +357,34 @@ def _search(args: argparse.Namespace) -> None:
         log_search(ckpt.path, result, out, uri=args.track_uri)
 
 
+def _eval(args: argparse.Namespace) -> None:
+    import json
+    import os
+
+    from ufo.atomic import atomic_file
+    from ufo.evaluate import eval_target, format_report, parse_shards, report_path
+
+    rank, world = 0, 1
+    if "WORLD_SIZE" in os.environ:  # under torchrun or deepspeed: each rank embeds its share
+        from ufo.layout import init_distributed
+
+        rank, world, _ = init_distributed()
+    say = print if rank == 0 else (lambda _: None)
+    report = eval_target(args.target, args.task, parse_shards(args.shards or []), args.protocol, args.path,
+                         args.batch_size, rank, world, say)
+    if world > 1:
+        from ufo.layout import leave_distributed
+
+        leave_distributed()
+    if rank != 0:
+        return
+    out = args.out or report_path(args.target, args.task)
+    with atomic_file(out) as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    print(format_report(report))
+    print(f"wrote {out}")
+
+
 def _data_write(args: argparse.Namespace) -> None:
     from ufo.data import open_source, write_task_shards
 
@@ -339,7 +393,8 @@ def _data_write(args: argparse.Namespace) -> None:
     kind = args.kind or source.kind or "classification"
     print(f"ufo data write: task {args.task} ({kind}) from {source.description}")
     write_task_shards(source, args.task, args.out, kind=kind, maxcount=args.maxcount, maxsize=args.maxsize,
-                      seed=args.seed, eval_fraction=args.eval_fraction, overwrite=args.overwrite)
+                      seed=args.seed, eval_fraction=args.eval_fraction, overwrite=args.overwrite,
+                      max_side=args.max_side)
 
 
 def _data_inspect(args: argparse.Namespace) -> int:
@@ -355,13 +410,20 @@ def _data_inspect(args: argparse.Namespace) -> int:
 def _bench_data(args: argparse.Namespace) -> None:
     import json
 
-    from ufo.bench import bench_data, format_data_bench
+    from ufo.bench import bench_data, bench_jpeg, format_data_bench, format_jpeg_bench
     from ufo.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     result = bench_data(cfg, workers=workers, batches=args.batches)
+    if args.jpeg_side:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="ufo-bench-jpeg-") as work:
+            result["jpeg"] = bench_jpeg(cfg, Path(work), side=args.jpeg_side, samples=args.jpeg_samples)
     print(json.dumps(result, indent=2) if args.json else format_data_bench(result))
+    if not args.json and "jpeg" in result:
+        print(format_jpeg_bench(result["jpeg"]))
 
 
 def _bench_train(args: argparse.Namespace) -> None:

@@ -73,7 +73,13 @@ class TaskConfig(Section):
     # WebDataset shards: a directory (its manifest.json, else its *.tar), a brace/glob pattern,
     # or pipe:/URL specs that webdataset opens
     shards: str | None = None
-    eval_shards: str | None = None
+    # one evaluation set (a directory or pattern as `shards`); {query: ..., gallery: ...} for the
+    # reid protocol; or named sets, each measured and reported on its own ({lfw: ..., cfp_fp: ...})
+    eval_shards: str | dict[str, str] | None = None
+    # how the eval sets are measured (`ufo/evaluate.py`); default: the sets' manifest, else by kind
+    # (classification: top-1/5; retrieval: leave-one-out Recall@K and mAP)
+    protocol: Literal["classification", "retrieval", "reid", "verification"] | None = None
+    flip_test: bool = False  # embed each eval image plus its mirror (the faces' flip test)
     # resampled mode on shards whose sample counts are unknown (no manifest, not local)
     samples_per_epoch: int | None = Field(None, gt=0)
     ranks: int | None = Field(None, gt=0)  # task_parallel: ranks serving this task (default: by weight)
@@ -436,6 +442,16 @@ def _check(cfg: UfoConfig, source: str, overridden: Mapping[str, str]) -> UfoCon
             if bad_ratio:
                 raise fail(f"{key}.elastic.mlp_ratios", f"ratio {bad_ratio[0]:g} is not in (0, {m.mlp_ratio:g}] "
                                                          "(model.mlp_ratio)")
+        if task.protocol is not None and (task.protocol == "classification") != (task.kind == "classification"):
+            raise fail(f"{key}.protocol", f"the {task.protocol} protocol measures "
+                                          f"{'logits' if task.protocol == 'classification' else 'embeddings'}, "
+                                          f"but a {task.kind} task gives "
+                                          f"{'logits' if task.kind == 'classification' else 'embeddings'}")
+        if isinstance(task.eval_shards, dict):
+            bad = [n for n in task.eval_shards if not TASK_NAME.match(n)]
+            if bad or not task.eval_shards:
+                raise fail(f"{key}.eval_shards", f"eval set names are lower-case letters, digits and _, "
+                                                 f"starting with a letter; got {bad[0] if bad else 'none'!r}")
         if task.kind == "retrieval" and task.margin == "arcface" and task.margin_value >= 3.14159:
             raise fail(f"{key}.margin_value", "an ArcFace margin is an angle in radians below pi")
         tasks[name] = task.model_copy(update={"path": path})

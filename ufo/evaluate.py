@@ -1,157 +1,285 @@
-"""Evaluation protocols, in one place: how each community turns embeddings or logits into the
-numbers it reports.
-
-- `reid` (person and vehicle re-identification: Market-1501, DukeMTMC-reID, MSMT17, VeRi-776):
-  every query against the gallery by cosine similarity; for each query the gallery samples of
-  the same identity *and* the same camera are removed (they are not a re-identification);
-  queries left with no match are skipped; CMC Rank-1/5/10, mAP and mINP (Ye et al. 2021, the
-  cost of finding the hardest match). As in the reference code of those benchmarks
-  (`evaluate_market1501`, fast-reid's `eval_market1501`).
-- `verification` (faces: LFW, CFP-FP, AgeDB-30): image pairs, the squared distance of their
-  L2-normalized embeddings, accuracy 10-fold cross-validated with the threshold chosen on the
-  other nine folds (InsightFace's `verification.py`, thresholds 0 to 4 by 0.01); optional flip
-  test (each image's embedding plus its mirror's); TAR at FAR 1e-4 and 1e-3 where there are
-  enough negative pairs to measure that FAR.
-- `retrieval` (products: Stanford Online Products): every sample a query against all the others;
-  Recall@K for K = 1, 10, 100, 1000 (those below the set's size) and mAP.
-- `classification`: top-1 and top-5 accuracy.
-
-Similarities are computed a block of queries at a time, so memory stays bounded by the block
-(a 50k x 50k gallery never needs its 10 GB matrix).
+"""A task's evaluation: its eval sets (from the config and the shards' manifests), read on every
+rank, measured on one by the task's protocol (`ufo/metrics.py`); and `ufo eval`, the same for a
+checkpoint or an exported subnet.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Sequence
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 
+from ufo.errors import DataError
+from ufo.metrics import classification, pairs_of, reid, retrieval, verification
+
 PROTOCOLS = ("classification", "retrieval", "reid", "verification")
-BLOCK_ELEMENTS = 1 << 24  # similarities (and their ranks) held at once: 16 M, ~0.3 GB with the sort
+# the number each protocol is ranked by (path search, `ufo bench`): the community's headline figure
+PRIMARY = {"classification": "top1", "retrieval": "recall@1", "reid": "rank1", "verification": "acc"}
+# the integer fields of a sample's .json each protocol needs beside its label (identity, pair index)
+META_KEYS = {"classification": (), "retrieval": (), "reid": ("camera",), "verification": ("member", "same")}
 
 
-def _blocks(queries: int, gallery: int, block: int | None) -> range:
-    rows = block or max(1, BLOCK_ELEMENTS // max(1, gallery))
-    return range(0, queries, rows)
+@dataclass(frozen=True)
+class EvalSet:
+    """One measured evaluation set of a task: its protocol and its parts (role -> shard spec): `all`, or
+    `query` and `gallery` (reid). `name` is None for a task's only set, else the set's own name (a
+    face task's `lfw`, `cfp_fp`), which prefixes its metrics."""
+
+    task: str
+    name: str | None
+    protocol: str
+    parts: dict[str, str]
+
+    def key(self, metric: str) -> str:
+        return f"{self.name}/{metric}" if self.name else metric
 
 
-def _normalized(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.normalize(x.float(), dim=1)
+def default_protocol(kind: str) -> str:
+    return "classification" if kind == "classification" else "retrieval"
 
 
-def classification(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """Top-k accuracy for each k the class count allows (`top1`, `top5`)."""
-    if not len(labels):
-        return {f"top{k}": 0.0 for k in ks if k <= logits.shape[1]}
-    out = {}
-    best = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
-    for k in ks:
-        if k <= logits.shape[1]:
-            out[f"top{k}"] = (best[:, :k] == labels[:, None]).any(dim=1).float().mean().item()
-    return out
+def _manifest_protocol(spec: str, task: str) -> str | None:
+    from ufo.data.shards import read_manifest, resolve_shards
+
+    for shard in resolve_shards(spec, task):
+        if shard.local:
+            protocol = (read_manifest(Path(shard.url).parent) or {}).get("protocol")
+            if protocol:
+                return protocol
+    return None
 
 
-def reid(query: torch.Tensor, query_ids: torch.Tensor, query_cams: torch.Tensor, gallery: torch.Tensor,
-         gallery_ids: torch.Tensor, gallery_cams: torch.Tensor, ranks: Sequence[int] = (1, 5, 10),
-         block: int | None = None) -> dict[str, float]:
-    """CMC Rank-k, mAP and mINP of `query` against `gallery` under the Market-1501 protocol."""
-    q, g = _normalized(query), _normalized(gallery)
-    hits_at = torch.zeros(len(ranks), dtype=torch.float64)
-    ap_sum = inp_sum = 0.0
-    valid_queries = 0
-    for start in _blocks(len(q), len(g), block):
-        stop = min(start + (block or max(1, BLOCK_ELEMENTS // max(1, len(g)))), len(q))
-        order = (q[start:stop] @ g.T).argsort(dim=1, descending=True, stable=True)
-        same_id = gallery_ids[order] == query_ids[start:stop, None]
-        junk = same_id & (gallery_cams[order] == query_cams[start:stop, None])
-        kept = ~junk
-        match = same_id & kept
-        position = kept.long().cumsum(dim=1) - 1  # rank among the kept gallery samples
-        found = match.any(dim=1)
-        if not found.any():
+def eval_sets(cfg, task: str) -> list[EvalSet]:
+    """The task's evaluation sets from `tasks.<task>.eval_shards` and `.protocol` (default: what the
+    shards' manifest says, else by the task's kind); one-line errors for what cannot be measured."""
+    tc = cfg.tasks[task]
+    spec, key = tc.eval_shards, f"tasks.{task}.eval_shards"
+    if spec is None:
+        return []
+    if isinstance(spec, str):
+        sets = [EvalSet(task, None, tc.protocol or _manifest_protocol(spec, task) or default_protocol(tc.kind),
+                        {"all": spec})]
+    elif {"query", "gallery"} & set(spec):
+        if set(spec) != {"query", "gallery"}:
+            raise DataError(f"{key}: a query/gallery evaluation takes exactly the keys query and gallery, "
+                            f"got {', '.join(spec)}")
+        sets = [EvalSet(task, None, tc.protocol or "reid", dict(spec))]
+    else:
+        sets = [EvalSet(task, name, tc.protocol or _manifest_protocol(s, task) or default_protocol(tc.kind),
+                        {"all": s}) for name, s in spec.items()]
+    for es in sets:
+        where = f"{key}.{es.name}" if es.name else key
+        if es.protocol not in PROTOCOLS:
+            raise DataError(f"{where}: the shards' manifest names protocol {es.protocol!r}; ufo knows "
+                            f"{', '.join(PROTOCOLS)} (set tasks.{task}.protocol)")
+        if (es.protocol == "classification") != (tc.kind == "classification"):
+            raise DataError(f"{where}: the {es.protocol} protocol cannot measure a {tc.kind} task "
+                            f"(set tasks.{task}.protocol)")
+        if (es.protocol == "reid") != ("query" in es.parts):
+            raise DataError(f"{where}: the reid protocol takes a query and a gallery: "
+                            f"eval_shards: {{query: DIR, gallery: DIR}}" if es.protocol == "reid" else
+                            f"{where}: query and gallery sets are measured by the reid protocol, not "
+                            f"{es.protocol}")
+    return sets
+
+
+Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # outputs, labels, meta (n, len(META_KEYS))
+
+
+def measure(protocol: str, parts: dict[str, Outputs]) -> dict[str, float]:
+    """The protocol's metrics from every part's outputs (all ranks' samples, any order)."""
+    if protocol == "reid":
+        (q, qid, qm), (g, gid, gm) = parts["query"], parts["gallery"]
+        return {**reid(q, qid, qm[:, 0], g, gid, gm[:, 0]), "gallery": len(gid)}
+    out, labels, meta = parts["all"]
+    if protocol == "classification":
+        return {**classification(out, labels), "samples": len(labels)}
+    if protocol == "retrieval":
+        return {**retrieval(out, labels), "samples": len(labels)}
+    return verification(*pairs_of(out, labels, meta))
+
+
+def primary(sets: Sequence[EvalSet], result: dict[str, float]) -> float:
+    """The task's headline number: its protocol's primary metric, the mean over named sets."""
+    values = [result[es.key(PRIMARY[es.protocol])] for es in sets]
+    return sum(values) / len(values)
+
+
+def primary_key(cfg, task: str) -> str:
+    """The metric name a table of runs shows for `task`: its first eval set's primary metric."""
+    sets = eval_sets(cfg, task)
+    return sets[0].key(PRIMARY[sets[0].protocol]) if sets else PRIMARY[default_protocol(cfg.tasks[task].kind)]
+
+
+def evaluate_task(cfg, task: str, forward: Callable[[torch.Tensor], torch.Tensor], *, rank: int = 0,
+                  group_size: int = 1, gather: Callable[[Outputs], list | None] | None = None,
+                  batch_size: int | None = None, num_workers: int | None = None,
+                  sets: Sequence[EvalSet] | None = None, log=None) -> dict[str, float] | None:
+    """Every eval set of `task` measured by its protocol. This rank reads its share (`rank` of
+    `group_size`) of each part, `forward` maps a batch of images to outputs (called on every batch,
+    an empty one included, so ranks stay in step), `gather` returns all ranks' outputs on the rank
+    that measures and None on the others (None: one process). Returns the metrics (set-prefixed
+    where sets are named), None on ranks that do not measure."""
+    from ufo.data.loader import task_loader
+
+    flip = cfg.tasks[task].flip_test
+    m = cfg.model
+    result: dict[str, float] | None = {}
+    for es in sets if sets is not None else eval_sets(cfg, task):
+        parts: dict[str, Outputs] = {}
+        for role, spec in es.parts.items():
+            loader = task_loader(cfg, task, rank_in_group=rank, group_size=group_size, train=False,
+                                 batch_size=batch_size or cfg.train.eval_batch_size, num_workers=num_workers,
+                                 spec=spec, protocol=es.protocol, **({"log": log} if log else {}))
+            outs, labels, metas = [], [], []
+            for batch in loader:
+                images = batch["images"]
+                if images.ndim != 4:
+                    images = torch.zeros(0, m.in_chans, m.img_size, m.img_size)
+                out = forward(images)
+                if flip:
+                    out = out + forward(torch.flip(images, dims=[3]))
+                outs.append(out.float().cpu())
+                labels.append(batch["labels"])
+                metas.append(batch.get("meta", torch.zeros(len(batch["labels"]), 0, dtype=torch.long)))
+            mine = (torch.cat(outs), torch.cat(labels), torch.cat(metas))
+            everyone = [mine] if gather is None else gather(mine)
+            if everyone is not None:
+                parts[role] = tuple(torch.cat([p[i] for p in everyone]) for i in range(3))  # type: ignore
+        if gather is not None and not parts:
+            result = None
             continue
-        match, position = match[found], position[found]
-        big = torch.iinfo(torch.long).max
-        first = torch.where(match, position, big).min(dim=1).values
-        last = torch.where(match, position, -1).max(dim=1).values
-        relevant = match.sum(dim=1).double()
-        # precision at each match: matches so far over its rank among the kept (junk has no rank)
-        precision = torch.where(match, match.double().cumsum(dim=1) / (position.double() + 1).clamp_min(1), 0.0)
-        ap_sum += (precision.sum(dim=1) / relevant).sum().item()
-        inp_sum += (relevant / (last.double() + 1)).sum().item()
-        hits_at += torch.tensor([(first < k).sum().item() for k in ranks], dtype=torch.float64)
-        valid_queries += int(found.sum())
-    if valid_queries == 0:
-        return {**{f"rank{k}": 0.0 for k in ranks}, "map": 0.0, "minp": 0.0, "queries": 0}
-    return {**{f"rank{k}": float(h) / valid_queries for k, h in zip(ranks, hits_at)},
-            "map": ap_sum / valid_queries, "minp": inp_sum / valid_queries, "queries": valid_queries}
+        if result is not None:
+            result.update({es.key(k): v for k, v in measure(es.protocol, parts).items()})
+    return result
 
 
-def retrieval(embeddings: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 10, 100, 1000),
-              block: int | None = None) -> dict[str, float]:
-    """Leave-one-out Recall@K (K below the set's size) and mAP: every sample against all the others;
-    a sample whose class has no other sample is no query."""
-    x = _normalized(embeddings)
-    n = len(x)
-    ks = [k for k in ks if k < n]
-    hits = torch.zeros(len(ks), dtype=torch.float64)
-    ap_sum, queries = 0.0, 0
-    for start in _blocks(n, n, block):
-        stop = min(start + (block or max(1, BLOCK_ELEMENTS // max(1, n))), n)
-        sim = x[start:stop] @ x.T
-        sim[torch.arange(stop - start), torch.arange(start, stop)] = -math.inf  # not itself
-        order = sim.argsort(dim=1, descending=True, stable=True)[:, : n - 1]
-        match = labels[order] == labels[start:stop, None]
-        found = match.any(dim=1)
-        if not found.any():
-            continue
-        match = match[found]
-        first = match.float().argmax(dim=1)
-        precision = match.double().cumsum(dim=1) / torch.arange(1, n, dtype=torch.float64)
-        ap_sum += ((precision * match).sum(dim=1) / match.sum(dim=1)).sum().item()
-        hits += torch.tensor([(first < k).sum().item() for k in ks], dtype=torch.float64)
-        queries += int(found.sum())
-    if queries == 0:
-        return {**{f"recall@{k}": 0.0 for k in ks}, "map": 0.0, "queries": 0}
-    return {**{f"recall@{k}": float(h) / queries for k, h in zip(ks, hits)}, "map": ap_sum / queries,
-            "queries": queries}
+def parse_shards(items: Sequence[str]) -> str | dict[str, str] | None:
+    """`--shards SPEC` (one set) or `--shards NAME=SPEC` repeated (query=..., gallery=...; lfw=...)."""
+    if not items:
+        return None
+    named = [i for i in items if "=" in i.split("/")[0]]
+    if not named:
+        if len(items) > 1:
+            raise DataError("--shards: give one SPEC, or NAME=SPEC for each part (query=DIR --shards gallery=DIR)")
+        return items[0]
+    if len(named) != len(items):
+        raise DataError("--shards: give every part as NAME=SPEC, or a single SPEC")
+    return dict(i.split("=", 1) for i in items)
 
 
-def verification(first: torch.Tensor, second: torch.Tensor, same: torch.Tensor, folds: int = 10,
-                 fars: Sequence[float] = (1e-4, 1e-3)) -> dict[str, float]:
-    """Pair verification: 10-fold accuracy (threshold chosen on the other folds; folds contiguous, as
-    sklearn's KFold without shuffling), its spread, and TAR at each FAR the negatives can measure."""
-    a, b = _normalized(first), _normalized(second)
-    dist = (a - b).pow(2).sum(dim=1).double()
-    same = same.bool()
-    thresholds = torch.arange(0, 4, 0.01, dtype=torch.float64)
-    n = len(dist)
-    sizes = [n // folds + (i < n % folds) for i in range(folds)]
-    bounds = torch.tensor([0, *sizes]).cumsum(0).tolist()
-    predicted = dist[None, :] < thresholds[:, None]  # (thresholds, pairs)
-    right = (predicted == same[None, :]).double()
-    accuracies = []
-    for i in range(folds):
-        test = torch.zeros(n, dtype=torch.bool)
-        test[bounds[i]:bounds[i + 1]] = True
-        if not test.any():
-            continue
-        train_acc = right[:, ~test].mean(dim=1)
-        best = int(torch.nonzero(train_acc == train_acc.max())[0])  # the first best, as numpy's argmax
-        accuracies.append(right[best, test].mean().item())
-    acc = torch.tensor(accuracies, dtype=torch.float64)
-    out = {"acc": acc.mean().item(), "acc_std": acc.std(unbiased=False).item(), "pairs": n}
-    negatives = torch.sort(dist[~same]).values
-    for far in fars:
-        allowed = int(math.floor(far * len(negatives)))
-        if allowed < 1:
-            continue  # fewer than 1/FAR negatives: that FAR cannot be measured
-        threshold = negatives[allowed]  # `allowed` negatives lie below it
-        out[f"tar@far={far:g}"] = (dist[same] < threshold).double().mean().item()
-    return out
+def eval_target(target: str | Path, task: str, shards: str | dict[str, str] | None = None,
+                protocol: str | None = None, path: str | None = None, batch_size: int = 256, rank: int = 0,
+                world: int = 1, log=print) -> dict:
+    """`ufo eval`: a training checkpoint (the task's path through the supernet) or an exported subnet
+    directory (loaded with timm alone: what is deployed is what is measured) on the task's eval sets
+    (`shards` replaces them), by its protocol. Under a launcher each rank embeds its share and rank 0
+    measures; returns the report (on rank 0; {} elsewhere)."""
+    from ufo.config import config_from_dict
+
+    target = Path(target)
+    if (target / "config.json").is_file() and not (target / "ufo.json").is_file():
+        from ufo.export import load_subnet
+
+        model, config = load_subnet(target)
+        info = config["ufo"]
+        if info["task"] != task:
+            raise DataError(f"{target}: is the subnet of task {info['task']!r}, not {task!r}")
+        raw = _subnet_config(config, task, target)
+        what, path = "subnet", info["path"]
+
+        def forward(images: torch.Tensor) -> torch.Tensor:
+            return model(images)
+    else:
+        from ufo.checkpoint import load_supernet, read_checkpoint
+
+        ckpt = read_checkpoint(target, tasks=[task])
+        cfg = ckpt.config
+        if task not in cfg.tasks:
+            raise DataError(f"{ckpt.path}: has no task {task!r} (tasks: {', '.join(cfg.tasks)})")
+        raw, what = cfg.to_dict(), f"checkpoint step {ckpt.step}"
+        path = (path or cfg.path_of(task)).upper()
+        supernet = load_supernet(ckpt, held=[task]).eval()
+
+        def forward(images: torch.Tensor) -> torch.Tensor:
+            return supernet.forward_task(images, task, path)
+    if shards is not None:
+        raw["tasks"][task]["eval_shards"] = shards
+    if protocol is not None:
+        raw["tasks"][task]["protocol"] = protocol
+    cfg = config_from_dict(raw, f"ufo eval {target}")
+    sets = eval_sets(cfg, task)
+    if not sets:
+        raise DataError(f"task {task}: no eval shards in {target}'s config; give --shards")
+    log(f"ufo eval: {target} ({what}, task {task}, path {path}): "
+        + ", ".join(f"{es.name or task} by {es.protocol}" for es in sets) + (f", {world} ranks" if world > 1 else ""))
+
+    def gather(mine):
+        import torch.distributed as dist
+
+        everyone: list = [None] * world
+        dist.all_gather_object(everyone, mine)
+        return everyone if rank == 0 else None
+
+    with torch.no_grad():
+        result = evaluate_task(cfg, task, forward, rank=rank, group_size=world, gather=gather if world > 1 else None,
+                               batch_size=batch_size, num_workers=0, sets=sets)
+    if result is None:
+        return {}
+    return {"target": str(target), "evaluated": what, "task": task, "path": path,
+            "sets": {es.name or task: {"protocol": es.protocol, "shards": es.parts} for es in sets},
+            "primary": primary(sets, result), "metrics": result}
 
 
-def flip_embeddings(embed, images: torch.Tensor) -> torch.Tensor:
-    """The flip test: an image's embedding plus its mirror's (normalized later)."""
-    return embed(images) + embed(torch.flip(images, dims=[3]))
+def _subnet_config(config: dict, task: str, where: Path) -> dict:
+    """The smallest ufo config that reads a subnet's eval shards as its training did: its image size
+    and preprocessing, the task's kind and classes, the eval shards of the checkpoint it came from."""
+    args, info = config["model_args"], config["ufo"]
+    pre = info.get("preprocessing") or {}
+    eval_shards = None
+    source = info.get("source_checkpoint")
+    marker = Path(source or "") / "ufo.json"
+    if source and marker.is_file():  # the shards the run evaluated on, if that run is still here
+        try:
+            eval_shards = json.loads(marker.read_text())["config"]["tasks"][task].get("eval_shards")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            eval_shards = None  # an unreadable source only means: give --shards
+    kind = info["kind"]
+    classes = args.get("num_classes", 2) if kind == "classification" else 2
+    depth = args["depth"]
+    return {
+        "model": {"img_size": args.get("img_size", 224), "patch_size": args.get("patch_size", 16),
+                  "in_chans": args.get("in_chans", 3), "embed_dim": args["embed_dim"], "depth": depth,
+                  "num_heads": args["num_heads"], "mlp_ratio": args.get("mlp_ratio", 4.0)},
+        "tasks": {task: {"kind": kind, "num_classes": max(2, classes), "path": "S" * depth,
+                         "eval_shards": eval_shards}},
+        "data": {k: pre[k] for k in ("mean", "std", "interpolation", "crop_pct") if k in pre},
+    }
+
+
+def report_path(target: str | Path, task: str) -> Path:
+    """Where `ufo eval` writes its JSON by default: in the subnet directory, the training run's
+    directory (for a run, or one of its step directories), or beside a supernet file."""
+    target = Path(target)
+    name = f"eval-{task}.json"
+    if target.is_file():
+        return target.parent / name
+    if (target / "ufo.json").is_file():  # OUT/checkpoints/stepN
+        return target.parent.parent / name
+    return target / name
+
+
+def format_report(report: dict) -> str:
+    """The report as a table: one row per eval set, its protocol's metrics as columns."""
+    lines = []
+    metrics = report["metrics"]
+    for name, s in report["sets"].items():
+        prefix = "" if len(report["sets"]) == 1 and name == report["task"] else f"{name}/"
+        row = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix) and "/" not in k[len(prefix):]}
+        head = "  ".join(f"{k:>10}" for k in row)
+        lines += [f"{name} ({s['protocol']})", f"  {head}",
+                  "  " + "  ".join(f"{v:>10.4f}" if isinstance(v, float) else f"{v:>10}" for v in row.values())]
+    return "\n".join(lines)

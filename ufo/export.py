@@ -264,6 +264,30 @@ def _max_abs_diff(fmt: str, directory: Path, kind: str, images: torch.Tensor, re
     return (output - reference).abs().max().item()
 
 
+def load_subnet(directory: str | Path) -> tuple[DeployedSubnet, dict]:
+    """An exported subnet as deployed, with timm alone: `VisionTransformer(**model_args)` from its
+    config.json, its model.safetensors, and the task's postprocessing; and the config."""
+    directory = Path(directory)
+    file = directory / "config.json"
+    try:
+        config = json.loads(file.read_text())
+        args, kind = config["model_args"], config["ufo"]["kind"]
+    except FileNotFoundError:
+        raise ExportError(f"{directory}: not an exported subnet (no config.json)") from None
+    except (ValueError, KeyError, TypeError):
+        raise ExportError(f"{file}: not a ufo subnet's config (model_args and ufo.kind expected)") from None
+    weights = directory / FILES["safetensors"]
+    if not weights.is_file():
+        raise ExportError(f"{directory}: no {FILES['safetensors']} (exported without the safetensors format)")
+    with torch.device("meta"):
+        vit = VisionTransformer(**args)
+    try:
+        vit.load_state_dict(load_file(weights), strict=True, assign=True)
+    except (RuntimeError, OSError) as e:
+        raise ExportError(f"{weights}: does not match {file}'s model_args ({str(e).splitlines()[0]})") from None
+    return DeployedSubnet(vit, normalize=(kind == "retrieval")).eval(), config
+
+
 def _architecture(cfg: UfoConfig) -> str:
     """A timm architecture name for config.json; every argument that matters is in model_args."""
     size = {192: "tiny", 384: "small", 768: "base", 1024: "large"}.get(cfg.model.embed_dim, "base")

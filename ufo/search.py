@@ -23,7 +23,7 @@ from ufo.checkpoint import Checkpoint, load_supernet, read_checkpoint
 from ufo.config import ffns_on_path
 from ufo.data import task_loader
 from ufo.errors import UfoError
-from ufo.metrics import retrieval, top1
+from ufo.evaluate import PRIMARY, eval_sets, measure, primary
 from ufo.model import SupernetViT
 
 Log = Callable[[str], None]
@@ -65,26 +65,48 @@ class SearchResult:
 
 
 class PathEvaluator:
-    """The task's metric for a path: top-1 (classification) or Recall@1 (retrieval) on its eval shards."""
+    """The task's headline metric for a path (its protocol's: top-1, Recall@1, Rank-1, verification
+    accuracy; the mean over named sets) on its eval sets, read once and held in memory."""
 
     def __init__(self, model: SupernetViT, cfg, task: str, batch_size: int = 256):
-        self.model, self.task, self.kind = model.eval(), task, cfg.tasks[task].kind
-        self.metric = "top1" if self.kind == "classification" else "recall@1"
-        images, labels = [], []
-        for batch in task_loader(cfg, task, train=False, batch_size=batch_size, num_workers=0):
-            if batch["images"].ndim == 4:
-                images.append(batch["images"])
-                labels.append(batch["labels"])
-        if not labels:
-            raise UfoError(f"task {task}: its eval shards gave no readable sample")
-        self.images, self.labels = images, torch.cat(labels)
-        self.samples = len(self.labels)
+        self.model, self.task = model.eval(), task
+        self.sets = eval_sets(cfg, task)
+        if not self.sets:
+            raise UfoError(f"task {task}: tasks.{task}.eval_shards is not set")
+        names = [es.key(PRIMARY[es.protocol]) for es in self.sets]
+        self.metric = names[0] if len(names) == 1 else f"mean {PRIMARY[self.sets[0].protocol]}"
+        self.parts: list[dict[str, tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]]] = []
+        self.samples = 0
+        for es in self.sets:
+            held = {}
+            for role, spec in es.parts.items():
+                images, labels, metas = [], [], []
+                for batch in task_loader(cfg, task, train=False, batch_size=batch_size, num_workers=0, spec=spec,
+                                         protocol=es.protocol):
+                    if batch["images"].ndim == 4:
+                        images.append(batch["images"])
+                        labels.append(batch["labels"])
+                        metas.append(batch.get("meta", torch.zeros(len(batch["labels"]), 0, dtype=torch.long)))
+                if not labels:
+                    raise UfoError(f"task {task}: its eval shards {spec} gave no readable sample")
+                held[role] = (images, torch.cat(labels), torch.cat(metas))
+                self.samples += len(held[role][1])
+            self.parts.append(held)
+        self.flip = cfg.tasks[task].flip_test
 
     @torch.no_grad()
     def __call__(self, path: str, depth: int | None = None, hidden: int | None = None) -> float:
-        out = torch.cat([self.model.forward_task(x, self.task, path, depth, hidden) for x in self.images])
-        y = self.labels
-        return top1(out, y) if self.kind == "classification" else retrieval(out, y)["recall@1"]
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            out = self.model.forward_task(x, self.task, path, depth, hidden)
+            return out + self.model.forward_task(torch.flip(x, dims=[3]), self.task, path, depth, hidden) \
+                if self.flip else out
+
+        result: dict[str, float] = {}
+        for es, held in zip(self.sets, self.parts):
+            outputs = {role: (torch.cat([forward(x) for x in images]), labels, meta)
+                       for role, (images, labels, meta) in held.items()}
+            result.update({es.key(k): v for k, v in measure(es.protocol, outputs).items()})
+        return primary(self.sets, result)
 
 
 def evolve(evaluate_many: Callable[[list[str]], list[float]], depth: int, starts: Sequence[str], budget: int,

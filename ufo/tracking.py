@@ -322,6 +322,72 @@ def log_export(checkpoint: Path, exports: list, say: Log = print, uri: str | Non
     return run_id
 
 
+def register_subnets(checkpoint: Path, exports: list, name: str, say: Log = print, uri: str | None = None) -> list:
+    """Each exported subnet as an MLflow model in the checkpoint's run (`subnet-TASK`), registered in
+    the model registry as `name` (one task) or `name-TASK` (several): the deployed module (timm's ViT
+    and the embedding's normalization) as a pytorch flavour in torch.export's pt2 format (a graph and
+    its tensors: loading it runs no pickled code), the ONNX file as an onnx flavour where it was
+    exported, a python_function flavour over the pytorch one, the input/output signature (batch size
+    free) and an input example; the task, path, parameters and verification figures as the version's
+    tags. Returns the model versions; errors are one line and leave the subnet on disk as it is."""
+    import tempfile
+
+    from ufo.errors import ExportError
+
+    found = _checkpoint_run(checkpoint, uri, say)
+    if found is None:
+        raise ExportError(f"--register {name}: no MLflow store to register in: the checkpoint's marker names no "
+                          "local store that exists here; pass --track URI (an sqlite:/// store has a registry)")
+    client, run_id, _ = found
+    import mlflow
+    import mlflow.pytorch
+    import onnx
+    import torch
+    from mlflow.models import Model, infer_signature
+
+    from ufo.export import FILES, load_subnet
+
+    versions = []
+    mlflow.set_tracking_uri(client._tracking_client.tracking_uri)
+    mlflow.set_registry_uri(client._tracking_client.tracking_uri)
+    for e in exports:
+        registered = name if len(exports) == 1 else f"{name}-{e.task}"
+        module, config = load_subnet(e.out_dir)
+        c, size = config["model_args"].get("in_chans", 3), config["model_args"].get("img_size", 224)
+        example = torch.randn(2, c, size, size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            output = module(example)
+        signature = infer_signature(example.numpy(), output.numpy())
+        tags = {"ufo.task": e.task, "ufo.kind": e.kind, "ufo.path": e.path, "ufo.params": str(e.param_count),
+                "ufo.output": config["ufo"]["output"], "ufo.source_checkpoint": str(checkpoint),
+                **{f"ufo.max_abs_diff.{fmt}": f"{d:.3g}" for fmt, d in e.max_abs_diff.items()}}
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                local = Path(tmp) / "model"
+                mlflow.pytorch.save_model(module, str(local), serialization_format="pt2", signature=signature,
+                                          input_example=example.numpy(),
+                                          pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                                            "onnxruntime", "numpy"])
+                onnx_file = Path(e.out_dir) / FILES["onnx"]
+                if onnx_file.is_file():
+                    (local / "onnx").mkdir()
+                    (local / "onnx" / "model.onnx").write_bytes(onnx_file.read_bytes())
+                    model = Model.load(str(local / "MLmodel"))
+                    model.add_flavor("onnx", onnx_version=onnx.__version__, data="onnx/model.onnx",
+                                     providers=["CPUExecutionProvider"], onnx_session_options=None, code=None)
+                    model.save(str(local / "MLmodel"))
+                (local / "config.json").write_bytes((Path(e.out_dir) / "config.json").read_bytes())
+                artifact = f"subnet-{e.task}"
+                client.log_artifacts(run_id, str(local), artifact)
+            version = mlflow.register_model(f"runs:/{run_id}/{artifact}", registered, tags=tags)
+        except Exception as error:  # noqa: BLE001 - one line, the subnet on disk is untouched
+            raise ExportError(f"--register {registered}: MLflow refused the model ({_first_line(error)})") from None
+        say(f"mlflow: registered {e.task} as model {registered!r} version {version.version} "
+            f"(flavours pytorch{', onnx' if onnx_file.is_file() else ''}, python_function; run {run_id})")
+        versions.append(version)
+    return versions
+
+
 def log_search(checkpoint: Path, result, file: Path, say: Log = print, uri: str | None = None) -> str | None:
     """Log a path search (best and baseline values, the result file) to the checkpoint's MLflow run."""
     found = _checkpoint_run(checkpoint, uri, say)

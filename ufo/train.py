@@ -50,8 +50,8 @@ from ufo.config import UfoConfig
 from ufo.data import MixedLoader, endless, label_counts, task_loader
 from ufo.data.shards import check_task_data
 from ufo.errors import ConfigError, UfoError
+from ufo.evaluate import evaluate_task
 from ufo.layout import Layout, import_deepspeed, init_distributed, make_layout, task_groups
-from ufo.metrics import retrieval, top1
 from ufo.model import SupernetViT, TaskSlice
 from ufo.model.supernet import apply_heads
 from ufo.model.paths import ElasticPolicy, PathPolicy
@@ -772,51 +772,43 @@ def _duration(seconds: float) -> str:
 @torch.no_grad()
 def evaluate(engine, cfg: UfoConfig, layout: Layout, rank: int, paths: dict[str, str], dtype: torch.dtype,
              say: Log = print) -> dict[str, dict[str, float]]:
-    """Each task on its eval shards and path: top-1 (classification), Recall@1 and mAP (retrieval).
+    """Each task on its eval sets and path, by its protocol (`ufo/evaluate.py`).
 
     Replicated: every rank reads its share of every task's eval set (the same number of batches on
     each) and calls the model with a slice of every task, as in training, so ZeRO-3 can gather
     parameters. Task-sharded: each rank evaluates its own task, its share of it among the task's
-    ranks, the task's first rank computes the metric, and every rank gets every task's metrics.
+    ranks. The outputs are gathered on the task's first rank, which measures; every rank gets every
+    task's metrics.
     """
-    world, tasks, m = layout.world_size, list(cfg.tasks), cfg.model
+    world, tasks = layout.world_size, list(cfg.tasks)
     sharded = layout.placement == "task_sharded"
     module = engine.module
     was_training = module.training
     module.eval()
     results = {}
     for task in layout.tasks_of(rank) if sharded else tasks:
-        if cfg.tasks[task].eval_shards is None:
-            continue
         here = [task] if sharded else tasks
-        loader = task_loader(cfg, task, rank_in_group=layout.rank_in_group(task, rank) if sharded else rank,
-                             group_size=layout.group_size(task) if sharded else world, train=False,
-                             batch_size=cfg.train.eval_batch_size)
-        outputs, labels = [], []
-        for batch in loader:
-            images = batch["images"]
-            if images.ndim != 4:
-                images = torch.zeros(0, m.in_chans, m.img_size, m.img_size)
-            slices = [TaskSlice(t, paths[t], len(batch["labels"]) if t == task else 0) for t in here]
-            out = module(images.to(engine.device, dtype=dtype), slices)[here.index(task)]
-            outputs.append(out.float().cpu())
-            labels.append(batch["labels"])
         group = task_groups(layout)[task] if sharded else None
-        gathered: list = [None] * (layout.group_size(task) if sharded else world)
-        dist.all_gather_object(gathered, (torch.cat(outputs), torch.cat(labels)), group=group)
-        if sharded and rank != layout.groups[task][0]:
-            continue
-        out = torch.cat([o for o, _ in gathered])
-        y = torch.cat([lab for _, lab in gathered])
-        if cfg.tasks[task].kind == "classification":
-            results[task] = {"top1": top1(out, y), "samples": len(y)}
-        else:
-            results[task] = {**retrieval(out, y), "samples": len(y)}
-    if sharded:  # every rank learns every task's metrics, in config order
-        everyone: list = [None] * world
-        dist.all_gather_object(everyone, results)
-        merged = {k: v for part in everyone for k, v in part.items()}
-        results = {task: merged[task] for task in tasks if task in merged}
+        size = layout.group_size(task) if sharded else world
+        first = layout.groups[task][0] if sharded else 0
+
+        def forward(images: torch.Tensor) -> torch.Tensor:
+            slices = [TaskSlice(t, paths[t], len(images) if t == task else 0) for t in here]
+            return module(images.to(engine.device, dtype=dtype), slices)[here.index(task)]
+
+        def gather(mine):
+            everyone: list = [None] * size
+            dist.all_gather_object(everyone, mine, group=group)
+            return everyone if rank == first else None
+
+        measured = evaluate_task(cfg, task, forward, rank=layout.rank_in_group(task, rank) if sharded else rank,
+                                 group_size=size, gather=gather)
+        if measured:
+            results[task] = measured
+    everyone: list = [None] * world  # every rank learns every task's metrics, in config order
+    dist.all_gather_object(everyone, results)
+    merged = {k: v for part in everyone for k, v in part.items()}
+    results = {task: merged[task] for task in tasks if task in merged}
     module.train(was_training)
     if results:
         say("eval: " + " | ".join(f"{task} " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"

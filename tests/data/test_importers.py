@@ -197,3 +197,46 @@ def test_a_cut_record_file_is_one_line(tmp_path, capsys):
     assert main(["data", "write", "--task", "face", "--from", f"insightface:{tmp_path / 'faces'}",
                  "--out", str(tmp_path / "out")]) == 2
     assert "train.rec: record at byte" in capsys.readouterr().err
+
+
+def test_max_side_stores_large_images_resized_and_keeps_small_ones_as_they_are(tmp_path, capsys):
+    build(tmp_path / "raw", "market1501")
+    query = tmp_path / "raw" / "query"
+    big = sorted(query.glob("*.jpg"))[0]
+    out = io.BytesIO()
+    Image.effect_noise((300, 150), 60).convert("RGB").save(out, format="JPEG", quality=90)  # a wide "photo"
+    big.write_bytes(out.getvalue())
+    small = sorted(query.glob("*.jpg"))[1].read_bytes()
+    assert main(["data", "write", "--task", "person", "--from", f"market1501:{tmp_path / 'raw'}",
+                 "--out", str(tmp_path / "out"), "--max-side", "64"]) == 0
+    assert json.loads((tmp_path / "out" / "query" / "manifest.json").read_text())["max_side"] == 64
+    stored = {}
+    with tarfile.open(next((tmp_path / "out" / "query").glob("*.tar"))) as tar:
+        for member in tar.getmembers():
+            if member.name.endswith(".jpg"):
+                meta = json.loads(tar.extractfile(member.name[:-3] + "json").read())
+                stored[meta["file"]] = tar.extractfile(member).read()
+    resized = Image.open(io.BytesIO(stored[f"query/{big.name}"]))
+    assert resized.format == "JPEG" and resized.size == (64, 32)  # the longer side at 64, the aspect kept
+    assert stored[f"query/{sorted(query.glob('*.jpg'))[1].name}"] == small  # 16 x 32 fits: its bytes as they were
+    # an image that cannot be read is one line naming the dataset's file
+    big.write_bytes(b"\xff\xd8 not a jpeg")
+    assert main(["data", "write", "--task", "person", "--from", f"market1501:{tmp_path / 'raw'}",
+                 "--out", str(tmp_path / "o2"), "--max-side", "64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"query/{big.name}: not a readable image" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o2").exists()  # nothing half-written is left
+
+
+def test_synthetic_persons_are_a_query_gallery_task_with_cameras(tmp_path, capsys):
+    assert main(["data", "write", "--task", "persons", "--from", "synth:persons", "--classes", "5", "--samples", "40",
+                 "--image-size", "16", "--out", str(tmp_path / "out")]) == 0
+    train, query, gallery = (samples(tmp_path / "out" / s) for s in ("train", "query", "gallery"))
+    assert json.loads((tmp_path / "out" / "query" / "manifest.json").read_text())["protocol"] == "reid"
+    assert {label for label, _ in train} == set(range(5)) and {m["camera"] for _, m in train} == {0, 1, 2, 3}
+    # every test identity once per camera in the query; the gallery holds each in other cameras too
+    assert sorted((m["identity"], m["camera"]) for _, m in query) == [(i, c) for i in range(5, 10) for c in range(4)]
+    assert {m["identity"] for _, m in gallery} == set(range(5, 10))
+    for identity in range(5, 10):
+        assert len({m["camera"] for _, m in gallery if m["identity"] == identity}) >= 2
+    assert all(label == m["identity"] for label, m in query + gallery)

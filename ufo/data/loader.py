@@ -21,6 +21,7 @@ per shard and reported; a batch with skipped samples is shorter, never refilled.
 from __future__ import annotations
 
 import io
+import json
 import math
 import random
 import re
@@ -105,7 +106,7 @@ class _TaskStream(IterableDataset):
         self.seed, self.transform, self.num_classes = loader.seed, loader.transform, loader.num_classes
         self.shuffle_buffer, self.num_workers = loader.shuffle_buffer, max(1, loader.num_workers)
         self.total, self.nb = loader.samples_per_epoch, loader.batches_per_epoch
-        self.epoch, self.skip = epoch, skip
+        self.epoch, self.skip, self.meta_keys = epoch, skip, loader.meta_keys
         # exact mode: this rank's samples of the epoch, as positions in the epoch's order (None: its
         # contiguous share; a list after a resume on another number of ranks, see `TaskLoader.resplit`)
         self.positions = loader.plan_positions()
@@ -174,10 +175,11 @@ class _TaskStream(IterableDataset):
             problems += [(segment.url, None, why)] * (segment.take - read)
 
     def _decode(self, chunk: list[dict], index: int, problems: list) -> dict:
-        images, labels, keys = [], [], []
+        images, labels, keys, metas = [], [], [], []
         with _seeded(_seed(self.seed, self.epoch, self.rank, index, 4)):
             for sample in chunk:
                 try:
+                    meta = self._meta(sample)
                     image, label = self._sample(sample)
                 except ValueError as e:
                     problems.append((sample.get("__url__", "?"), sample.get("__key__"), str(e)))
@@ -185,13 +187,34 @@ class _TaskStream(IterableDataset):
                 images.append(image)
                 labels.append(label)
                 keys.append(sample["__key__"])
+                metas.append(meta)
         batch = {
             "task": self.task, "epoch": self.epoch, "index": index, "keys": keys,
             "images": torch.stack(images) if images else torch.empty(0),
             "labels": torch.tensor(labels, dtype=torch.long), "problems": list(problems),
         }
+        if self.meta_keys:
+            batch["meta"] = torch.tensor(metas, dtype=torch.long).reshape(len(metas), len(self.meta_keys))
         problems.clear()
         return batch
+
+    def _meta(self, sample: dict) -> list[int]:
+        if not self.meta_keys:
+            return []
+        try:
+            meta = json.loads(sample["json"])
+        except KeyError:
+            raise ValueError(f"no .json (the evaluation needs {', '.join(self.meta_keys)})") from None
+        except (ValueError, UnicodeDecodeError):
+            raise ValueError("bad .json") from None
+        values = []
+        for key in self.meta_keys:
+            value = meta.get(key) if isinstance(meta, dict) else None
+            if isinstance(value, bool) or (isinstance(value, int) and not isinstance(value, bool)):
+                values.append(int(value))
+            else:
+                raise ValueError(f"no integer {key!r} in its .json (the evaluation needs it)")
+        return values
 
     def _sample(self, sample: dict) -> tuple[torch.Tensor, int]:
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
@@ -256,7 +279,7 @@ class TaskLoader:
     def __init__(self, task: str, shards: str | Sequence[str] | Sequence[Shard], *, batch_size: int,
                  transform: Callable, rank_in_group: int = 0, group_size: int = 1, num_workers: int = 0,
                  seed: int = 0, mode: str = "exact", shuffle_buffer: int = 1000, num_classes: int | None = None,
-                 samples_per_epoch: int | None = None, log: Log = _stderr):
+                 samples_per_epoch: int | None = None, meta_keys: Sequence[str] = (), log: Log = _stderr):
         if not 0 <= rank_in_group < group_size:
             raise ValueError(f"rank_in_group {rank_in_group} is not in a group of {group_size}")
         if mode not in ("exact", "resampled"):
@@ -265,6 +288,9 @@ class TaskLoader:
         self.rank_in_group, self.group_size, self.batch_size = rank_in_group, group_size, batch_size
         self.num_workers, self.seed, self.shuffle_buffer = num_workers, seed, shuffle_buffer
         self.transform, self.num_classes = transform, num_classes
+        # integer fields of each sample's .json an evaluation protocol needs (camera, pair, ...): a batch's
+        # "meta" is their (n, len) tensor; a sample without one of them is a bad sample
+        self.meta_keys = tuple(meta_keys)
         if shards and isinstance(next(iter(shards)), Shard):
             found = list(shards)  # type: ignore[arg-type]
         else:
@@ -432,7 +458,7 @@ class TaskLoader:
                      f"in {shards} shard{'s' if shards > 1 else ''} ({detail})")
             if self._epoch_samples == 0:
                 (shard, reason), _ = self._epoch_problems.most_common(1)[0]
-                raise DataError(f"task {self.task}: every shard is unreadable ({shard}: {reason})")
+                raise DataError(f"task {self.task}: no sample of the epoch could be used ({shard}: {reason})")
         self.epoch, self.position, self.splits = self.epoch + 1, 0, []
         self._epoch_problems.clear()
         self._epoch_samples = 0
@@ -484,16 +510,27 @@ def endless(loader: TaskLoader | MixedLoader) -> Iterator[dict[str, Any]]:
 
 
 def task_loader(cfg: UfoConfig, task: str, *, rank_in_group: int = 0, group_size: int = 1, train: bool = True,
-                batch_size: int | None = None, num_workers: int | None = None, log: Log = _stderr) -> TaskLoader:
-    """A TaskLoader configured from the run's config (train shards, or eval shards in eval order)."""
+                batch_size: int | None = None, num_workers: int | None = None, spec: str | None = None,
+                protocol: str | None = None, log: Log = _stderr) -> TaskLoader:
+    """A TaskLoader configured from the run's config: train shards, or one eval part (`spec`, default
+    the task's eval_shards when they are one set) in eval order with the metadata its protocol needs."""
+    from ufo.evaluate import META_KEYS
+
     t = cfg.tasks[task]
-    spec = t.shards if train else t.eval_shards
+    if spec is None:
+        spec = t.shards if train else t.eval_shards
+        if isinstance(spec, dict):
+            raise DataError(f"task {task}: tasks.{task}.eval_shards has several parts; read them one by one")
     if spec is None:
         raise DataError(f"task {task}: tasks.{task}.{'shards' if train else 'eval_shards'} is not set")
+    protocol = protocol or ("classification" if t.kind == "classification" else "retrieval")
     return TaskLoader(
         task, spec, batch_size=batch_size or cfg.train.micro_batch_size, transform=build_transform(cfg, task, train),
         rank_in_group=rank_in_group, group_size=group_size,
         num_workers=cfg.data.num_workers if num_workers is None else num_workers,
         seed=cfg.train.seed, mode=cfg.data.mode if train else "exact",
-        shuffle_buffer=cfg.data.shuffle_buffer if train else 0, num_classes=t.num_classes,
-        samples_per_epoch=t.samples_per_epoch if train else None, log=log)
+        shuffle_buffer=cfg.data.shuffle_buffer if train else 0,
+        # an evaluation split's labels are its own identities or pair indices, not the training classes
+        num_classes=t.num_classes if train or protocol == "classification" else None,
+        samples_per_epoch=t.samples_per_epoch if train else None,
+        meta_keys=() if train else META_KEYS[protocol], log=log)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import json
 import random
 import tarfile
@@ -22,7 +23,7 @@ import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
 from ufo.atomic import atomic_dir
-from ufo.data.sources import Source
+from ufo.data.sources import RawSample, Source
 from ufo.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -39,12 +40,15 @@ class Shard:
 
 def write_task_shards(source: Source, task: str, out: Path, *, kind: str, maxcount: int = 10000,
                       maxsize: float = 1e9, seed: int = 0, eval_fraction: float = 0.0, overwrite: bool = False,
-                      log: Callable[[str], None] = print) -> list[dict]:
-    """Write a source as shuffled task shards (and an eval split); returns the manifests written."""
+                      max_side: int | None = None, log: Callable[[str], None] = print) -> list[dict]:
+    """Write a source as shuffled task shards (and an eval split); returns the manifests written.
+    `max_side`: images whose longer side is above it are stored resized to it (see `fit_image`)."""
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise DataError(f"{out}: exists and is not empty; pass --overwrite to replace it")
     if not 0.0 <= eval_fraction < 1.0:
         raise DataError(f"--eval-fraction {eval_fraction}: must be in [0, 1)")
+    if max_side is not None and max_side < 8:
+        raise DataError(f"--max-side {max_side}: must be at least 8 pixels")
     order = list(range(len(source.items)))
     random.Random(seed).shuffle(order)  # class-sorted sources must not give class-sorted shards
     splits = {"": order}
@@ -65,7 +69,7 @@ def write_task_shards(source: Source, task: str, out: Path, *, kind: str, maxcou
         for split, indices in splits.items():
             directory = tmp / split if split else tmp
             manifest = _write_split(source, [source.items[i] for i in indices], directory, task, kind,
-                                    split or None, maxcount, maxsize)
+                                    split or None, maxcount, maxsize, max_side)
             where = out / split if split else out
             log(f"  {task}{'/' + split if split else ''}: {manifest['samples']} samples, "
                 f"{len(manifest['shards'])} shard{'s' if len(manifest['shards']) != 1 else ''} -> {where}")
@@ -74,7 +78,7 @@ def write_task_shards(source: Source, task: str, out: Path, *, kind: str, maxcou
 
 
 def _write_split(source: Source, items: Sequence, directory: Path, task: str, kind: str, split: str | None,
-                 maxcount: int, maxsize: float) -> dict:
+                 maxcount: int, maxsize: float, max_side: int | None) -> dict:
     directory.mkdir(parents=True, exist_ok=True)
     finished: list[tuple[str, int]] = []
     writer = wds.ShardWriter(str(directory / f"{task}-%06d.tar"), maxcount=maxcount, maxsize=maxsize, verbose=0,
@@ -83,6 +87,8 @@ def _write_split(source: Source, items: Sequence, directory: Path, task: str, ki
     with writer:
         for n, item in enumerate(items):
             sample = source.load(item)
+            if max_side:
+                sample = fit_image(sample, max_side, f"{source.description}: {_where(sample, item)}")
             record = {"__key__": f"{task}_{n:07d}", sample.ext: sample.image, "cls": sample.label}
             if sample.meta is not None:
                 record["json"] = sample.meta
@@ -98,9 +104,44 @@ def _write_split(source: Source, items: Sequence, directory: Path, task: str, ki
         **_protocol_keys(source, split),
         "classes": source.classes, "source": source.description, "samples": sum(s["samples"] for s in shards),
         "class_counts": {str(k): v for k, v in sorted(class_counts.items())}, "shards": shards,
+        **({"max_side": max_side} if max_side else {}),
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+JPEG_QUALITY = 95  # resized images: visually lossless, a third of the bytes of quality 100
+
+
+def fit_image(sample: RawSample, max_side: int, where: str) -> RawSample:
+    """The sample with its image's longer side at most `max_side`: a larger image is resized (Lanczos,
+    aspect kept) and stored as a JPEG of quality 95 (a PNG stays PNG: a lossless source stays
+    lossless); an image that fits keeps its bytes. Decoding a full-size photo costs several times
+    what training on it does: done once here rather than every epoch in the loader."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(sample.image)) as img:
+            if max(img.size) <= max_side:
+                return sample
+            scale = max_side / max(img.size)
+            size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+            img.draft("RGB", size)  # JPEG: decode at a reduced scale where it can (exact resize below)
+            small = img.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"{where}: not a readable image ({str(e).splitlines()[0]})") from None
+    out = io.BytesIO()
+    if sample.ext == "png":
+        small.save(out, format="PNG")
+    else:
+        small.save(out, format="JPEG", quality=JPEG_QUALITY)
+    return RawSample(out.getvalue(), "png" if sample.ext == "png" else "jpg", sample.label, sample.meta)
+
+
+def _where(sample: RawSample, item) -> str:
+    """A sample's origin for an error: its file in the dataset where the source records one."""
+    meta = sample.meta or {}
+    return str(meta.get("file") or meta.get("index", item))
 
 
 def _protocol_keys(source: Source, split: str | None) -> dict:
@@ -162,12 +203,17 @@ def check_task_data(cfg, warn: Callable[[str], None]) -> None:
     naming the task and key where not), a task without eval shards is named, and local shards whose
     size differs from their manifest's record are reported (a sample count the loader plans with
     would be wrong)."""
+    from ufo.evaluate import eval_sets
+
     for task, tc in cfg.tasks.items():
-        for key, spec in (("shards", tc.shards), ("eval_shards", tc.eval_shards)):
-            if spec is None:
-                if key == "eval_shards":
-                    warn(f"task {task}: tasks.{task}.eval_shards is not set: it is never evaluated")
-                continue
+        if tc.eval_shards is None:
+            warn(f"task {task}: tasks.{task}.eval_shards is not set: it is never evaluated")
+        parts = [("shards", tc.shards)] if tc.shards is not None else []
+        if isinstance(tc.eval_shards, dict):
+            parts += [(f"eval_shards.{name}", spec) for name, spec in tc.eval_shards.items()]
+        elif tc.eval_shards is not None:
+            parts.append(("eval_shards", tc.eval_shards))
+        for key, spec in parts:
             try:
                 found = resolve_shards(spec, task)
             except DataError as e:
@@ -181,6 +227,7 @@ def check_task_data(cfg, warn: Callable[[str], None]) -> None:
                     elif "bytes" in entry and file.stat().st_size != entry["bytes"]:
                         warn(f"task {task}: {file}: {file.stat().st_size} bytes, its manifest says {entry['bytes']} "
                              f"(its {entry['samples']} samples may not all be there)")
+        eval_sets(cfg, task)  # a protocol that cannot measure the task: now, not at the first eval
 
 
 def label_counts(spec: str | Sequence[str], task: str) -> Counter:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from ufo.data.synth import KINDS, SynthTask
+from ufo.data.synth import CAMERAS, KINDS, SynthTask
 from ufo.errors import DataError
 
 IMAGE_EXTS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp", ".bmp": "bmp"}
@@ -54,6 +54,8 @@ def open_source(spec: str, task: str, *, classes: int = 10, samples: int = 1000,
         if generator not in KINDS:
             raise DataError(f"--from {spec}: unknown generator; choose synth:{' or synth:'.join(KINDS)}")
         synth = SynthTask(generator, task, classes, image_size, difficulty, seed)
+        if generator == "persons":
+            return _synth_persons(spec, synth, samples, seed)
         items = list(range(samples))
         return Source(f"{spec} (classes {classes}, difficulty {difficulty:g}, {image_size}px, seed {seed})",
                       synth.kind, [f"{generator}_{c}" for c in range(classes)], items,
@@ -79,6 +81,33 @@ def open_source(spec: str, task: str, *, classes: int = 10, samples: int = 1000,
         raise DataError(f"--from {spec}: no such file or directory (or use sklearn:digits, synth:shapes, "
                         "synth:instances)")
     raise DataError(f"--from {spec}: not an image folder, a .npz file, sklearn:digits or synth:...")
+
+
+def _synth_persons(spec: str, synth: SynthTask, samples: int, seed: int) -> Source:
+    """A re-identification dataset as Market-1501 lays it out: `samples` training images of the
+    `classes` training identities, and a test set of as many other identities (samples // 4 images),
+    every identity seen by every camera; the query split holds one image of each test identity per
+    camera, the gallery the rest."""
+    classes = synth.num_classes
+    test = max(2 * classes * CAMERAS, samples // 4)
+    items: list[tuple[int, int, dict]] = []
+    splits: dict[str, list[int]] = {"train": [], "query": [], "gallery": []}
+    for i in range(samples):
+        splits["train"].append(len(items))
+        items.append((i, synth.label(i), {"identity": synth.label(i), "camera": synth.camera(i), "split": "train"}))
+    for i in range(samples, samples + test):
+        identity, camera = classes + synth.label(i), synth.camera(i)
+        split = "query" if (i - samples) < classes * CAMERAS else "gallery"
+        splits[split].append(len(items))
+        items.append((i, identity, {"identity": identity, "camera": camera, "split": split}))
+
+    def load(item: tuple[int, int, dict]) -> RawSample:
+        index, identity, meta = item
+        return RawSample(encode_png(synth.image(index, identity)), "png", identity, meta)
+
+    return Source(f"{spec} ({classes} + {classes} identities, {CAMERAS} cameras, difficulty {synth.difficulty:g}, "
+                  f"{synth.size}px, seed {seed})", "retrieval", [f"person_{c}" for c in range(classes)], items,
+                  [identity for _, identity, _ in items], load, splits, "reid")
 
 
 # re-identification datasets as they ship: split folders of `PID_cCAM...` images

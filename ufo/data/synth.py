@@ -3,7 +3,11 @@ between tasks (a task's name seeds its palette and prototypes).
 
 `shapes` (classification): each class is a shape in a color, drawn at a random place and size
 over noise and distractors. `instances` (retrieval): each class is one random "product", seen
-under random rotation, scale, shift, lighting and noise.
+under random rotation, scale, shift, lighting and noise. `persons` (re-identification): each
+identity is a figure (head, upper and lower clothing with their colors and patterns, a bag on
+one side) seen by one of `CAMERAS` cameras, each with its own color cast, brightness, viewpoint
+(the back view hides the bag and mirrors the figure), distance and background; a query matches
+its identity only through another camera's view.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "hbar", "vbar")
-KINDS = {"shapes": "classification", "instances": "retrieval"}
+KINDS = {"shapes": "classification", "instances": "retrieval", "persons": "retrieval"}
+CAMERAS = 4  # of the `persons` generator
 
 
 def task_seed(task: str, seed: int) -> int:
@@ -41,13 +46,62 @@ class SynthTask:
     def label(self, index: int) -> int:
         return index % self.num_classes
 
-    def image(self, index: int) -> np.ndarray:
-        """(size, size, 3) uint8."""
+    def camera(self, index: int) -> int:
+        """The camera of sample `index` (`persons`): every identity is seen by every camera in turn."""
+        return (index // self.num_classes) % CAMERAS
+
+    def image(self, index: int, label: int | None = None) -> np.ndarray:
+        """(size, size, 3) uint8; `label` overrides the class of `index` (a re-identification test
+        split's identities are not the training ones)."""
         rng = np.random.default_rng([self.seed, index])
-        label = self.label(index)
+        label = self.label(index) if label is None else label
         if self.generator == "shapes":
             return self._shape(label, rng)
+        if self.generator == "persons":
+            return self._person(label, self.camera(index), rng)
         return self._instance(label, rng)
+
+    def _person(self, identity: int, camera: int, rng: np.random.Generator) -> np.ndarray:
+        s, d = self.size, self.difficulty
+        look = np.random.default_rng([self.seed, 2_000_003, identity])
+        view = np.random.default_rng([self.seed, 3_000_017, camera])
+        colors = look.integers(30, 226, (4, 3))  # upper, lower, head, bag
+        patterns = look.integers(0, 3, 2)  # plain, stripes, checks: upper and lower clothing
+        bag_left = bool(look.integers(0, 2))
+        back = camera % 2 == 1  # cameras 1 and 3 see the back: no bag, the figure mirrored
+        cast = 1 + (view.random(3) - 0.5) * 1.2 * d  # the camera's color balance
+        bright = 1 + (view.random() - 0.5) * 0.8 * d
+        scale = 0.8 + 0.3 * view.random()  # distance
+        background = view.integers(40, 200, 3)
+        canvas = np.clip(background + rng.normal(0, 12 + 20 * d, (s, s, 3)), 0, 255)
+        h, w = s * scale * rng.uniform(0.92, 1.05), s * scale * 0.45 * rng.uniform(0.9, 1.1)
+        top = (s - h) / 2 + rng.uniform(-0.06, 0.06) * s * d
+        left = (s - w) / 2 + rng.uniform(-0.1, 0.1) * s * d
+        img = Image.fromarray(canvas.astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        head = h * 0.18
+        draw.ellipse([left + w * 0.3, top, left + w * 0.7, top + head], fill=tuple(int(v) for v in colors[2]))
+        for part, (y0, y1) in enumerate(((0.2, 0.58), (0.58, 1.0))):
+            box = [left, top + h * y0, left + w, top + h * y1]
+            color = tuple(int(v) for v in colors[part])
+            draw.rectangle(box, fill=color)
+            dark = tuple(int(v * 0.45) for v in color)
+            if patterns[part] == 1:  # stripes
+                for y in np.arange(box[1], box[3], max(2.0, h * 0.08))[::2]:
+                    draw.rectangle([box[0], y, box[2], y + max(1.0, h * 0.04)], fill=dark)
+            elif patterns[part] == 2:  # checks
+                step = max(2.0, w / 3)
+                for i, x in enumerate(np.arange(box[0], box[2], step)):
+                    draw.rectangle([x, box[1] + (i % 2) * (box[3] - box[1]) / 2, x + step / 2,
+                                    box[1] + (i % 2 + 1) * (box[3] - box[1]) / 2], fill=dark)
+        if not back:
+            bx = left - w * 0.25 if bag_left else left + w * 0.95
+            draw.rectangle([bx, top + h * 0.35, bx + w * 0.3, top + h * 0.6], fill=tuple(int(v) for v in colors[3]))
+        out = np.asarray(img).astype(np.float64)
+        if back:
+            out = out[:, ::-1]
+        out = out * cast * bright * (1 + rng.uniform(-0.15, 0.15) * d)
+        return _add_noise(np.clip(out, 0, 255).astype(np.uint8), rng, 18 * d)
 
     def _shape(self, label: int, rng: np.random.Generator) -> np.ndarray:
         s, d = self.size, self.difficulty
