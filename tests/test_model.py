@@ -263,3 +263,65 @@ def test_sampled_paths_are_seeded_per_step_and_task():
     assert len(draws) > 10 and all(len(p) == 8 and set(p) <= {"S", "T"} for p in draws)
     assert policy.paths_at(1)["a"] != policy.paths_at(1)["b"] or policy.paths_at(2)["a"] != policy.paths_at(2)["b"]
     assert PathPolicy("fixed", {"a": "SSTT"}).paths_at(5) == {"a": "SSTT"}
+
+
+def learned(tiny_cfg) -> SupernetViT:
+    torch.manual_seed(0)
+    cfg = tiny_cfg.model_copy(update={"train": tiny_cfg.train.model_copy(update={"path_policy": "learned"}),
+                                      "model": tiny_cfg.model.model_copy(update={"ffns": "all"})})
+    model = SupernetViT.from_config(cfg)
+    with torch.no_grad():
+        for logits in model.path_logits.values():
+            logits.logits.normal_()
+    return model
+
+
+def test_an_open_block_runs_both_ffns_and_takes_the_sampled_one(tiny_cfg):
+    model = learned(tiny_cfg)
+    policy = PathPolicy("learned", {t: tiny_cfg.path_of(t) for t in tiny_cfg.tasks}, seed=1, steps=10)
+    gates = policy.gates_at(3)
+    noise, tau = gates["face"]
+    sampled = "".join("ST"[int(i)] for i in (model.path_logits["face"].logits + noise).argmax(dim=1))
+    x, y = images(5, tiny_cfg), torch.arange(5)
+    calls = calls_per_ffn(model)
+    (loss,) = model(x, [TaskSlice("face", "????", 5, gate=gates["face"])], y)
+    # both FFNs of every open block ran, once each, on the task's rows
+    assert calls == {f"blocks.{i}.mlp.{ffn}": 1 for i in range(4) for ffn in ("shared", "task.face")}
+    # forward: exactly the sampled path's output
+    with torch.no_grad():
+        (fixed,) = model(x, [TaskSlice("face", sampled, 5)], y)
+    assert torch.allclose(loss, fixed, atol=1e-6), (loss, fixed)
+    loss.backward()
+    grad = model.path_logits["face"].logits.grad
+    assert grad is not None and (grad.abs().sum(dim=1) > 0).all()  # every open block learns
+    for i in range(4):  # the sampled FFN learns; the other's output only serves the gate's gradient
+        chosen, other = ("shared", "task") if sampled[i] == "S" else ("task", "shared")
+        ffn = {"shared": model.blocks[i].mlp.shared, "task": model.blocks[i].mlp.task["face"]}
+        assert ffn[chosen].fc1.weight.grad.abs().sum() > 0 and ffn[other].fc1.weight.grad.abs().sum() == 0
+    assert model.path_logits["person"].logits.grad is None  # another task's logits: untouched
+
+
+def test_a_decided_block_runs_only_its_choice(tiny_cfg):
+    model = learned(tiny_cfg)
+    policy = PathPolicy("learned", {t: tiny_cfg.path_of(t) for t in tiny_cfg.tasks}, seed=1, steps=10,
+                        decide_after=2, confidence=0.9)
+    decided = policy.observe(2, {"face": [0.95, 0.5, 0.02, 0.5], "person": [0.5] * 4, "digits": [0.5] * 4})
+    assert decided == [("face", 0, "T", 0.95), ("face", 2, "S", 0.98)]
+    assert policy.paths_at(3)["face"] == "T?S?" and policy.best_paths()["face"][::2] == "TS"
+    calls = calls_per_ffn(model)
+    gates = policy.gates_at(3)
+    (loss,) = model(images(3, tiny_cfg), [TaskSlice("face", "T?S?", 3, gate=gates["face"])], torch.arange(3))
+    assert calls["blocks.0.mlp.task.face"] == 1 and "blocks.0.mlp.shared" not in calls
+    assert calls["blocks.2.mlp.shared"] == 1 and "blocks.2.mlp.task.face" not in calls
+    assert calls["blocks.1.mlp.shared"] == calls["blocks.1.mlp.task.face"] == 1  # open: both, one call each
+    loss.backward()
+    grad = model.path_logits["face"].logits.grad
+    assert grad[[0, 2]].abs().sum() == 0 and grad[[1, 3]].abs().sum() > 0
+    # fully decided: no gate is drawn and the task's forward is a fixed path's
+    policy.observe(3, {"face": [0.95, 0.97, 0.02, 0.01], "person": [0.5] * 4, "digits": [0.5] * 4})
+    assert policy.paths_at(4)["face"] == "TTSS" and "face" not in policy.gates_at(4)
+    state = policy.state_dict()
+    again = PathPolicy("learned", {t: tiny_cfg.path_of(t) for t in tiny_cfg.tasks}, seed=1, steps=10)
+    again.load_state_dict(state)
+    assert again.paths_at(9) == policy.paths_at(9) and again.best_paths() == policy.best_paths()
+    assert torch.equal(again.gates_at(5)["person"][0], policy.gates_at(5)["person"][0])

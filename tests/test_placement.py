@@ -16,10 +16,12 @@ TASKS = ("face", "digits")  # a retrieval head (24-d embedding, 20 centers) and 
 
 
 def sharded_run(tmp_path, stage: int, ranks: tuple[int, int], accumulation: int = 1, clipping: float = 0.0,
-                **train) -> dict:
+                learned: bool = False, **train) -> dict:
     train = {"steps": 1, "layout": "task_parallel", "placement": "task_sharded", "optimizer": "sgd", "momentum": 0.0,
              "lr": 0.5, "warmup_steps": 0, "min_lr_ratio": 1.0, "weight_decay": 0.0, "gradient_clipping": clipping,
              "gradient_accumulation_steps": accumulation, **train}
+    if learned:  # each task's path logits live on its ranks, reduced among them
+        train.update(path_policy="learned", path={"lr": 0.3, "task_block_cost": 0.05})
     raw = tiny_run(tmp_path, TASKS, **train)
     for task, n in zip(TASKS, ranks):
         raw["tasks"][task]["ranks"] = n
@@ -31,7 +33,9 @@ def sharded_run(tmp_path, stage: int, ranks: tuple[int, int], accumulation: int 
 STEP_CASES = [
     (0, (2, 2), 1, 0.0), (1, (2, 2), 1, 0.0), (2, (2, 2), 1, 0.0),
     # 3 + 1 ranks, heads of unequal size, two micro-steps and a clipping norm that bites
-    (0, (3, 1), 2, 0.05), (1, (3, 1), 2, 0.05), (2, (3, 1), 2, 0.05)]
+    (0, (3, 1), 2, 0.05), (1, (3, 1), 2, 0.05), (2, (3, 1), 2, 0.05),
+    # learned paths
+    (0, (2, 2), 1, 0.05, True), (2, (3, 1), 2, 0.0, True)]
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +46,10 @@ def step_runs(tmp_path_factory):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: f"zero{c[0]}-ranks{c[1][0]}+{c[1][1]}-accum{c[2]}")
+@pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: f"zero{c[0]}-ranks{c[1][0]}+{c[1][1]}-accum{c[2]}"
+                         + ("-learned" if len(c) > 4 else ""))
 def test_a_sharded_step_equals_one_big_process(step_runs, case):
-    stage, ranks, accumulation, clipping = case
+    stage, ranks, accumulation, clipping = case[:4]
     raw, replicas = step_runs.get(case)
     expected = reference_step(raw, 4, accumulation)
     layout = make_layout(config_from_dict(raw, "test"), 4)

@@ -115,6 +115,7 @@ def reference_step(raw: dict, world: int, accumulation: int = 1) -> dict:
     from ufo.checkpoint import init_supernet
     from ufo.layout import make_layout
     from ufo.model import TaskSlice
+    from ufo.model.paths import PathPolicy
     from ufo.train import _make_loader
 
     cfg = config_from_dict(raw, "test")
@@ -135,20 +136,27 @@ def reference_step(raw: dict, world: int, accumulation: int = 1) -> dict:
     model = init_supernet(cfg)
     features: list = []
     model.head_drop.register_forward_hook(lambda _, __, out: features.append(out))
+    t = cfg.train
+    policy = PathPolicy(t.path_policy, {task: cfg.path_of(task) for task in cfg.tasks}, t.seed, steps=t.steps,
+                        temperature=(t.path.temperature.start, t.path.temperature.end))
+    paths, gates = policy.paths_at(0), policy.gates_at(0)
     for rows in micro:
         images = torch.cat([x for t in cfg.tasks for x, _ in rows[t]])
         labels = torch.cat([y for t in cfg.tasks for _, y in rows[t]])
-        slices = [TaskSlice(t, cfg.path_of(t), sum(len(y) for _, y in rows[t])) for t in cfg.tasks]
+        slices = [TaskSlice(t, paths[t], sum(len(y) for _, y in rows[t]), gate=gates.get(t)) for t in cfg.tasks]
         losses = model(images, slices, labels)
         weights = reference_weights(cfg, losses, features.pop())
-        (sum(w * loss for w, loss in zip(weights, losses)) / accumulation).backward()
+        loss = sum(w * loss for w, loss in zip(weights, losses))
+        if gates:  # every block is open: the expected task-specific blocks of every task, at their cost
+            loss = loss + cfg.train.path.task_block_cost * sum(p[:, 1].sum() for p in model.path_probs.values())
+        (loss / accumulation).backward()
     if cfg.train.gradient_clipping:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
                                        cfg.train.gradient_clipping)
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.grad is not None:
-                p -= cfg.train.lr * p.grad
+                p -= (cfg.train.path.lr if name.startswith("path_logits.") else cfg.train.lr) * p.grad
     return dict(model.named_parameters())
 
 
@@ -170,7 +178,9 @@ STEP_CASES = [
     (2, *MIXED, 2, "static"),
     # weights from every task's loss or gradient norm, all-reduced across ranks
     (1, *TP, 1, "realtime"), (0, *TP, 1, "gradnorm_static"), (3, *TP, 1, "gradnorm_static"),
-    (2, *MIXED, 2, "gradnorm_static")]
+    (2, *MIXED, 2, "gradnorm_static"),
+    # learned paths: every block open, Gumbel straight-through gates, the logits' own lr, a path cost
+    (0, *MIXED, 1, "learned"), (3, *MIXED, 2, "learned"), (1, *TP, 1, "learned")]
 
 
 def step_run(tmp_path: Path, case: tuple) -> dict:
@@ -181,6 +191,9 @@ def step_run(tmp_path: Path, case: tuple) -> dict:
                    gradient_accumulation_steps=accumulation, weighting={"name": weighting}, placement="replicated")
     raw["tasks"]["digits"]["weight"] = 2.0
     raw["deepspeed"] = {"zero_stage": stage}
+    if weighting == "learned":
+        raw["train"].update(weighting={"name": "static"}, path_policy="learned",
+                            path={"lr": 0.3, "task_block_cost": 0.05})
     return raw
 
 
@@ -217,7 +230,7 @@ _init_cache: dict = {}
 def init_params(raw: dict) -> dict:
     from ufo.checkpoint import init_supernet
 
-    key = str(raw["tasks"])
+    key = str(raw["tasks"]) + raw["train"].get("path_policy", "fixed")
     if key not in _init_cache:
         cfg = config_from_dict(raw, "test")
         torch.manual_seed(cfg.train.seed)

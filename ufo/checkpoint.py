@@ -471,13 +471,23 @@ def _read_module_files(tag_dir: Path, marker: dict, cfg: UfoConfig, tasks: list[
 
 
 def task_of(name: str) -> str | None:
-    """The task a supernet tensor belongs to (its FFN-task MLPs, its head), or None for shared parts."""
+    """The task a supernet tensor belongs to (its FFN-task MLPs, its head, its learned path logits), or
+    None for shared parts."""
     parts = name.split(".")
-    if parts[0] == "heads" and len(parts) > 1:
+    if parts[0] in ("heads", "path_logits") and len(parts) > 1:
         return parts[1]
     if len(parts) > 4 and parts[0] == "blocks" and parts[2] == "mlp" and parts[3] == "task":
         return parts[4]
     return None
+
+
+def trained_path(ckpt: Checkpoint, task: str) -> tuple[str, str]:
+    """The path a checkpoint's task trained toward, and where it comes from: a learned run's is the
+    likelier choice of each block by its path logits ("learned"), any other the configured one ("config")."""
+    logits = ckpt.state_dict.get(f"path_logits.{task}.logits")
+    if logits is None:
+        return ckpt.config.path_of(task), "config"
+    return "".join("T" if t > s else "S" for s, t in logits.float().tolist()), "learned"
 
 
 def load_supernet(ckpt: Checkpoint, held: Sequence[str] | None = None, config: UfoConfig | None = None) -> SupernetViT:

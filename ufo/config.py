@@ -83,6 +83,7 @@ class TaskConfig(Section):
     # resampled mode on shards whose sample counts are unknown (no manifest, not local)
     samples_per_epoch: int | None = Field(None, gt=0)
     ranks: int | None = Field(None, gt=0)  # task_parallel: ranks serving this task (default: by weight)
+    ffn_lr_scale: float = Field(1.0, ge=0)  # this task's FFN-task MLPs' lr as a fraction of the run's
     hflip: float | None = Field(None, ge=0, le=1)  # overrides data.hflip for this task
     elastic: ElasticConfig | None = None  # elastic depth / FFN width training (None: full size only)
 
@@ -153,6 +154,27 @@ class WeightingConfig(Section):
     normalize: bool = False
 
 
+class Temperature(Section):
+    start: float = Field(5.0, gt=0)  # VIMER-UFO's constant temperature
+    end: float = Field(1.0, gt=0)  # annealed geometrically from start to end over train.steps
+
+
+class PathLearning(Section):
+    """`train.path_policy: learned`: per task and block, logits for [FFN-shared, FFN-task], sampled
+    with Gumbel noise and made hard (straight-through), trained with the network."""
+
+    lr: float = Field(0.05, gt=0)  # the logits' own learning rate (peak, on the run's schedule)
+    weight_decay: float = Field(0.0, ge=0)
+    temperature: Temperature = Temperature()
+    # a task's block is decided (frozen; from then on only the chosen FFN runs) once the run is past
+    # decide_after steps and the choice's probability is at least `confidence`
+    decide_after: int = Field(100, ge=0)
+    confidence: float = Field(0.9, gt=0.5, le=1)
+    # added to the objective per expected task-specific block of each task: a task that gains
+    # nothing from its own FFN falls back to the shared one (a smaller multi-task deployment)
+    task_block_cost: float = Field(0.0, ge=0)
+
+
 class TrainConfig(Section):
     """The training loop: steps, optimizer and schedule, paths, evaluation and checkpoints."""
 
@@ -179,9 +201,13 @@ class TrainConfig(Section):
     layer_decay: float | None = Field(None, gt=0, le=1)  # layer-wise lr decay (None: off)
     gradient_clipping: float = Field(1.0, ge=0)  # max global grad norm; 0 turns clipping off
     # fixed: each task's configured path; sample: every step each task draws its path (one-shot
-    # supernet training), each block task-specific with probability path_sample_p
-    path_policy: Literal["fixed", "sample"] = "fixed"
+    # supernet training), each block task-specific with probability path_sample_p; learned: each
+    # task's path is learned with the network (train.path)
+    path_policy: Literal["fixed", "sample", "learned"] = "fixed"
     path_sample_p: float = Field(0.5, ge=0, le=1)
+    path: PathLearning = PathLearning()
+    # the FFN-shared MLPs' lr as a fraction of the run's (0 freezes them, as VIMER-UFO's released config)
+    shared_ffn_lr_scale: float = Field(1.0, ge=0)
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(0, ge=0)  # 0: evaluate at the end only
     eval_batch_size: int = Field(128, gt=0)

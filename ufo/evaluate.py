@@ -194,14 +194,14 @@ def eval_target(target: str | Path, task: str, shards: str | dict[str, str] | No
         def forward(images: torch.Tensor) -> torch.Tensor:
             return model(images)
     else:
-        from ufo.checkpoint import load_supernet, read_checkpoint
+        from ufo.checkpoint import load_supernet, read_checkpoint, trained_path
 
         ckpt = read_checkpoint(target, tasks=[task])
         cfg = ckpt.config
         if task not in cfg.tasks:
             raise DataError(f"{ckpt.path}: has no task {task!r} (tasks: {', '.join(cfg.tasks)})")
         raw, what = cfg.to_dict(), f"checkpoint step {ckpt.step}"
-        path = (path or cfg.path_of(task)).upper()
+        path = (path or trained_path(ckpt, task)[0]).upper()
         supernet = load_supernet(ckpt, held=[task]).eval()
 
         def forward(images: torch.Tensor) -> torch.Tensor:

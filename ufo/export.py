@@ -24,7 +24,7 @@ from torch import nn
 
 import ufo
 from ufo.atomic import atomic_dir
-from ufo.checkpoint import Checkpoint, load_supernet, read_checkpoint
+from ufo.checkpoint import Checkpoint, load_supernet, read_checkpoint, trained_path
 from ufo.config import UfoConfig
 from ufo.errors import ExportError
 from ufo.model import SupernetViT, postprocess, subnet_args, subnet_state_dict
@@ -44,6 +44,7 @@ class SubnetExport:
     out_dir: Path
     param_count: int
     max_abs_diff: dict[str, float] = field(default_factory=dict)
+    path_from: str = "config"  # the configured path, a run's "learned" one, or one "given" (--path)
 
 
 class DeployedSubnet(nn.Module):
@@ -71,7 +72,9 @@ def export_subnet(checkpoint: str | Path | Checkpoint, task: str, out: str | Pat
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint, tasks=[task])
     cfg = ckpt.config
     _check_task(cfg, task)
-    path = _check_path(cfg, task, path)
+    path, path_from = _check_path(cfg, task, path), "given"
+    if path is None:  # a learned run's own path, else the configured one
+        path, path_from = trained_path(ckpt, task)
     elastic = _check_elastic(cfg, depth, mlp_ratio)
     formats, verify, atol = _resolve(cfg, formats, verify, atol)
     out = Path(out)
@@ -83,6 +86,7 @@ def export_subnet(checkpoint: str | Path | Checkpoint, task: str, out: str | Pat
     source, step = ckpt.path, ckpt.step
     with atomic_dir(out) as tmp:
         written = _write_subnet(supernet, ckpt, task, path, tmp, out, formats, verify, log, elastic)
+        written.result.path_from = path_from
         # let go of the checkpoint's tensors (memory-mapped pages) before verification loads the files
         del supernet, ckpt
         return _finish_subnet(written, source, step, cfg, formats, atol, log)
@@ -91,17 +95,22 @@ def export_subnet(checkpoint: str | Path | Checkpoint, task: str, out: str | Pat
 def export_all_tasks(checkpoint: str | Path | Checkpoint, out: str | Path, formats: Sequence[str] | None = None,
                      overwrite: bool = False, verify: bool | None = None, atol: float | None = None,
                      log: Log = print) -> list[SubnetExport]:
-    """Export every task's subnet on its configured path, one sub-directory per task under `out`."""
+    """Export every task's subnet on its configured path (a learned run's: its learned path), one
+    sub-directory per task under `out`."""
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
     cfg = ckpt.config
     formats, verify, atol = _resolve(cfg, formats, verify, atol)
     out = Path(out)
     _refuse_existing(out, overwrite)
     supernet = load_supernet(ckpt).eval()
+    done = []
     with atomic_dir(out) as tmp:
-        return [_finish_subnet(_write_subnet(supernet, ckpt, task, cfg.path_of(task), tmp / task, out / task,
-                                             formats, verify, log), ckpt.path, ckpt.step, cfg, formats, atol, log)
-                for task in cfg.tasks]
+        for task in cfg.tasks:
+            path, path_from = trained_path(ckpt, task)
+            written = _write_subnet(supernet, ckpt, task, path, tmp / task, out / task, formats, verify, log)
+            written.result.path_from = path_from
+            done.append(_finish_subnet(written, ckpt.path, ckpt.step, cfg, formats, atol, log))
+    return done
 
 
 def build_subnet(supernet: SupernetViT, cfg: UfoConfig, task: str, path: str,
@@ -180,7 +189,8 @@ def _finish_subnet(w: _Written, ckpt_path: Path, step: int, cfg: UfoConfig, form
     config["pretrained_cfg"]["tag"] = f"ufo_{task}"
     config["pretrained_cfg"].pop("license", None)
     config["ufo"] = dict(
-        task=task, kind=kind, path=path[:e.depth] if e.depth else path, param_count=result.param_count,
+        task=task, kind=kind, path=path[:e.depth] if e.depth else path, path_from=result.path_from,
+        param_count=result.param_count,
         elastic={"depth": e.depth, "mlp_ratio": e.mlp_ratio, "supernet_path": path} if e.depth or e.mlp_ratio
         else None,
         output="l2-normalized embedding" if kind == "retrieval" else "logits",
@@ -195,7 +205,8 @@ def _finish_subnet(w: _Written, ckpt_path: Path, step: int, cfg: UfoConfig, form
     checks = "  ".join(f"{fmt} max|diff| {d:.2e}" for fmt, d in result.max_abs_diff.items())
     size = f" depth {e.depth or cfg.model.depth} mlp_ratio {e.mlp_ratio or cfg.model.mlp_ratio:g}" \
         if e.depth or e.mlp_ratio else ""
-    log(f"  {task:<12} {kind:<14} path {path}{size}  {result.param_count / 1e6:8.3f} M params  "
+    learned = " (learned)" if result.path_from == "learned" else ""
+    log(f"  {task:<12} {kind:<14} path {path}{learned}{size}  {result.param_count / 1e6:8.3f} M params  "
         f"{checks or 'not verified'}")
     return result
 
@@ -320,9 +331,9 @@ def _check_task(cfg: UfoConfig, task: str) -> None:
         raise ExportError(f"unknown task {task!r}; this checkpoint has: {', '.join(cfg.tasks)}")
 
 
-def _check_path(cfg: UfoConfig, task: str, path: str | None) -> str:
+def _check_path(cfg: UfoConfig, task: str, path: str | None) -> str | None:
     if path is None:
-        return cfg.path_of(task)
+        return None
     given, path = path, path.strip().upper()
     if set(path) - {"S", "T"} or not path:
         raise ExportError(f"--path {given!r}: a path is one letter per block, S (shared) or T (task)")

@@ -108,7 +108,8 @@ class TaskExpert(MoE):
 
 
 def shard_model(model: nn.Module, layout: Layout) -> nn.Module:
-    """Mark the held tasks' FFN-task MLPs and heads of a task-sharded rank's supernet as experts."""
+    """Mark the held tasks' FFN-task MLPs, heads (and learned path logits) of a task-sharded rank's
+    supernet as experts."""
     check_engine_version()
     for block in model.blocks:  # every rank reduces every shared gradient, whatever its task's path
         block.mlp.always_shared = True
@@ -117,13 +118,18 @@ def shard_model(model: nn.Module, layout: Layout) -> nn.Module:
             if task in block.mlp.task:  # (model.ffns: on_path builds it only where the task's path takes T)
                 block.mlp.task[task] = TaskExpert(block.mlp.task[task], layout)
         model.heads[task] = TaskExpert(model.heads[task], layout)
+        if model.path_logits is not None:  # a learned path is the task's own, reduced among its ranks
+            model.path_logits[task] = TaskExpert(model.path_logits[task], layout)
     return model
 
 
 def optimizer_groups(groups: list[dict]) -> list[dict]:
     """Optimizer groups with the expert parameters in groups of their own (named for DeepSpeed)."""
     named = [{**g, "name": f"group{i}"} for i, g in enumerate(groups)]
-    return split_params_into_different_moe_groups_for_optimizer(named, max_group_size=None)
+    split = split_params_into_different_moe_groups_for_optimizer(named, max_group_size=None)
+    # a group whose parameters are all experts (a learned path's logits) is left empty: DeepSpeed
+    # drops empty groups, and the lr schedule must see the groups the engine keeps
+    return [g for g in split if g["params"]]
 
 
 def engine_config(config: dict, model: nn.Module, layout: Layout, max_norm: float) -> tuple[dict, Any]:

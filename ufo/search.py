@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from ufo.atomic import atomic_file
-from ufo.checkpoint import Checkpoint, load_supernet, read_checkpoint
+from ufo.checkpoint import Checkpoint, load_supernet, read_checkpoint, trained_path
 from ufo.config import ffns_on_path
 from ufo.data import task_loader
 from ufo.errors import UfoError
@@ -205,9 +205,10 @@ def search_path(checkpoint: str | Path | Checkpoint, task: str, budget_evals: in
             mine = {i: v for share in shares for i, v in share.items()}
         return [mine[i] for i in range(len(keys))]
 
-    trained = cfg.path_of(task)
+    trained, path_from = trained_path(ckpt, task)  # a learned run's own path: the search starts there
     log(f"ufo search: task {task} ({evaluate.metric} on {evaluate.samples} eval samples), depth {m.depth}, "
-        f"budget {budget_evals} evaluations, seed {seed}" + (f", {world} ranks" if world > 1 else "")
+        f"budget {budget_evals} evaluations, seed {seed}, starting from the {path_from} path {trained}"
+        + (f", {world} ranks" if world > 1 else "")
         + (f", {len(feasible)} of {len(sizes)} sizes fit" if budgeted else ""))
     evaluated: list[dict] = []
     share = max(3, budget_evals // len(feasible))

@@ -54,7 +54,7 @@ from ufo.evaluate import evaluate_task
 from ufo.layout import Layout, import_deepspeed, init_distributed, make_layout, task_groups
 from ufo.model import SupernetViT, TaskSlice
 from ufo.model.supernet import apply_heads
-from ufo.model.paths import ElasticPolicy, PathPolicy
+from ufo.model.paths import OPEN, ElasticPolicy, PathPolicy
 from ufo.supervise import Stop, report_stopped
 from ufo.tracking import Tracker, flatten
 from ufo.weighting import Observation, Weighting, build_weighting, label_entropy
@@ -126,11 +126,18 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def param_groups(model: SupernetViT, cfg: UfoConfig) -> list[dict]:
-    """Optimizer groups: no weight decay on norms, biases and embeddings; optional layer-wise lr decay."""
+    """Optimizer groups: no weight decay on norms, biases and embeddings; optional layer-wise lr decay;
+    FFN-shared at `train.shared_ffn_lr_scale` and each task's FFN-task at its `ffn_lr_scale` of the
+    lr; learned path logits at `train.path.lr` and `train.path.weight_decay`."""
     t, depth = cfg.train, len(model.blocks)
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, param in model.named_parameters():
+    groups: dict[tuple, dict] = {}
+    for raw_name, param in model.named_parameters():
+        name = canonical_name(raw_name)
         ndim = len(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 partition's own shape is flat
+        if name.startswith("path_logits."):
+            group = groups.setdefault(("path",), {"params": [], "lr": t.path.lr, "weight_decay": t.path.weight_decay})
+            group["params"].append(param)
+            continue
         no_decay = ndim <= 1 or name in ("pos_embed", "cls_token")
         if name.startswith(("patch_embed", "pos_embed", "cls_token")):
             layer = 0
@@ -139,8 +146,15 @@ def param_groups(model: SupernetViT, cfg: UfoConfig) -> list[dict]:
         else:
             layer = depth + 1
         scale = t.layer_decay ** (depth + 1 - layer) if t.layer_decay else 1.0
-        key = (layer if t.layer_decay else 0, no_decay)
-        group = groups.setdefault(key, {"params": [], "lr": t.lr * scale,
+        parts = name.split(".")
+        if len(parts) > 3 and parts[2] == "mlp" and parts[3] == "shared":
+            ffn = t.shared_ffn_lr_scale
+        elif len(parts) > 4 and parts[2] == "mlp" and parts[3] == "task":
+            ffn = cfg.tasks[parts[4]].ffn_lr_scale
+        else:
+            ffn = 1.0
+        key = (layer if t.layer_decay else 0, no_decay, ffn)
+        group = groups.setdefault(key, {"params": [], "lr": t.lr * scale * ffn,
                                         "weight_decay": 0.0 if no_decay else t.weight_decay})
         group["params"].append(param)
     return list(groups.values())
@@ -236,11 +250,17 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
     loader = _make_loader(cfg, layout, rank)
     engine, scheduler, clip, group_names = build_engine(cfg, layout, rank, say)
     held = layout.held(rank)
-    policy = PathPolicy(t.path_policy, {task: cfg.path_of(task) for task in tasks}, t.seed, t.path_sample_p)
+    policy = PathPolicy(t.path_policy, {task: cfg.path_of(task) for task in tasks}, t.seed, t.path_sample_p,
+                        steps=t.steps, temperature=(t.path.temperature.start, t.path.temperature.end),
+                        decide_after=t.path.decide_after, confidence=t.path.confidence)
     elastic = _elastic_policy(cfg)
     weighting = _make_weighting(cfg, say)
     say(f"loss weighting: {weighting.name}")
     features = _capture_features(engine.module) if weighting.needs_grad_norms else None
+    cost = t.path.task_block_cost if t.path_policy == "learned" else 0.0
+    # a task's path cost, added on each rank that holds its logits: the ranks' gradients average to it
+    path_cost = {task: cost * world / (layout.group_size(task) if layout.placement == "task_sharded" else world)
+                 for task in held} if cost else None
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
     device = engine.device
 
@@ -252,6 +272,7 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
     resume = find_training_checkpoint(ckpt_dir, say=lambda line: say(f"warning: {line}"))
     if resume is not None:
         step = _resume(engine, loader, weighting, resume, cfg, layout, rank, say)
+        policy.load_state_dict(_marker(resume).get("path_policy") or {})
         say(f"resumed from {resume} at step {step}")
     if step >= t.steps:
         say(f"already trained {step} of {t.steps} steps")
@@ -269,22 +290,27 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
     try:
         with Stop() as signals:
             while step < t.steps:
-                paths, sizes = policy.paths_at(step), elastic.sizes_at(step)
+                paths, sizes, gates = policy.paths_at(step), elastic.sizes_at(step), policy.gates_at(step)
                 seen = _StepMean(len(tasks))
                 for _ in range(t.gradient_accumulation_steps):
-                    batch, slices, counts = _next_batch(batches, held, paths, sizes, tasks, device, skipped)
+                    batch, slices, counts = _next_batch(batches, held, paths, sizes, tasks, device, skipped, gates)
                     images = batch["images"]
                     if images.ndim != 4:  # every sample of this batch was bad
                         images = torch.zeros(0, m.in_chans, m.img_size, m.img_size)
                     images = images.to(device=device, dtype=dtype)
                     labels = batch["labels"].to(device)
                     obs, weights, counts = micro_step(engine, images, labels, slices, weighting, world, features,
-                                                      tasks, clip, counts)
+                                                      tasks, clip, counts, path_cost)
                     seen.add(obs, counts)
                     meter.add(obs, counts)
                 step_obs = seen.mean()
                 weighting.step(step_obs)
                 step += 1
+                if policy.name == "learned":
+                    for task, block, letter, p in policy.observe(step, path_probs(engine.module, layout, rank,
+                                                                                   tasks, device)):
+                        say(f"path: task {task} block {block} decided {letter} (p {p:.3f}) at step {step}: "
+                            f"from now on only its {'FFN-task' if letter == 'T' else 'FFN-shared'} runs there")
                 record = history.record(step, step_obs, weights, weighting, scheduler, tasks)
                 if sizes:  # the elastic size each task trained at this step
                     record["elastic_depth"] = {task: d or m.depth for task, (d, _) in sizes.items()}
@@ -292,12 +318,17 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
                 if policy.name == "sample":  # the path each task trained on this step
                     record["path"] = dict(paths)
                     record["task_blocks"] = {task: path.count("T") for task, path in paths.items()}
+                if policy.name == "learned" and (step % t.log_every == 0 or step == t.steps):
+                    record["path"] = policy.best_paths()  # each task's likelier choice per block
+                    record["path_open"] = {task: path.count(OPEN) for task, path in policy.decided.items()}
+                    record["path_prob"] = {f"{task}/block{i}": p for task, probs in policy.probs.items()
+                                           for i, p in enumerate(probs)}  # P(FFN-task)
                 # any rank's signal stops every rank
                 stop = all_ranks_sum(torch.tensor([signals.received or 0]), device, op=dist.ReduceOp.MAX)
                 if step % t.log_every == 0 or step == t.steps:
                     losses = meter.take()
                     say(_progress(step, t.steps, losses, dict(zip(tasks, weights.tolist())), meter.rate, scheduler,
-                                  paths, policy.name,
+                                  _shown_paths(policy, paths), policy.name,
                                   eta=(time.perf_counter() - started) / (step - start_step) * (t.steps - step),
                                   tokens=tokens))
                     record["samples_per_s"] = meter.rate
@@ -306,7 +337,7 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
                 if tracker:
                     tracker.log_metrics(step, _metrics_of(record))
                 if t.eval_every and step % t.eval_every == 0 and step < t.steps:
-                    result.metrics = evaluate(engine, cfg, layout, rank, policy.paths_at(step), dtype, say)
+                    result.metrics = evaluate(engine, cfg, layout, rank, _eval_paths(policy, step), dtype, say)
                     if tracker:
                         tracker.log_metrics(step, _eval_metrics(result.metrics))
                 final = step == t.steps or stop.item()
@@ -333,9 +364,15 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
         history.close()
         if rank == 0 and history.path.is_file():
             plot_history(history.path, out / "weighting.png", title=f"{out.name}: {weighting.name} weighting")
+        if policy.name == "learned":
+            say("learned paths: " + " ".join(f"{task}={path}" for task, path in policy.best_paths().items()))
+            if rank == 0:
+                plot_paths(policy, out / "paths.png", title=f"{out.name}: learned paths at step {step}")
+            if tracker:
+                tracker.set_tags({f"ufo.learned_path.{task}": p for task, p in policy.best_paths().items()})
         bad = bad_data_summary(loader, layout, skipped["empty"], say)
         if t.steps > 0:
-            result.metrics = evaluate(engine, cfg, layout, rank, policy.paths_at(max(step - 1, 0)), dtype, say)
+            result.metrics = evaluate(engine, cfg, layout, rank, _eval_paths(policy, max(step - 1, 0)), dtype, say)
             if rank == 0:
                 (out / "metrics.json").write_text(json.dumps({"step": step, "eval": result.metrics, "bad_data": bad},
                                                              indent=2) + "\n")
@@ -350,7 +387,7 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
     finally:
         history.close()
         if tracker:
-            for name in ("history.jsonl", "weighting.png", "metrics.json"):
+            for name in ("history.jsonl", "weighting.png", "paths.png", "metrics.json"):
                 if (out / name).is_file():
                     tracker.log_artifact(out / name)
             tracker.close(status)
@@ -387,8 +424,8 @@ def _eval_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
 
 def micro_step(engine, images: torch.Tensor, labels: torch.Tensor, slices: list[TaskSlice], weighting: Weighting,
                world: int, features: list | None = None, tasks: list[str] | None = None,
-               clip: Callable[[], object] | None = None,
-               counts: torch.Tensor | None = None) -> tuple[Observation, torch.Tensor, torch.Tensor]:
+               clip: Callable[[], object] | None = None, counts: torch.Tensor | None = None,
+               path_cost: dict[str, float] | None = None) -> tuple[Observation, torch.Tensor, torch.Tensor]:
     """Forward, per-task losses over all ranks, weights, weighted backward and (at the accumulation
     boundary) step.
 
@@ -397,6 +434,8 @@ def micro_step(engine, images: torch.Tensor, labels: torch.Tensor, slices: list[
     (identical on every rank), the weights used, and each task's sample count over all ranks.
     `features` collects the pooled features (see `_capture_features`) when the weighting needs
     gradient norms; `clip` clips the reduced gradients before the step (ufo's own clipping).
+    `path_cost` (learned paths, `train.path.task_block_cost`): per task, what this rank adds to its
+    loss per expected task-specific open block, so that the ranks' gradients average to the cost.
     """
     tasks = tasks or [s.task for s in slices]
     T, device = len(tasks), images.device
@@ -426,7 +465,12 @@ def micro_step(engine, images: torch.Tensor, labels: torch.Tensor, slices: list[
         accuracies=torch.where(known, seen[T:2 * T] * per_sample, nan) if weighting.needs_accuracy else None)
     weights = weighting.weights(obs)
     scale = torch.where(known, world * weights * per_sample, 0.0)[at]
-    engine.backward(sum(float(c) * s.float() for c, s in zip(scale, sums)))
+    loss = sum(float(c) * s.float() for c, s in zip(scale, sums))
+    for s in slices if path_cost else ():  # the expected task-specific blocks among the open ones
+        if s.gate is not None:
+            is_open = torch.tensor([letter == OPEN for letter in s.path], device=device)
+            loss = loss + path_cost[s.task] * engine.module.path_probs[s.task][:, 1].masked_select(is_open).sum()
+    engine.backward(loss)
     if clip is not None and engine.is_gradient_accumulation_boundary():
         clip()
     engine.step()
@@ -596,14 +640,14 @@ def _make_loader(cfg: UfoConfig, layout: Layout, rank: int):
 
 
 def _next_batch(batches, held: list[str], paths: dict, sizes: dict, tasks: list[str], device, skipped: Counter,
-                limit: int = 1000):
+                gates: dict | None = None, limit: int = 1000):
     """The next micro-batch with a sample on some rank, its slices and every task's count over all ranks.
 
     A micro-batch that is empty on every rank (all its samples bad, in every task's slice) is skipped
     by every rank alike (the counts are all-reduced) and counted."""
     for _ in range(limit):
         batch = next(batches)
-        slices = _slices(batch, held, paths, sizes)
+        slices = _slices(batch, held, paths, sizes, gates or {})
         counts = torch.zeros(len(tasks), dtype=torch.float64)
         for s in slices:
             counts[tasks.index(s.task)] = float(s.size)
@@ -636,10 +680,77 @@ def bad_data_summary(loader, layout: Layout, empty: int, say: Log) -> dict:
 
 
 def _slices(batch: dict, tasks: list[str], paths: dict[str, str],
-            elastic: dict[str, tuple[int | None, int | None]]) -> list[TaskSlice]:
+            elastic: dict[str, tuple[int | None, int | None]], gates: dict | None = None) -> list[TaskSlice]:
     """A slice of every task, in config order; empty for the tasks this batch does not hold."""
     rows = dict(batch["slices"]) if "slices" in batch else {batch["task"]: len(batch["labels"])}
-    return [TaskSlice(task, paths[task], rows.get(task, 0), *elastic.get(task, (None, None))) for task in tasks]
+    gates = gates or {}
+    return [TaskSlice(task, paths[task], rows.get(task, 0), *elastic.get(task, (None, None)), gates.get(task))
+            for task in tasks]
+
+
+@torch.no_grad()
+def path_probs(module: SupernetViT, layout: Layout, rank: int, tasks: list[str], device) -> dict[str, list[float]]:
+    """Every task's probability of FFN-task per block, softmax of its path logits, the same on every
+    rank: each task's logits are read on one rank that holds them (the first of its group under
+    task_sharded, rank 0 when replicated), and one all-reduce shares them."""
+    depth = len(module.blocks)
+    mine = torch.zeros(len(tasks), depth, dtype=torch.float64)
+    for i, task in enumerate(tasks):
+        reader = layout.groups[task][0] if layout.placement == "task_sharded" else 0
+        if task in module.path_logits:
+            param = module.path_logits[task].logits
+            if hasattr(param, "ds_id"):  # ZeRO-3: every rank takes part in the gather
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([param]):
+                    value = param.detach().double().cpu().clone()
+            else:
+                value = param.detach().double().cpu()
+            if rank == reader:
+                mine[i] = torch.softmax(value, dim=-1)[:, 1]
+    everyone = all_ranks_sum(mine, device)
+    return {task: everyone[i].tolist() for i, task in enumerate(tasks)}
+
+
+def _shown_paths(policy: PathPolicy, paths: dict[str, str]) -> dict[str, str]:
+    """The paths the progress line shows: learned, each task's likelier choice, lower-case while open."""
+    if policy.name != "learned":
+        return paths
+    return {task: "".join(b if d != OPEN else b.lower() for b, d in zip(best, policy.decided[task]))
+            for task, best in policy.best_paths().items()}
+
+
+def _eval_paths(policy: PathPolicy, step: int) -> dict[str, str]:
+    """The paths a task is evaluated on: a learned task's likelier choice per block, else the step's."""
+    return policy.best_paths() if policy.name == "learned" else policy.paths_at(step)
+
+
+def plot_paths(policy: PathPolicy, png: Path, title: str = "") -> Path:
+    """A heatmap of the learned paths: tasks x blocks, the probability of the task's own FFN, each
+    decided block marked with its letter."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(policy.probs)
+    probs = np.array([policy.probs[t] for t in tasks])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * probs.shape[1], 1.0 + 0.5 * len(tasks)))
+    image = ax.imshow(probs, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    for i, task in enumerate(tasks):
+        for j, letter in enumerate(policy.decided[task]):
+            ax.text(j, i, letter if letter != OPEN else f"{probs[i, j]:.2f}", ha="center", va="center",
+                    color="white" if probs[i, j] < 0.6 else "black", fontsize=8)
+    ax.set_yticks(range(len(tasks)), tasks)
+    ax.set_xticks(range(probs.shape[1]), [str(j) for j in range(probs.shape[1])])
+    ax.set_xlabel("block (letter: decided; number: P(FFN-task) while open)")
+    fig.colorbar(image, ax=ax, label="P(FFN-task)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_file(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return png
 
 
 def _elastic_policy(cfg: UfoConfig) -> ElasticPolicy:
@@ -759,7 +870,7 @@ def _progress(step: int, steps: int, losses: dict[str, float], weights: dict[str
              "loss (weight) " + " ".join(f"{t} {v:.3f} ({weights[t]:.3g})" for t, v in losses.items()),
              f"{rate:.0f} samples/s {rate * tokens / 1000:.0f}k tokens/s",
              f"lr {lr:.2e}", f"eta {_duration(eta)}"]
-    if policy == "sample":
+    if policy in ("sample", "learned"):  # learned: each task's likelier choice, lower-case while open
         parts.append("paths " + " ".join(f"{t}={p}" for t, p in paths.items()))
     return " | ".join(parts)
 

@@ -3,7 +3,9 @@
 A token runs through exactly one of them. Rows of a micro-batch come as contiguous per-task
 slices; rows that use the same FFN (at the same width) in this block are computed by one call.
 An elastic width keeps a prefix of the FFN's hidden units: the rest are masked to zero, which
-is exactly the narrower FFN whose weights are the first rows of fc1 and columns of fc2.
+is exactly the narrower FFN whose weights are the first rows of fc1 and columns of fc2. A gated
+route (a learned path's open block) runs its rows through FFN-shared and its task's FFN-task and
+mixes the two by the gate's weights.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from timm.layers import Mlp
 from torch import nn
 
 # A route says, for rows [start, end) of the batch, which FFN they take (a task name for its
-# FFN-task, or SHARED for FFN-shared) and how many of its hidden units (None: all).
+# FFN-task, or SHARED for FFN-shared), how many of its hidden units (None: all), and a gate: None,
+# or (for a task's open learned block) the weights (2,) of [FFN-shared, FFN-task] to mix both by.
 SHARED = None
-Route = tuple[str | None, int, int, int | None]
+Route = tuple[str | None, int, int, int | None, "torch.Tensor | None"]
 
 
 def run_mlp(mlp: Mlp, x: torch.Tensor, hidden: int | None = None) -> torch.Tensor:
@@ -58,29 +61,36 @@ class MultiPathFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, routes: Sequence[Route]) -> torch.Tensor:
         """x: (B, N, C); routes cover rows 0..B in order."""
-        runs: list[list] = []  # consecutive routes with the same FFN and width merge into one row range
-        for key, start, end, hidden in routes:
-            if runs and runs[-1][0] == key and runs[-1][3] == hidden and runs[-1][2] == start:
-                runs[-1][2] = end
+        runs: list[list] = []  # consecutive ungated routes with the same FFN and width merge into one row range
+        for key, start, end, hidden, gate in routes:
+            last = runs[-1] if runs else None
+            if last and gate is None and last[4] is None and last[0] == key and last[3] == hidden and last[2] == start:
+                last[2] = end
             else:
-                runs.append([key, start, end, hidden])
-        if self.always_shared and self.shared is not None and all(run[0] is not SHARED for run in runs):
-            runs.append([SHARED, x.shape[0], x.shape[0], None])
-        if len(runs) == 1:
+                runs.append([key, start, end, hidden, gate])
+        if self.always_shared and self.shared is not None and \
+                all(run[0] is not SHARED and run[4] is None for run in runs):
+            runs.append([SHARED, x.shape[0], x.shape[0], None, None])
+        if len(runs) == 1 and runs[0][4] is None:
             return run_mlp(self.ffn(runs[0][0]), x, runs[0][3])
 
-        pieces: list[torch.Tensor | None] = [None] * len(runs)
-        by_ffn: dict[tuple, list[int]] = {}
-        for i, (key, _, _, hidden) in enumerate(runs):
-            by_ffn.setdefault((key, hidden), []).append(i)
-        for (key, hidden), idx in by_ffn.items():
+        # every FFN (at a width) is called once, on the rows of every run that needs it: a gated
+        # run needs FFN-shared and its task's FFN-task
+        needs: dict[tuple, list[int]] = {}
+        for i, (key, _, _, hidden, gate) in enumerate(runs):
+            for k in ((SHARED, key) if gate is not None else (key,)):
+                needs.setdefault((k, hidden), []).append(i)
+        outputs: dict[tuple, torch.Tensor] = {}
+        for (key, hidden), idx in needs.items():
             ffn = self.ffn(key)
-            if len(idx) == 1:
-                _, start, end, _ = runs[idx[0]]
-                pieces[idx[0]] = run_mlp(ffn, x[start:end], hidden)
-                continue
-            # slices that share this FFN but are not adjacent: one call over their rows
-            y = run_mlp(ffn, torch.cat([x[runs[i][1]:runs[i][2]] for i in idx]), hidden)
-            for i, part in zip(idx, y.split([runs[i][2] - runs[i][1] for i in idx])):
-                pieces[i] = part
-        return torch.cat(pieces)  # type: ignore[arg-type]
+            rows = [x[runs[i][1]:runs[i][2]] for i in idx]
+            y = run_mlp(ffn, rows[0] if len(rows) == 1 else torch.cat(rows), hidden)
+            for i, part in zip(idx, y.split([r.shape[0] for r in rows])):
+                outputs[(i, key)] = part
+        pieces = []
+        for i, (key, _, _, _, gate) in enumerate(runs):
+            if gate is None:
+                pieces.append(outputs[(i, key)])
+            else:  # forward: exactly the chosen FFN's output (the other's weight is 0)
+                pieces.append(gate[0] * outputs[(i, SHARED)] + gate[1] * outputs[(i, key)])
+        return torch.cat(pieces)

@@ -3,6 +3,12 @@
 `fixed`: each task's configured path. `sample`: every step each task draws its path, each
 block task-specific with probability p, from a generator seeded by (seed, step, task); every
 rank draws the same paths, and a resumed run draws what the uninterrupted run would have.
+`learned`: UFO's learned paths. Each task has a pair of logits [FFN-shared, FFN-task] per block
+(`PathLogits`, trained with the network); while a block is open the step samples it with Gumbel
+noise (seeded as `sample` draws) and the forward takes the hard choice while the gradient flows
+through the softmax (straight-through), so both FFNs run for that task's rows; once the run is
+past `decide_after` steps and a choice's probability reaches `confidence` the block is decided:
+from then on only the chosen FFN runs, as on a fixed path.
 `ElasticPolicy` picks each task's size the same way, by the sandwich rule.
 """
 
@@ -12,25 +18,108 @@ import random
 import zlib
 from typing import Mapping
 
+import torch
+from torch import nn
+
+OPEN = "?"  # a path letter: the learned choice of this block is still open (both FFNs run)
+
+
+class PathLogits(nn.Module):
+    """One task's learned path: logits for [FFN-shared, FFN-task] in each block, equal at the start."""
+
+    def __init__(self, depth: int):
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(depth, 2))
+
+    def forward(self, noise: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Straight-through Gumbel-softmax gates (depth, 2): forward, the one-hot of
+        argmax(logits + noise); backward, the gradient of softmax((logits + noise) / temperature).
+        And the choice's probabilities softmax(logits) (depth, 2), with their gradient."""
+        logits = self.logits.float()
+        soft = torch.softmax((logits + noise.to(logits.device)) / temperature, dim=-1)
+        hard = torch.nn.functional.one_hot(soft.argmax(dim=-1), 2).to(soft.dtype)
+        return (hard - soft.detach() + soft).to(self.logits.dtype), torch.softmax(logits, dim=-1)
+
 
 class PathPolicy:
-    def __init__(self, name: str, paths: Mapping[str, str], seed: int = 0, p_task: float = 0.5):
-        if name not in ("fixed", "sample"):
+    def __init__(self, name: str, paths: Mapping[str, str], seed: int = 0, p_task: float = 0.5, *,
+                 steps: int = 1, temperature: tuple[float, float] = (5.0, 1.0), decide_after: int = 0,
+                 confidence: float = 0.9):
+        if name not in ("fixed", "sample", "learned"):
             raise ValueError(f"unknown path policy {name!r}")
         self.name, self.paths, self.seed, self.p_task = name, dict(paths), seed, p_task
+        self.steps, self.temperature, self.decide_after, self.confidence = steps, temperature, decide_after, confidence
+        # learned: each task's decided letter per block (OPEN while open), and the latest probabilities
+        # of FFN-task per block, the same on every rank (`observe`)
+        self.decided = {task: OPEN * len(path) for task, path in self.paths.items()}
+        self.probs = {task: [0.5] * len(path) for task, path in self.paths.items()}
 
     def paths_at(self, step: int) -> dict[str, str]:
-        """Each task's path at optimizer step `step`."""
+        """Each task's path at optimizer step `step` (learned: OPEN where a block is still open)."""
         if self.name == "fixed":
             return dict(self.paths)
+        if self.name == "learned":
+            return dict(self.decided)
         out = {}
         for task, path in self.paths.items():
             rng = random.Random(f"{self.seed}:{step}:{zlib.crc32(task.encode())}")
             out[task] = "".join("T" if rng.random() < self.p_task else "S" for _ in path)
         return out
 
+    def gates_at(self, step: int) -> dict[str, tuple[torch.Tensor, float]]:
+        """learned: each task with an open block -> (Gumbel noise (depth, 2), temperature) of the step,
+        seeded by (seed, step, task): every rank samples alike, and a resumed run as the straight one."""
+        if self.name != "learned":
+            return {}
+        start, end = self.temperature
+        temperature = start * (end / start) ** min(1.0, step / max(1, self.steps))
+        out = {}
+        for task, path in self.decided.items():
+            if OPEN in path:
+                g = torch.Generator().manual_seed(zlib.crc32(f"gumbel:{self.seed}:{step}:{task}".encode()))
+                u = torch.rand(len(path), 2, generator=g, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+                out[task] = ((-torch.log(-torch.log(u))).float(), temperature)
+        return out
+
+    def observe(self, step: int, probs: Mapping[str, list[float]]) -> list[tuple[str, int, str, float]]:
+        """learned: take every task's probabilities of FFN-task per block after `step` steps, and decide
+        the open blocks past `decide_after` whose choice is confident. Returns what was decided."""
+        decided = []
+        for task, p in probs.items():
+            self.probs[task] = [float(v) for v in p]
+            if step < self.decide_after:
+                continue
+            letters = list(self.decided[task])
+            for i, v in enumerate(self.probs[task]):
+                if letters[i] == OPEN and max(v, 1 - v) >= self.confidence:
+                    letters[i] = "T" if v > 0.5 else "S"
+                    decided.append((task, i, letters[i], max(v, 1 - v)))
+            self.decided[task] = "".join(letters)
+        return decided
+
+    def best_paths(self) -> dict[str, str]:
+        """The path each task takes now: learned, its decided blocks and the likelier choice of the
+        open ones (what evaluation and export take); else `paths_at`'s of a fixed run."""
+        if self.name != "learned":
+            return dict(self.paths)
+        return {task: "".join(letter if letter != OPEN else ("T" if p > 0.5 else "S")
+                              for letter, p in zip(self.decided[task], self.probs[task]))
+                for task in self.decided}
+
     def state_dict(self) -> dict:
-        return {"name": self.name, "paths": self.paths, "seed": self.seed, "p_task": self.p_task}
+        state = {"name": self.name, "paths": self.paths, "seed": self.seed, "p_task": self.p_task}
+        if self.name == "learned":
+            state.update(decided=dict(self.decided), probs={t: list(p) for t, p in self.probs.items()},
+                         best=self.best_paths())
+        return state
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """A resumed learned run's decided blocks and probabilities (an older run's are kept as they are)."""
+        if self.name == "learned" and state.get("name") == "learned":
+            for task in self.decided:
+                if task in state.get("decided", {}):
+                    self.decided[task] = state["decided"][task]
+                    self.probs[task] = [float(v) for v in state["probs"][task]]
 
 
 class ElasticPolicy:

@@ -19,6 +19,7 @@ from torch import nn
 from ufo.config import ModelConfig, TaskConfig, UfoConfig, ffns_on_path
 from ufo.model.ffn import SHARED, MultiPathFFN, Route
 from ufo.model.heads import MarginSoftmax, build_head, head_out_dim
+from ufo.model.paths import OPEN, PathLogits
 
 
 # Parameters -> a context in which they are whole and writable (a ZeRO-3 engine's gather); the
@@ -35,6 +36,8 @@ class TaskSlice(NamedTuple):
     size: int
     depth: int | None = None
     hidden: int | None = None
+    # a learned path's open blocks (OPEN in `path`): the step's (Gumbel noise (depth, 2), temperature)
+    gate: tuple[torch.Tensor, float] | None = None
 
 
 def vit_args(model: ModelConfig) -> dict[str, Any]:
@@ -113,7 +116,7 @@ class SupernetViT(VisionTransformer):
 
     def __init__(self, tasks: Mapping[str, TaskConfig], task_ffn_init: str = "copy_shared",
                  held: Sequence[str] | None = None, gather: Gather | None = None,
-                 paths: Mapping[str, str] | None = None, **vit_kwargs):
+                 paths: Mapping[str, str] | None = None, learned: bool = False, **vit_kwargs):
         held = tuple(tasks) if held is None else tuple(t for t in tasks if t in held)
         seed = int(torch.randint(0, 2**62, (), device="cpu"))  # one draw, whatever this instance holds
         plan = iter(ffn_plan(tuple(tasks), held, paths, vit_kwargs.get("depth", 12)))
@@ -133,6 +136,9 @@ class SupernetViT(VisionTransformer):
         self.held = held
         self.paths = None if paths is None else {t: paths[t] for t in tasks}
         self.heads = nn.ModuleDict({name: build_head(tasks[name], self.embed_dim) for name in held})
+        # train.path_policy learned: each held task's path logits (zeros: both choices equal at the start)
+        self.path_logits = nn.ModuleDict({name: PathLogits(len(self.blocks)) for name in held}) if learned else None
+        self.path_probs: dict[str, torch.Tensor] = {}  # the latest forward's softmax(logits), with their gradient
         if self.cls_token.is_meta:
             return  # shapes only (parameter counts)
         gather = gather or (lambda params: contextlib.nullcontext())
@@ -185,7 +191,8 @@ class SupernetViT(VisionTransformer):
                     gather: Gather | None = None) -> "SupernetViT":
         paths = {t: cfg.path_of(t) for t in cfg.tasks} if ffns_on_path(cfg) else None
         return cls(cfg.tasks, task_ffn_init=cfg.model.task_ffn_init, held=held, gather=gather, paths=paths,
-                   drop_path_rate=cfg.model.drop_path_rate, **vit_args(cfg.model))
+                   learned=cfg.train.path_policy == "learned", drop_path_rate=cfg.model.drop_path_rate,
+                   **vit_args(cfg.model))
 
     def lacks(self, task: str, path: str) -> str:
         """What `task` on `path` needs that this supernet does not build ("" if nothing)."""
@@ -209,21 +216,36 @@ class SupernetViT(VisionTransformer):
             if s.task not in self.held:
                 raise KeyError(f"task {s.task!r} is not held here (task-sharded: this supernet holds "
                                f"{', '.join(self.held)})")
-            if len(s.path) != depth or set(s.path) - {"S", "T"}:
+            if len(s.path) != depth or set(s.path) - {"S", "T", OPEN}:
                 raise ValueError(f"path {s.path!r} for task {s.task!r} is not {depth} letters of S/T")
+            if OPEN in s.path and (s.gate is None or self.path_logits is None):
+                raise ValueError(f"path {s.path!r} of task {s.task!r} has open blocks ({OPEN}) but "
+                                 + ("no gate" if self.path_logits is not None else "this supernet learns no path"))
             if s.depth is not None and not 1 <= s.depth <= depth:
                 raise ValueError(f"elastic depth {s.depth} for task {s.task!r} is not in 1..{depth}")
             width = self.blocks[0].mlp.hidden_features
             if s.hidden is not None and not 1 <= s.hidden <= width:
                 raise ValueError(f"elastic FFN width {s.hidden} for task {s.task!r} is not in 1..{width}")
-            if self.paths is not None and s.path != self.paths[s.task]:
+            if self.paths is not None and s.path != self.paths[s.task] and OPEN not in s.path:
                 missing = self.lacks(s.task, s.path)
                 if missing:
                     raise KeyError(missing)
             bounds.append((start, start + s.size))
             start += s.size
-        return [[(SHARED if s.path[i] == "S" else s.task, a, b, s.hidden) for s, (a, b) in zip(slices, bounds)]
+        gates = self._gates(slices)
+        return [[(SHARED if s.path[i] == "S" else s.task, a, b, s.hidden,
+                  gates[s.task][i] if s.path[i] == OPEN else None) for s, (a, b) in zip(slices, bounds)]
                 for i in range(depth)]
+
+    def _gates(self, slices: Sequence[TaskSlice]) -> dict[str, torch.Tensor]:
+        """Each gated slice's straight-through gates (depth, 2) from its task's path logits, which are
+        called for every gated slice, empty or not, so every rank calls the same modules."""
+        gates = {}
+        self.path_probs = {}
+        for s in slices:
+            if s.gate is not None and self.path_logits is not None:
+                gates[s.task], self.path_probs[s.task] = self.path_logits[s.task](*s.gate)
+        return gates
 
     def forward_features(self, images: torch.Tensor, slices: Sequence[TaskSlice]) -> torch.Tensor:
         """images: (B, C, H, W) -> pooled features (B, embed_dim)."""
@@ -248,14 +270,14 @@ class SupernetViT(VisionTransformer):
         whatever the depths, as ZeRO-3 requires of every rank.
         """
         rows, moved, start = [], [], 0
-        for (key, a, b, hidden), on in zip(routes, active):
+        for (key, a, b, hidden, gate), on in zip(routes, active):
             n = b - a if on else 0
             rows.append(x[a:a + n])
-            moved.append((key, start, start + n, hidden))
+            moved.append((key, start, start + n, hidden, gate))
             start += n
         out = block(torch.cat(rows), moved)
         pieces, start = [], 0
-        for (_, a, b, _), on in zip(routes, active):
+        for (_, a, b, _, _), on in zip(routes, active):
             if on:
                 pieces.append(out[start:start + b - a])
                 start += b - a
@@ -309,6 +331,8 @@ def subnet_state_dict(state: Mapping[str, torch.Tensor], task: str, path: str, d
     out = {}
     head_prefix = f"heads.{task}.{deployed_head}."
     for name, tensor in state.items():
+        if name.startswith("path_logits."):  # a learned path's logits: the path is chosen, not deployed
+            continue
         if name.startswith("heads."):
             if name.startswith(head_prefix):
                 out["head." + name[len(head_prefix):]] = tensor
