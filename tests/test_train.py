@@ -437,3 +437,65 @@ def test_zero3_is_configured_to_the_model_and_overrides_win(tiny_config_file):
                                           "deepspeed.overrides.zero_optimization.sub_group_size=1000000000"])
     assert deepspeed_config(mine)["zero_optimization"]["sub_group_size"] == 1_000_000_000
     assert "sub_group_size" not in deepspeed_config(load_config(tiny_config_file))["zero_optimization"]
+
+
+def test_learned_paths_resume_exactly_are_tracked_and_exported(tmp_path):
+    """One process, mixed: a learned run checkpointed at step 4 and resumed to 8 ends where the straight
+    run ends (weights, logits, decided blocks); FFN lr scales of 0 freeze what they name; the paths are
+    in history and MLflow, drawn in paths.png, and export takes each task's learned path."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from ufo.export import export_subnet
+    from ufo.train import train
+
+    raw = tiny_run(tmp_path, ("face", "digits"), steps=8, checkpoint_every=4, eval_every=0, layout="mixed",
+                   keep_checkpoints=5, path_policy="learned", shared_ffn_lr_scale=0.0, log_every=2,
+                   path={"lr": 0.5, "decide_after": 3, "confidence": 0.6, "task_block_cost": 0.02})
+    raw["tasks"]["face"]["ffn_lr_scale"] = 0.0
+    raw["tracking"] = {"experiment": "tests", "system_metrics_every": 0}
+    lines: list[str] = []
+    straight = train(config_from_dict(raw, "test"), log=lines.append)
+    assert any(re.match(r"path: task \w+ block \d decided [ST] \(p 0\.\d+\) at step \d", line) for line in lines)
+    assert any(re.search(r"paths face=[STst]{4} digits=[STst]{4}", line) for line in lines)
+    run = tmp_path / "run"
+    cut = tmp_path / "cut"
+    shutil.copytree(run, cut, ignore=shutil.ignore_patterns("step00000008", "mlflow.db", "mlartifacts"))
+    resumed_raw = copy.deepcopy(raw)
+    resumed_raw["train"]["out_dir"] = str(cut)
+    resumed_raw["tracking"] = {"enabled": False}
+    resumed_lines: list[str] = []
+    train(config_from_dict(resumed_raw, "test"), log=resumed_lines.append)
+    assert any("resumed from" in line and "at step 4" in line for line in resumed_lines)
+    a, b = read_checkpoint(run).state_dict, read_checkpoint(cut).state_dict
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), \
+        [k for k in a if not torch.equal(a[k], b[k])][:3]
+    marker = json.loads(next((run / "checkpoints").glob("step00000008/ufo.json")).read_text())["path_policy"]
+    again = json.loads(next((cut / "checkpoints").glob("step00000008/ufo.json")).read_text())["path_policy"]
+    assert marker["decided"] == again["decided"] and marker["best"] == again["best"]
+    # lr scale 0: FFN-shared and face's FFN-tasks keep their initial values; digits' FFN-tasks learn
+    initial = init_params(raw)
+    for name, tensor in a.items():
+        if ".mlp.shared." in name or ".mlp.task.face." in name:
+            assert torch.equal(tensor, initial[name]), name
+    assert not torch.equal(a["blocks.0.mlp.task.digits.fc1.weight"], initial["blocks.0.mlp.task.digits.fc1.weight"])
+    assert not torch.equal(a["path_logits.face.logits"], initial["path_logits.face.logits"])
+    # tracked: every log step's probabilities, the final paths as tags, the heatmap as an artifact
+    client = MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    (mlrun,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "path_prob/face/block0")] == [2, 4, 6, 8]
+    assert mlrun.data.tags["ufo.learned_path.face"] == marker["best"]["face"]
+    assert "paths.png" in {f.path for f in client.list_artifacts(mlrun.info.run_id)}
+    assert (run / "paths.png").stat().st_size > 1000
+    records = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert records[-1]["path"] == marker["best"] and set(records[-1]["path_prob"]) == {
+        f"{t}/block{i}" for t in ("face", "digits") for i in range(4)}
+    # export: each task's learned path, said so in its config.json
+    logits = a["path_logits.digits.logits"]
+    learned = "".join("T" if t > s else "S" for s, t in logits.tolist())
+    assert learned == marker["best"]["digits"]
+    result = export_subnet(run, "digits", tmp_path / "digits", log=lambda _: None)
+    config = json.loads((tmp_path / "digits" / "config.json").read_text())
+    assert result.path == learned and config["ufo"]["path"] == learned and config["ufo"]["path_from"] == "learned"
+    assert straight.step == 8
