@@ -210,6 +210,14 @@ def _parser() -> argparse.ArgumentParser:
     training_bench_args(b, steps=100, out="runs/bench-weighting")
     b.add_argument("--strategies", default="all", help="comma-separated train.weighting names (default: all)")
     b.set_defaults(run=_bench_weighting)
+    b = benches.add_parser("ufo", help="UFO's comparison: each task alone, hard sharing, fixed, sampled and "
+                                       "learned paths, by each task's protocol")
+    training_bench_args(b, steps=300, out="runs/bench-ufo")
+    b.add_argument("--settings", default="all", help="comma-separated: alone,hard,fixed,sample,learned,"
+                   "learned_both (default: all)")
+    b.add_argument("--launcher", help='run each setting under a launcher, e.g. "torchrun --nproc_per_node 8" '
+                   "(default: in this process)")
+    b.set_defaults(run=_bench_ufo)
     b = benches.add_parser("elastic", help="metric at 25/50/100%% of the subnet's parameters: elastic vs from scratch")
     training_bench_args(b, steps=150, out="runs/bench-elastic")
     b.set_defaults(run=_bench_elastic)
@@ -481,6 +489,21 @@ def _bench_weighting(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2) if args.json else format_weighting_bench(result))
     if not args.json:
         print(f"weights and losses over time: {args.out / 'weighting.png'}")
+
+
+def _bench_ufo(args: argparse.Namespace) -> None:
+    import json
+
+    from ufo.bench import UFO_SETTINGS, bench_ufo, format_ufo_bench
+    from ufo.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    settings = list(UFO_SETTINGS) if args.settings == "all" else [s.strip() for s in args.settings.split(",")]
+    result = bench_ufo(cfg, args.steps, args.out, settings, launcher=args.launcher, overwrite=args.overwrite,
+                       log=(lambda _: None) if args.json else print)
+    print(json.dumps(result, indent=2) if args.json else format_ufo_bench(result))
+    if not args.json:
+        print(f"wrote {args.out / 'ufo.json'} and {args.out / 'ufo.png'}")
 
 
 def _bench_elastic(args: argparse.Namespace) -> None:
