@@ -30,14 +30,14 @@ def count_params(model: SupernetViT, paths: dict[str, str]) -> ParamCounts:
     total = sum(p.numel() for p in params.values())
 
     def is_task_owned(name: str) -> bool:
-        return name.startswith("heads.") or ".mlp.task." in name
+        return name.startswith(("heads.", "path_logits.")) or ".mlp.task." in name
 
     shared = sum(p.numel() for n, p in params.items() if not is_task_owned(n))
     ffn_shared = sum(p.numel() for n, p in params.items() if ".mlp.shared." in n)
     tasks = []
     for task, kind in model.task_kinds.items():
         own = sum(p.numel() for n, p in params.items()
-                  if n.startswith(f"heads.{task}.") or f".mlp.task.{task}." in n)
+                  if n.startswith((f"heads.{task}.", f"path_logits.{task}.")) or f".mlp.task.{task}." in n)
         kept = subnet_state_dict(params, task, paths[task], model.heads[task].deployed)
         tasks.append(TaskParams(task, kind, paths[task], own, sum(t.numel() for t in kept.values())))
     return ParamCounts(total, shared, ffn_shared, tasks)
