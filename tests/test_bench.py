@@ -149,3 +149,26 @@ def test_bench_ufo_trains_each_setting_as_a_run_and_compares_them(tmp_path, caps
                                                              .experiment_id])}
     assert {"bench-ufo", "hard", "learned", "alone-person"} <= set(runs)
     assert runs["bench-ufo"].data.metrics["hard/person/rank1"] == result["table"]["hard"]["person"]
+
+
+@pytest.mark.dist
+def test_bench_ufo_runs_each_setting_under_a_launcher(tmp_path):
+    import json
+    import os
+
+    from test_train import LAUNCHER_ENV, tiny_run
+    from ufo.bench import bench_ufo
+    from ufo.config import config_from_dict
+
+    raw = tiny_run(tmp_path, ("person", "digits"))
+    cfg = config_from_dict(raw, "t")
+    saved = {k: os.environ.pop(k) for k in LAUNCHER_ENV if k in os.environ}  # an in-process run's, not ours
+    try:
+        result = bench_ufo(cfg, 2, tmp_path / "bench", ["fixed"], log=lambda _: None,
+                           launcher=f"torchrun --nproc_per_node 2 --master_port {29700 + os.getpid() % 200}")
+    finally:
+        os.environ.update(saved)
+    assert (tmp_path / "bench" / "fixed.yaml").is_file()  # the setting's config, as the launcher ran it
+    marker = json.loads(next((tmp_path / "bench" / "fixed" / "checkpoints").glob("step*/ufo.json")).read_text())
+    assert marker["world_size"] == 2
+    assert set(result["table"]["fixed"]) == {"person", "digits"}

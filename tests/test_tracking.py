@@ -194,7 +194,7 @@ def test_search_logs_to_the_training_run(tmp_path):
     assert {a.path for a in client.list_artifacts(run.info.run_id, "search")} == {"search/search-digits.json"}
 
 
-def test_a_registered_subnet_loads_back_and_predicts_offline(tmp_path):
+def test_a_registered_subnet_loads_back_and_predicts_offline(tmp_path, monkeypatch):
     import json
     import os
     import subprocess
@@ -211,8 +211,10 @@ def test_a_registered_subnet_loads_back_and_predicts_offline(tmp_path):
 
     raw = tracked_run(tmp_path, steps=2)
     train(config_from_dict(raw, "test"), log=lambda _: None)
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     assert main(["export", str(tmp_path / "run"), "--task", "face", "--out", str(tmp_path / "face"),
                  "--format", "safetensors,onnx", "--register", "tiny-face"]) in (0, None)
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before  # registering left the process's store as it was
     store = f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
     client, run = the_run(tmp_path)
     version = client.get_model_version("tiny-face", "1")
@@ -223,8 +225,7 @@ def test_a_registered_subnet_loads_back_and_predicts_offline(tmp_path):
     x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         want = subnet(x).numpy()
-    mlflow.set_tracking_uri(store)
-    mlflow.set_registry_uri(store)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # for models:/ URIs here, undone after the test
     model = mlflow.pyfunc.load_model("models:/tiny-face/1")
     assert model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 3, 16, 16)
     assert np.abs(model.predict(x.numpy()) - want).max() <= 1e-5

@@ -8,6 +8,7 @@ else an embedded sqlite store beside the run (`OUT/mlflow.db`, artifacts in `OUT
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -330,8 +331,6 @@ def register_subnets(checkpoint: Path, exports: list, name: str, say: Log = prin
     exported, a python_function flavour over the pytorch one, the input/output signature (batch size
     free) and an input example; the task, path, parameters and verification figures as the version's
     tags. Returns the model versions; errors are one line and leave the subnet on disk as it is."""
-    import tempfile
-
     from ufo.errors import ExportError
 
     found = _checkpoint_run(checkpoint, uri, say)
@@ -339,53 +338,79 @@ def register_subnets(checkpoint: Path, exports: list, name: str, say: Log = prin
         raise ExportError(f"--register {name}: no MLflow store to register in: the checkpoint's marker names no "
                           "local store that exists here; pass --track URI (an sqlite:/// store has a registry)")
     client, run_id, _ = found
+    with _process_store(client._tracking_client.tracking_uri):
+        return [_register_one(e, client, run_id, checkpoint, name if len(exports) == 1 else f"{name}-{e.task}", say)
+                for e in exports]
+
+
+@contextlib.contextmanager
+def _process_store(uri: str):
+    """MLflow's process-wide store set to `uri` for the calls inside (`mlflow.register_model` and the
+    flavours take no client), then put back as it was: MLflow also writes it into the environment
+    (MLFLOW_TRACKING_URI, MLFLOW_REGISTRY_URI), where later runs in this process would follow it."""
+    import mlflow
+
+    before = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(before["MLFLOW_REGISTRY_URI"])
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _register_one(e, client, run_id: str, checkpoint: Path, registered: str, say: Log):
+    """One subnet logged as an MLflow model in the run and registered (see `register_subnets`)."""
+    import tempfile
+
     import mlflow
     import mlflow.pytorch
     import onnx
     import torch
     from mlflow.models import Model, infer_signature
 
+    from ufo.errors import ExportError
     from ufo.export import FILES, load_subnet
 
-    versions = []
-    mlflow.set_tracking_uri(client._tracking_client.tracking_uri)
-    mlflow.set_registry_uri(client._tracking_client.tracking_uri)
-    for e in exports:
-        registered = name if len(exports) == 1 else f"{name}-{e.task}"
-        module, config = load_subnet(e.out_dir)
-        c, size = config["model_args"].get("in_chans", 3), config["model_args"].get("img_size", 224)
-        example = torch.randn(2, c, size, size, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            output = module(example)
-        signature = infer_signature(example.numpy(), output.numpy())
-        tags = {"ufo.task": e.task, "ufo.kind": e.kind, "ufo.path": e.path, "ufo.params": str(e.param_count),
-                "ufo.output": config["ufo"]["output"], "ufo.source_checkpoint": str(checkpoint),
-                **{f"ufo.max_abs_diff.{fmt}": f"{d:.3g}" for fmt, d in e.max_abs_diff.items()}}
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                local = Path(tmp) / "model"
-                mlflow.pytorch.save_model(module, str(local), serialization_format="pt2", signature=signature,
-                                          input_example=example.numpy(),
-                                          pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                                                            "onnxruntime", "numpy"])
-                onnx_file = Path(e.out_dir) / FILES["onnx"]
-                if onnx_file.is_file():
-                    (local / "onnx").mkdir()
-                    (local / "onnx" / "model.onnx").write_bytes(onnx_file.read_bytes())
-                    model = Model.load(str(local / "MLmodel"))
-                    model.add_flavor("onnx", onnx_version=onnx.__version__, data="onnx/model.onnx",
-                                     providers=["CPUExecutionProvider"], onnx_session_options=None, code=None)
-                    model.save(str(local / "MLmodel"))
-                (local / "config.json").write_bytes((Path(e.out_dir) / "config.json").read_bytes())
-                artifact = f"subnet-{e.task}"
-                client.log_artifacts(run_id, str(local), artifact)
-            version = mlflow.register_model(f"runs:/{run_id}/{artifact}", registered, tags=tags)
-        except Exception as error:  # noqa: BLE001 - one line, the subnet on disk is untouched
-            raise ExportError(f"--register {registered}: MLflow refused the model ({_first_line(error)})") from None
-        say(f"mlflow: registered {e.task} as model {registered!r} version {version.version} "
-            f"(flavours pytorch{', onnx' if onnx_file.is_file() else ''}, python_function; run {run_id})")
-        versions.append(version)
-    return versions
+    module, config = load_subnet(e.out_dir)
+    c, size = config["model_args"].get("in_chans", 3), config["model_args"].get("img_size", 224)
+    example = torch.randn(2, c, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        output = module(example)
+    signature = infer_signature(example.numpy(), output.numpy())
+    tags = {"ufo.task": e.task, "ufo.kind": e.kind, "ufo.path": e.path, "ufo.params": str(e.param_count),
+            "ufo.output": config["ufo"]["output"], "ufo.source_checkpoint": str(checkpoint),
+            **{f"ufo.max_abs_diff.{fmt}": f"{d:.3g}" for fmt, d in e.max_abs_diff.items()}}
+    onnx_file = Path(e.out_dir) / FILES["onnx"]
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "model"
+            mlflow.pytorch.save_model(module, str(local), serialization_format="pt2", signature=signature,
+                                      input_example=example.numpy(),
+                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "onnxruntime",
+                                                        "numpy"])
+            if onnx_file.is_file():
+                (local / "onnx").mkdir()
+                (local / "onnx" / "model.onnx").write_bytes(onnx_file.read_bytes())
+                model = Model.load(str(local / "MLmodel"))
+                model.add_flavor("onnx", onnx_version=onnx.__version__, data="onnx/model.onnx",
+                                 providers=["CPUExecutionProvider"], onnx_session_options=None, code=None)
+                model.save(str(local / "MLmodel"))
+            (local / "config.json").write_bytes((Path(e.out_dir) / "config.json").read_bytes())
+            artifact = f"subnet-{e.task}"
+            client.log_artifacts(run_id, str(local), artifact)
+        version = mlflow.register_model(f"runs:/{run_id}/{artifact}", registered, tags=tags)
+    except Exception as error:  # noqa: BLE001 - one line, the subnet on disk is untouched
+        raise ExportError(f"--register {registered}: MLflow refused the model ({_first_line(error)})") from None
+    say(f"mlflow: registered {e.task} as model {registered!r} version {version.version} "
+        f"(flavours pytorch{', onnx' if onnx_file.is_file() else ''}, python_function; run {run_id})")
+    return version
 
 
 def log_search(checkpoint: Path, result, file: Path, say: Log = print, uri: str | None = None) -> str | None:
