@@ -230,7 +230,7 @@ def test_a_registered_subnet_loads_back_and_predicts_offline(tmp_path, monkeypat
     assert model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 3, 16, 16)
     assert np.abs(model.predict(x.numpy()) - want).max() <= 1e-5
     # the onnx flavour: the ONNX file as exported, run by onnxruntime
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/tiny-face/1", dst_path=str(tmp_path / "dl")))
+    local = Path(mlflow.artifacts.download_artifacts("models:/tiny-face/1", dst_path=str(tmp_path / "dl")))
     session = onnxruntime.InferenceSession(str(local / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
     assert np.abs(session.run(None, {"images": x.numpy()})[0] - want).max() <= 1e-5
     # `mlflow models predict`, offline, in this environment

@@ -19,12 +19,12 @@ from typing import Any, Callable, Sequence
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from ufo.atomic import atomic_file
 from ufo.config import UfoConfig
 from ufo.errors import ConfigError
 from ufo.evaluate import primary_key
 from ufo.model import SupernetViT, TaskSlice, vit_args
 from ufo.model.supernet import apply_heads
+from ufo.plots import plot_strategies, plot_ufo
 
 
 def bench_model(cfg: UfoConfig, batch_per_task: int = 16, steps: int = 10, warmup: int = 3,
@@ -415,7 +415,7 @@ def bench_weighting(cfg: UfoConfig, strategies: Sequence[str], steps: int, out: 
         result["strategies"][name] = {
             "s_per_step": seconds / steps, "eval": run.metrics,
             "final_weight": run.history[-1]["weight"], "final_loss": run.history[-1]["loss"]}
-    _plot_strategies(out, list(strategies), out / "weighting.png")
+    plot_strategies(out, list(strategies), out / "weighting.png")
     (out / "weighting.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -427,33 +427,6 @@ def _fresh_runs(out: Path, names: Sequence[str], overwrite: bool) -> None:
             if not overwrite:
                 raise ConfigError(f"{out / name}: exists; pass --overwrite to replace it or choose another --out")
             shutil.rmtree(out / name)
-
-
-def _plot_strategies(out: Path, strategies: list[str], png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(strategies), 2, figsize=(10, 2.2 * len(strategies)), squeeze=False, sharex=True)
-    for row, name in zip(axes, strategies):
-        records = [json.loads(line) for line in (out / name / "history.jsonl").read_text().splitlines() if line]
-        steps = [r["step"] for r in records]
-        for task in records[0]["loss"]:
-            row[0].plot(steps, [r["loss"][task] for r in records], label=task)
-            row[1].plot(steps, [r["weight"][task] for r in records], label=task)
-        row[0].set_ylabel(f"{name}\nloss")
-        row[0].set_yscale("log")
-        row[1].set_ylabel("weight")
-    axes[0][0].legend(fontsize="small")
-    axes[0][0].set_title("loss per task")
-    axes[0][1].set_title("weight per task")
-    axes[-1][0].set_xlabel("step")
-    axes[-1][1].set_xlabel("step")
-    fig.tight_layout()
-    with atomic_file(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
 
 
 def format_weighting_bench(r: dict[str, Any]) -> str:
@@ -906,7 +879,7 @@ def bench_ufo(cfg: UfoConfig, steps: int, out: Path, settings: Sequence[str] = U
     import yaml
 
     from ufo.config import config_from_dict
-    from ufo.evaluate import eval_target, primary
+    from ufo.evaluate import eval_target
     from ufo.tracking import tracking_uri
 
     out = out.resolve()
@@ -951,7 +924,7 @@ def bench_ufo(cfg: UfoConfig, steps: int, out: Path, settings: Sequence[str] = U
         result["settings"][name] = entry
     result["table"] = _ufo_table(result)
     (out / "ufo.json").write_text(json.dumps(result, indent=2) + "\n")
-    _plot_ufo(result, out / "ufo.png")
+    plot_ufo(result, UFO_LABELS, out / "ufo.png")
     _log_ufo(cfg, result, out, uri)
     return result
 
@@ -964,30 +937,6 @@ def _ufo_table(r: dict[str, Any]) -> dict[str, dict[str, float]]:
         for task, v in entry["tasks"].items():
             table.setdefault(setting, {})[task] = v["primary"]
     return table
-
-
-def _plot_ufo(r: dict[str, Any], png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    table, tasks = r["table"], r["tasks"]
-    settings = [s for s in UFO_SETTINGS if s in table]
-    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(tasks), 4))
-    width = 0.8 / max(1, len(settings))
-    for i, s in enumerate(settings):
-        ax.bar([t + i * width for t in range(len(tasks))], [table[s].get(task, 0) for task in tasks], width,
-               label=UFO_LABELS[s])
-    ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))],
-                  [f"{task}\n{r['metrics'][task]}" for task in tasks])
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
-    ax.set_title(f"ufo bench ufo: {r['steps']} steps per run")
-    fig.tight_layout()
-    with atomic_file(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
 
 
 def _log_ufo(cfg: UfoConfig, r: dict[str, Any], out: Path, uri: str) -> None:

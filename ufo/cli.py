@@ -333,7 +333,8 @@ def _search(args: argparse.Namespace) -> None:
     import os
 
     from ufo.checkpoint import read_checkpoint
-    from ufo.search import format_result, plot_pareto, search_path, write_result
+    from ufo.plots import plot_pareto
+    from ufo.search import format_result, search_path, write_result
 
     rank, world = 0, 1
     if "WORLD_SIZE" in os.environ:  # under torchrun or deepspeed: the ranks share the evaluations

@@ -294,36 +294,6 @@ def pareto(candidates: list[dict]) -> list[dict]:
     return sorted(unique.values(), key=lambda c: c["params"])
 
 
-def plot_pareto(result: SearchResult, png: Path) -> Path:
-    """Metric against parameters (and latency) of every candidate, the Pareto front drawn as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    latency = all(e["latency_ms"] is not None for e in result.evaluated)
-    fig, axes = plt.subplots(1, 2 if latency else 1, figsize=(10 if latency else 5, 4), squeeze=False)
-    for ax, key, label in [(axes[0][0], "params", "parameters (M)")] + (
-            [(axes[0][1], "latency_ms", "latency (ms, this machine)")] if latency else []):
-        scale = 1e-6 if key == "params" else 1.0
-        ax.scatter([e[key] * scale for e in result.evaluated], [e["value"] for e in result.evaluated],
-                   s=12, alpha=0.5, label="evaluated")
-        front = sorted(result.pareto, key=lambda e: e[key])
-        ax.plot([e[key] * scale for e in front], [e["value"] for e in front], "r.-", label="Pareto front")
-        limit = result.budget.get("max_params" if key == "params" else "max_latency_ms")
-        if limit is not None:
-            ax.axvline(limit * scale, color="gray", linestyle="--", label="budget")
-        ax.set_xlabel(label)
-        ax.set_ylabel(result.metric)
-        ax.legend(fontsize="small")
-    axes[0][0].set_title(f"ufo search: {result.task}")
-    fig.tight_layout()
-    with atomic_file(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return png
-
-
 def write_result(result: SearchResult, out: Path) -> Path:
     with atomic_file(out) as tmp:
         tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")

@@ -55,6 +55,7 @@ from ufo.layout import Layout, import_deepspeed, init_distributed, make_layout, 
 from ufo.model import SupernetViT, TaskSlice
 from ufo.model.supernet import apply_heads
 from ufo.model.paths import OPEN, ElasticPolicy, PathPolicy
+from ufo.plots import plot_history, plot_paths
 from ufo.supervise import Stop, report_stopped
 from ufo.tracking import Tracker, flatten
 from ufo.weighting import Observation, Weighting, build_weighting, label_entropy
@@ -603,33 +604,6 @@ def _by_task(tasks: list[str], values: torch.Tensor) -> dict[str, float | None]:
     return {t: (float(v) if math.isfinite(v) else None) for t, v in zip(tasks, values.tolist())}
 
 
-def plot_history(history: Path, png: Path, title: str = "") -> Path:
-    """Each task's loss and weight over the steps of a run's `history.jsonl`, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
-    tasks = list(records[0]["loss"]) if records else []
-    steps = [r["step"] for r in records]
-    fig, (ax_loss, ax_weight) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    for task in tasks:
-        ax_loss.plot(steps, [r["loss"].get(task) for r in records], label=task)
-        ax_weight.plot(steps, [r["weight"].get(task) for r in records], label=task)
-    ax_loss.set_ylabel("loss")
-    ax_loss.set_yscale("log")
-    ax_weight.set_ylabel("weight")
-    ax_weight.set_xlabel("step")
-    ax_loss.legend()
-    ax_loss.set_title(title)
-    fig.tight_layout()
-    with atomic_file(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return png
-
-
 def _make_loader(cfg: UfoConfig, layout: Layout, rank: int):
     if layout.kind == "mixed":
         return MixedLoader({task: task_loader(cfg, task, rank_in_group=rank, group_size=layout.world_size)
@@ -723,34 +697,6 @@ def _shown_paths(policy: PathPolicy, paths: dict[str, str]) -> dict[str, str]:
 def _eval_paths(policy: PathPolicy, step: int) -> dict[str, str]:
     """The paths a task is evaluated on: a learned task's likelier choice per block, else the step's."""
     return policy.best_paths() if policy.name == "learned" else policy.paths_at(step)
-
-
-def plot_paths(policy: PathPolicy, png: Path, title: str = "") -> Path:
-    """A heatmap of the learned paths: tasks x blocks, the probability of the task's own FFN, each
-    decided block marked with its letter."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(policy.probs)
-    probs = np.array([policy.probs[t] for t in tasks])
-    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * probs.shape[1], 1.0 + 0.5 * len(tasks)))
-    image = ax.imshow(probs, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    for i, task in enumerate(tasks):
-        for j, letter in enumerate(policy.decided[task]):
-            ax.text(j, i, letter if letter != OPEN else f"{probs[i, j]:.2f}", ha="center", va="center",
-                    color="white" if probs[i, j] < 0.6 else "black", fontsize=8)
-    ax.set_yticks(range(len(tasks)), tasks)
-    ax.set_xticks(range(probs.shape[1]), [str(j) for j in range(probs.shape[1])])
-    ax.set_xlabel("block (letter: decided; number: P(FFN-task) while open)")
-    fig.colorbar(image, ax=ax, label="P(FFN-task)")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_file(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return png
 
 
 def _elastic_policy(cfg: UfoConfig) -> ElasticPolicy:
