@@ -514,7 +514,7 @@ def task_loader(cfg: UfoConfig, task: str, *, rank_in_group: int = 0, group_size
                 protocol: str | None = None, log: Log = _stderr) -> TaskLoader:
     """A TaskLoader configured from the run's config: train shards, or one eval part (`spec`, default
     the task's eval_shards when they are one set) in eval order with the metadata its protocol needs."""
-    from ufo.evaluate import META_KEYS
+    from ufo.evaluate import META_KEYS, default_protocol
 
     t = cfg.tasks[task]
     if spec is None:
@@ -523,7 +523,7 @@ def task_loader(cfg: UfoConfig, task: str, *, rank_in_group: int = 0, group_size
             raise DataError(f"task {task}: tasks.{task}.eval_shards has several parts; read them one by one")
     if spec is None:
         raise DataError(f"task {task}: tasks.{task}.{'shards' if train else 'eval_shards'} is not set")
-    protocol = protocol or ("classification" if t.kind == "classification" else "retrieval")
+    protocol = protocol or default_protocol(t.kind)
     return TaskLoader(
         task, spec, batch_size=batch_size or cfg.train.micro_batch_size, transform=build_transform(cfg, task, train),
         rank_in_group=rank_in_group, group_size=group_size,
