@@ -20,7 +20,8 @@ from ufo.cli import main
 from ufo.config import config_from_dict
 from ufo.data import open_source, task_loader, write_task_shards
 from ufo.errors import ConfigError, DataError
-from ufo.evaluate import eval_sets, evaluate_task
+from ufo.data.shards import eval_sets
+from ufo.evaluate import evaluate_task
 from ufo.export import export_subnet
 from ufo.metrics import reid
 

@@ -6,85 +6,19 @@ checkpoint or an exported subnet.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
+from ufo.checkpoint import load_supernet, read_checkpoint, trained_path
+from ufo.config import config_from_dict
+from ufo.data.loader import task_loader
+from ufo.data.shards import eval_sets
 from ufo.errors import DataError
-from ufo.metrics import classification, pairs_of, reid, retrieval, verification
-
-PROTOCOLS = ("classification", "retrieval", "reid", "verification")
-# the number each protocol is ranked by (path search, `ufo bench`): the community's headline figure
-PRIMARY = {"classification": "top1", "retrieval": "recall@1", "reid": "rank1", "verification": "acc"}
-# the integer fields of a sample's .json each protocol needs beside its label (identity, pair index)
-META_KEYS = {"classification": (), "retrieval": (), "reid": ("camera",), "verification": ("member", "same")}
-
-
-@dataclass(frozen=True)
-class EvalSet:
-    """One measured evaluation set of a task: its protocol and its parts (role -> shard spec): `all`, or
-    `query` and `gallery` (reid). `name` is None for a task's only set, else the set's own name (a
-    face task's `lfw`, `cfp_fp`), which prefixes its metrics."""
-
-    task: str
-    name: str | None
-    protocol: str
-    parts: dict[str, str]
-
-    def key(self, metric: str) -> str:
-        return f"{self.name}/{metric}" if self.name else metric
-
-
-def default_protocol(kind: str) -> str:
-    return "classification" if kind == "classification" else "retrieval"
-
-
-def _manifest_protocol(spec: str, task: str) -> str | None:
-    from ufo.data.shards import read_manifest, resolve_shards
-
-    for shard in resolve_shards(spec, task):
-        if shard.local:
-            protocol = (read_manifest(Path(shard.url).parent) or {}).get("protocol")
-            if protocol:
-                return protocol
-    return None
-
-
-def eval_sets(cfg, task: str) -> list[EvalSet]:
-    """The task's evaluation sets from `tasks.<task>.eval_shards` and `.protocol` (default: what the
-    shards' manifest says, else by the task's kind); one-line errors for what cannot be measured."""
-    tc = cfg.tasks[task]
-    spec, key = tc.eval_shards, f"tasks.{task}.eval_shards"
-    if spec is None:
-        return []
-    if isinstance(spec, str):
-        sets = [EvalSet(task, None, tc.protocol or _manifest_protocol(spec, task) or default_protocol(tc.kind),
-                        {"all": spec})]
-    elif {"query", "gallery"} & set(spec):
-        if set(spec) != {"query", "gallery"}:
-            raise DataError(f"{key}: a query/gallery evaluation takes exactly the keys query and gallery, "
-                            f"got {', '.join(spec)}")
-        sets = [EvalSet(task, None, tc.protocol or "reid", dict(spec))]
-    else:
-        sets = [EvalSet(task, name, tc.protocol or _manifest_protocol(s, task) or default_protocol(tc.kind),
-                        {"all": s}) for name, s in spec.items()]
-    for es in sets:
-        where = f"{key}.{es.name}" if es.name else key
-        if es.protocol not in PROTOCOLS:
-            raise DataError(f"{where}: the shards' manifest names protocol {es.protocol!r}; ufo knows "
-                            f"{', '.join(PROTOCOLS)} (set tasks.{task}.protocol)")
-        if (es.protocol == "classification") != (tc.kind == "classification"):
-            raise DataError(f"{where}: the {es.protocol} protocol cannot measure a {tc.kind} task "
-                            f"(set tasks.{task}.protocol)")
-        if (es.protocol == "reid") != ("query" in es.parts):
-            raise DataError(f"{where}: the reid protocol takes a query and a gallery: "
-                            f"eval_shards: {{query: DIR, gallery: DIR}}" if es.protocol == "reid" else
-                            f"{where}: query and gallery sets are measured by the reid protocol, not "
-                            f"{es.protocol}")
-    return sets
-
+from ufo.export import load_subnet
+from ufo.metrics import (PRIMARY, EvalSet, classification, default_protocol, pairs_of, reid, retrieval,
+                         verification)
 
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # outputs, labels, meta (n, len(META_KEYS))
 
@@ -123,8 +57,6 @@ def evaluate_task(cfg, task: str, forward: Callable[[torch.Tensor], torch.Tensor
     an empty one included, so ranks stay in step), `gather` returns all ranks' outputs on the rank
     that measures and None on the others (None: one process). Returns the metrics (set-prefixed
     where sets are named), None on ranks that do not measure."""
-    from ufo.data.loader import task_loader
-
     flip = cfg.tasks[task].flip_test
     m = cfg.model
     result: dict[str, float] | None = {}
@@ -178,12 +110,8 @@ def eval_target(target: str | Path, task: str, shards: str | dict[str, str] | No
     directory (loaded with timm alone: what is deployed is what is measured) on the task's eval sets
     (`shards` replaces them), by its protocol. Under a launcher each rank embeds its share and rank 0
     measures; returns the report (on rank 0; {} elsewhere)."""
-    from ufo.config import config_from_dict
-
     target = Path(target)
     if (target / "config.json").is_file() and not (target / "ufo.json").is_file():
-        from ufo.export import load_subnet
-
         model, config = load_subnet(target)
         info = config["ufo"]
         if info["task"] != task:
@@ -194,8 +122,6 @@ def eval_target(target: str | Path, task: str, shards: str | dict[str, str] | No
         def forward(images: torch.Tensor) -> torch.Tensor:
             return model(images)
     else:
-        from ufo.checkpoint import load_supernet, read_checkpoint, trained_path
-
         ckpt = read_checkpoint(target, tasks=[task])
         cfg = ckpt.config
         if task not in cfg.tasks:

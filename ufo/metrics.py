@@ -23,9 +23,37 @@ Similarities are computed a block of queries at a time, so memory stays bounded 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+# the protocols' vocabulary, which data (what metadata a loader decodes) and evaluate both use
+PROTOCOLS = ("classification", "retrieval", "reid", "verification")
+# the number each protocol is ranked by (path search, `ufo bench`): the community's headline figure
+PRIMARY = {"classification": "top1", "retrieval": "recall@1", "reid": "rank1", "verification": "acc"}
+# the integer fields of a sample's .json each protocol needs beside its label (identity, pair index)
+META_KEYS = {"classification": (), "retrieval": (), "reid": ("camera",), "verification": ("member", "same")}
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One measured evaluation set of a task: its protocol and its parts (role -> shard spec): `all`, or
+    `query` and `gallery` (reid). `name` is None for a task's only set, else the set's own name (a
+    face task's `lfw`, `cfp_fp`), which prefixes its metrics."""
+
+    task: str
+    name: str | None
+    protocol: str
+    parts: dict[str, str]
+
+    def key(self, metric: str) -> str:
+        return f"{self.name}/{metric}" if self.name else metric
+
+
+def default_protocol(kind: str) -> str:
+    return "classification" if kind == "classification" else "retrieval"
+
 
 BLOCK_ELEMENTS = 1 << 24  # similarities (and their ranks) held at once: 16 M, ~0.3 GB with the sort
 

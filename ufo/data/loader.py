@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ufo.config import UfoConfig
 from ufo.data.shards import Shard, probe_shard, resolve_shards
 from ufo.errors import DataError
+from ufo.metrics import META_KEYS, default_protocol
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
 Log = Callable[[str], None]
@@ -514,8 +515,6 @@ def task_loader(cfg: UfoConfig, task: str, *, rank_in_group: int = 0, group_size
                 protocol: str | None = None, log: Log = _stderr) -> TaskLoader:
     """A TaskLoader configured from the run's config: train shards, or one eval part (`spec`, default
     the task's eval_shards when they are one set) in eval order with the metadata its protocol needs."""
-    from ufo.evaluate import META_KEYS, default_protocol
-
     t = cfg.tasks[task]
     if spec is None:
         spec = t.shards if train else t.eval_shards

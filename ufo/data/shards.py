@@ -25,6 +25,7 @@ from webdataset.tariterators import base_plus_ext
 from ufo.atomic import atomic_dir
 from ufo.data.sources import RawSample, Source
 from ufo.errors import DataError
+from ufo.metrics import PROTOCOLS, EvalSet, default_protocol
 
 MANIFEST = "manifest.json"
 FORMAT = "ufo-shards/1"
@@ -203,8 +204,6 @@ def check_task_data(cfg, warn: Callable[[str], None]) -> None:
     naming the task and key where not), a task without eval shards is named, and local shards whose
     size differs from their manifest's record are reported (a sample count the loader plans with
     would be wrong)."""
-    from ufo.evaluate import eval_sets
-
     for task, tc in cfg.tasks.items():
         if tc.eval_shards is None:
             warn(f"task {task}: tasks.{task}.eval_shards is not set: it is never evaluated")
@@ -291,3 +290,46 @@ def probe_shard(path: str) -> str | None:
     except (tarfile.TarError, OSError, EOFError) as e:
         return f"{type(e).__name__}: {e}"
     return None
+
+
+def _manifest_protocol(spec: str, task: str) -> str | None:
+    for shard in resolve_shards(spec, task):
+        if shard.local:
+            protocol = (read_manifest(Path(shard.url).parent) or {}).get("protocol")
+            if protocol:
+                return protocol
+    return None
+
+
+def eval_sets(cfg, task: str) -> list[EvalSet]:
+    """The task's evaluation sets from `tasks.<task>.eval_shards` and `.protocol` (default: what the
+    shards' manifest says, else by the task's kind); one-line errors for what cannot be measured."""
+    tc = cfg.tasks[task]
+    spec, key = tc.eval_shards, f"tasks.{task}.eval_shards"
+    if spec is None:
+        return []
+    if isinstance(spec, str):
+        sets = [EvalSet(task, None, tc.protocol or _manifest_protocol(spec, task) or default_protocol(tc.kind),
+                        {"all": spec})]
+    elif {"query", "gallery"} & set(spec):
+        if set(spec) != {"query", "gallery"}:
+            raise DataError(f"{key}: a query/gallery evaluation takes exactly the keys query and gallery, "
+                            f"got {', '.join(spec)}")
+        sets = [EvalSet(task, None, tc.protocol or "reid", dict(spec))]
+    else:
+        sets = [EvalSet(task, name, tc.protocol or _manifest_protocol(s, task) or default_protocol(tc.kind),
+                        {"all": s}) for name, s in spec.items()]
+    for es in sets:
+        where = f"{key}.{es.name}" if es.name else key
+        if es.protocol not in PROTOCOLS:
+            raise DataError(f"{where}: the shards' manifest names protocol {es.protocol!r}; ufo knows "
+                            f"{', '.join(PROTOCOLS)} (set tasks.{task}.protocol)")
+        if (es.protocol == "classification") != (tc.kind == "classification"):
+            raise DataError(f"{where}: the {es.protocol} protocol cannot measure a {tc.kind} task "
+                            f"(set tasks.{task}.protocol)")
+        if (es.protocol == "reid") != ("query" in es.parts):
+            raise DataError(f"{where}: the reid protocol takes a query and a gallery: "
+                            f"eval_shards: {{query: DIR, gallery: DIR}}" if es.protocol == "reid" else
+                            f"{where}: query and gallery sets are measured by the reid protocol, not "
+                            f"{es.protocol}")
+    return sets

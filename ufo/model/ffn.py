@@ -10,17 +10,23 @@ mixes the two by the gate's weights.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from timm.layers import Mlp
 from torch import nn
 
-# A route says, for rows [start, end) of the batch, which FFN they take (a task name for its
-# FFN-task, or SHARED for FFN-shared), how many of its hidden units (None: all), and a gate: None,
-# or (for a task's open learned block) the weights (2,) of [FFN-shared, FFN-task] to mix both by.
 SHARED = None
-Route = tuple[str | None, int, int, int | None, "torch.Tensor | None"]
+
+
+class Route(NamedTuple):
+    """Rows [start, end) of the batch in one block: which FFN they take, at what width, gated or not."""
+
+    key: str | None  # a task name for its FFN-task, SHARED for FFN-shared
+    start: int
+    end: int
+    hidden: int | None = None  # how many of the FFN's hidden units (None: all)
+    gate: torch.Tensor | None = None  # a learned path's open block: the weights (2,) of [FFN-shared, FFN-task]
 
 
 def run_mlp(mlp: Mlp, x: torch.Tensor, hidden: int | None = None) -> torch.Tensor:
@@ -61,36 +67,37 @@ class MultiPathFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, routes: Sequence[Route]) -> torch.Tensor:
         """x: (B, N, C); routes cover rows 0..B in order."""
-        runs: list[list] = []  # consecutive ungated routes with the same FFN and width merge into one row range
-        for key, start, end, hidden, gate in routes:
+        runs: list[Route] = []  # consecutive ungated routes with the same FFN and width merge into one row range
+        for route in routes:
             last = runs[-1] if runs else None
-            if last and gate is None and last[4] is None and last[0] == key and last[3] == hidden and last[2] == start:
-                last[2] = end
+            if last and route.gate is None and last.gate is None and (last.key, last.hidden, last.end) == \
+                    (route.key, route.hidden, route.start):
+                runs[-1] = last._replace(end=route.end)
             else:
-                runs.append([key, start, end, hidden, gate])
+                runs.append(route)
         if self.always_shared and self.shared is not None and \
-                all(run[0] is not SHARED and run[4] is None for run in runs):
-            runs.append([SHARED, x.shape[0], x.shape[0], None, None])
-        if len(runs) == 1 and runs[0][4] is None:
-            return run_mlp(self.ffn(runs[0][0]), x, runs[0][3])
+                all(run.key is not SHARED and run.gate is None for run in runs):
+            runs.append(Route(SHARED, x.shape[0], x.shape[0]))
+        if len(runs) == 1 and runs[0].gate is None:
+            return run_mlp(self.ffn(runs[0].key), x, runs[0].hidden)
 
         # every FFN (at a width) is called once, on the rows of every run that needs it: a gated
         # run needs FFN-shared and its task's FFN-task
         needs: dict[tuple, list[int]] = {}
-        for i, (key, _, _, hidden, gate) in enumerate(runs):
-            for k in ((SHARED, key) if gate is not None else (key,)):
-                needs.setdefault((k, hidden), []).append(i)
+        for i, run in enumerate(runs):
+            for key in ((SHARED, run.key) if run.gate is not None else (run.key,)):
+                needs.setdefault((key, run.hidden), []).append(i)
         outputs: dict[tuple, torch.Tensor] = {}
         for (key, hidden), idx in needs.items():
             ffn = self.ffn(key)
-            rows = [x[runs[i][1]:runs[i][2]] for i in idx]
+            rows = [x[runs[i].start:runs[i].end] for i in idx]
             y = run_mlp(ffn, rows[0] if len(rows) == 1 else torch.cat(rows), hidden)
             for i, part in zip(idx, y.split([r.shape[0] for r in rows])):
                 outputs[(i, key)] = part
         pieces = []
-        for i, (key, _, _, _, gate) in enumerate(runs):
-            if gate is None:
-                pieces.append(outputs[(i, key)])
+        for i, run in enumerate(runs):
+            if run.gate is None:
+                pieces.append(outputs[(i, run.key)])
             else:  # forward: exactly the chosen FFN's output (the other's weight is 0)
-                pieces.append(gate[0] * outputs[(i, SHARED)] + gate[1] * outputs[(i, key)])
+                pieces.append(run.gate[0] * outputs[(i, SHARED)] + run.gate[1] * outputs[(i, run.key)])
         return torch.cat(pieces)

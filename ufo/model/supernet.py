@@ -233,8 +233,8 @@ class SupernetViT(VisionTransformer):
             bounds.append((start, start + s.size))
             start += s.size
         gates = self._gates(slices)
-        return [[(SHARED if s.path[i] == "S" else s.task, a, b, s.hidden,
-                  gates[s.task][i] if s.path[i] == OPEN else None) for s, (a, b) in zip(slices, bounds)]
+        return [[Route(SHARED if s.path[i] == "S" else s.task, a, b, s.hidden,
+                       gates[s.task][i] if s.path[i] == OPEN else None) for s, (a, b) in zip(slices, bounds)]
                 for i in range(depth)]
 
     def _gates(self, slices: Sequence[TaskSlice]) -> dict[str, torch.Tensor]:
@@ -270,19 +270,20 @@ class SupernetViT(VisionTransformer):
         whatever the depths, as ZeRO-3 requires of every rank.
         """
         rows, moved, start = [], [], 0
-        for (key, a, b, hidden, gate), on in zip(routes, active):
-            n = b - a if on else 0
-            rows.append(x[a:a + n])
-            moved.append((key, start, start + n, hidden, gate))
+        for route, on in zip(routes, active):
+            n = route.end - route.start if on else 0
+            rows.append(x[route.start:route.start + n])
+            moved.append(route._replace(start=start, end=start + n))
             start += n
         out = block(torch.cat(rows), moved)
         pieces, start = [], 0
-        for (_, a, b, _, _), on in zip(routes, active):
+        for route, on in zip(routes, active):
+            n = route.end - route.start
             if on:
-                pieces.append(out[start:start + b - a])
-                start += b - a
+                pieces.append(out[start:start + n])
+                start += n
             else:
-                pieces.append(x[a:b])
+                pieces.append(x[route.start:route.end])
         # out[:0] keeps the block in the graph when no slice is active: its parameters still get a
         # (zero) gradient, so every rank reduces the same tensors whatever its tasks' depths
         return torch.cat(pieces + [out[:0]])
