@@ -182,3 +182,21 @@ def test_evaluate_task_gathers_every_ranks_share(tmp_path):
     assert len(second) == 2 and 0 < len(second[0][1]) < whole["queries"]  # rank 1 read a share, not all
     for key in ("rank1", "map", "minp", "queries", "gallery"):
         assert merged[key] == pytest.approx(whole[key], abs=1e-6), key
+
+
+def test_ufo_eval_of_a_subnet_finds_its_runs_eval_shards_from_any_directory(tmp_path, monkeypatch, capsys):
+    from test_train import tiny_run
+    from ufo.train import train
+
+    raw = tiny_run(tmp_path, ("digits",), steps=1, eval_every=0)
+    raw["train"]["out_dir"] = "run"  # relative, as a config usually says: the run and export start in tmp_path
+    monkeypatch.chdir(tmp_path)
+    train(config_from_dict(raw, "test"), log=lambda _: None)
+    assert main(["export", "run", "--task", "digits", "--out", "subnet", "--format", "safetensors"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "subnet"), "--task", "digits"]) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "subnet" / "eval-digits.json").read_text())
+    assert report["evaluated"] == "subnet" and "top1" in report["metrics"]

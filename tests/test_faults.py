@@ -352,7 +352,7 @@ def test_a_zero3_run_continues_on_one_rank_then_on_two_with_its_state_schedule_a
     from mlflow import MlflowClient
 
     from test_train import torchrun
-    from ufo.train import lr_schedule
+    from ufo.engine import lr_schedule
 
     raw = tiny_run(tmp_path, ("face", "digits"), steps=6, eval_every=0, layout="mixed")
     raw["deepspeed"] = {"zero_stage": 3}
@@ -411,3 +411,85 @@ def test_a_full_disk_under_two_ranks_fails_every_rank_alike_with_the_reason(tmp_
     assert len(lines) == 2 and all("No space left on device" in line for line in lines), text[-3000:]
     assert not [p for p in (small_disk / "run" / "checkpoints").iterdir() if not p.name.startswith(".")]
     assert_nothing_left(str(tmp_path))
+
+
+# two runs on one out_dir, a full disk during export, resuming with a changed config, bad data over resumes
+
+def test_a_second_run_on_a_live_runs_out_dir_is_refused_and_a_killed_one_blocks_nothing(tmp_path):
+    config = long_run(tmp_path)
+    log = tmp_path / "first.log"
+    first = launch([sys.executable, "-m", "ufo.cli", "train", str(config)], log)
+    try:
+        wait_for(log, "step 2/", first)
+        raw = yaml.safe_load(config.read_text())
+        with pytest.raises(UfoError) as refused:
+            train(steps_of(raw, 4), log=lambda _: None)
+        message = str(refused.value)
+        assert f"{tmp_path / 'run'}: another run trains here" in message and f"pid {first.pid}" in message, message
+        assert "\n" not in message
+        assert first.poll() is None  # the live run goes on
+        seen = len((tmp_path / "run" / "history.jsonl").read_text().splitlines())
+        wait_for(log, f"step {seen + 2}/", first)  # still writing its own history
+    finally:
+        first.kill()  # kill -9: its lock stays behind
+        first.wait()
+    assert (tmp_path / "run" / ".ufo-run.lock").exists()
+    result = train(steps_of(raw, 3), log=lambda _: None)  # the dead run's lock is no obstacle
+    assert result.step == 3
+    assert not (tmp_path / "run" / ".ufo-run.lock").exists()  # given back at the end
+
+
+def test_a_full_disk_during_export_is_one_line_and_leaves_nothing(tmp_path, small_disk, capsys):
+    raw = one_rank(tmp_path, steps=1)
+    train(steps_of(raw, 1), log=lambda _: None)
+    filler = small_disk / "filler"
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    filler.write_bytes(b"\0" * max(0, free - 16 * 1024))  # 16 KiB left: less than the subnet's weights
+    out = small_disk / "subnet"
+    assert main(["export", str(tmp_path / "run"), "--task", "face", "--out", str(out), "--format", "safetensors"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err and str(out) in err, err
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]  # no subnet, no hidden temporary
+
+
+def test_resuming_with_a_changed_config_lists_the_change_and_replans_the_data_it_moves(tmp_path):
+    raw = one_rank(tmp_path, steps=2)
+    train(steps_of(raw, 2), log=lambda _: None)
+    harmless = {**raw, "train": {**raw["train"], "log_every": 2, "eval_every": 3}}
+    lines: list[str] = []
+    assert train(steps_of(harmless, 4), log=lines.append).step == 4
+    text = "\n".join(lines)
+    assert ("resume: the config changed since step00000002: train.eval_every 0 -> 3, train.log_every 1 -> 2, "
+            "train.steps 2 -> 4") in text, text
+    assert "re-planned" not in text
+    moved = json.loads(json.dumps(harmless))
+    moved["tasks"]["face"]["shards"] = str(Path(raw["tasks"]["face"]["shards"]).resolve()) + "/"  # the same files
+    moved["train"]["micro_batch_size"] = 4
+    lines.clear()
+    assert train(steps_of(moved, 6), log=lines.append).step == 6
+    text = "\n".join(lines)
+    assert "tasks.face.shards" in text and "train.micro_batch_size 6 -> 4" in text, text
+    assert "resume: tasks.face.shards, train.micro_batch_size changed: task face's saved data position no longer " \
+           "applies; it is re-planned from the start of its epoch" in text, text
+    assert "resume: train.micro_batch_size changed: task digits's saved data position" in text, text
+    other = {**moved, "tasks": {"face": moved["tasks"]["face"]}}
+    with pytest.raises(UfoError, match="was trained on tasks face, digits, this config has face: a run's tasks "
+                                       "cannot change on resume"):
+        train(steps_of(other, 8), log=lambda _: None)
+
+
+def test_the_bad_data_summary_counts_the_whole_run_across_resumes(tmp_path):
+    def run(where: Path, stops: list[int]) -> dict:
+        raw = one_rank(where, steps=4, layout="mixed")
+        raw["data"]["shuffle_buffer"] = 0
+        for task in ("face", "digits"):
+            raw["tasks"][task]["shards"] = write_half_bad(where / "bad", task, 12, 6,
+                                                          raw["tasks"][task]["num_classes"])
+        for steps in stops:
+            train(steps_of(raw, steps), log=lambda _: None)
+        return json.loads((where / "run" / "metrics.json").read_text())["bad_data"]
+
+    straight, resumed = run(tmp_path / "straight", [4]), run(tmp_path / "resumed", [2, 4])
+    assert straight == {"samples": {"face": {"no image member": 24}, "digits": {"no image member": 24}},
+                        "empty_micro_batches": 4}
+    assert resumed == straight

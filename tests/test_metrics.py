@@ -160,3 +160,56 @@ def test_a_large_gallery_is_evaluated_in_bounded_blocks(monkeypatch):
     small = metrics.reid(q, q_ids, q_cams, g, g_ids, g_cams)
     monkeypatch.setattr(metrics, "BLOCK_ELEMENTS", 1 << 24)
     assert small == pytest.approx(metrics.reid(q, q_ids, q_cams, g, g_ids, g_cams))
+
+
+def test_reid_counts_the_queries_it_skips_and_why():
+    # gallery: identity 3 in camera 0 only, identity 4 in camera 1
+    g = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    g_ids, g_cams = torch.tensor([3, 4]), torch.tensor([0, 1])
+    # queries: 3 in camera 0 (its only match is in its own camera), 9 (not in the gallery), 4 in camera 0
+    q = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    q_ids, q_cams = torch.tensor([3, 9, 4]), torch.tensor([0, 0, 0])
+    assert metrics.reid(q, q_ids, q_cams, g, g_ids, g_cams)["queries"] == 1
+    assert metrics.reid_skipped(q_ids, q_cams, g_ids, g_cams) == {"skipped_absent": 1, "skipped_same_camera": 1}
+    from ufo.evaluate import measure
+
+    meta = lambda cams: cams[:, None]  # noqa: E731  (the reid protocol's metadata: the camera)
+    report = measure("reid", {"query": (q, q_ids, meta(q_cams)), "gallery": (g, g_ids, meta(g_cams))})
+    assert (report["queries"], report["skipped_absent"], report["skipped_same_camera"]) == (1, 1, 1)
+
+
+def reference_insightface_folds(dist: np.ndarray, same: np.ndarray, total: int, lost: set[int]) -> float:
+    """InsightFace's 10-fold accuracy (sklearn's KFold over the whole list of pairs, no shuffle), with the
+    pairs in `lost` left out of whichever fold the list put them in."""
+    from sklearn.model_selection import KFold
+
+    thresholds = np.arange(0, 4, 0.01)
+    accs = []
+    for train, test in KFold(n_splits=10, shuffle=False).split(np.arange(total)):
+        train = np.array([i for i in train if i not in lost])
+        test = np.array([i for i in test if i not in lost])
+        train_acc = [np.mean((dist[train] < t) == same[train]) for t in thresholds]
+        best = thresholds[int(np.argmax(train_acc))]
+        accs.append(np.mean((dist[test] < best) == same[test]))
+    return float(np.mean(accs))
+
+
+def test_a_pair_that_lost_a_member_leaves_every_other_pair_in_its_fold():
+    torch.manual_seed(5)
+    n, lost = 40, 0  # the first pair loses its second image: every later pair would shift a fold
+    same = torch.arange(n) % 2 == 0
+    first = torch.randn(n, 8)
+    second = torch.where(same[:, None], first + 0.9 * torch.randn(n, 8), torch.randn(n, 8))
+    # the pair split as the loader reads it: label = pair index, meta = (member, same)
+    out = torch.cat([first, second[1:]])
+    labels = torch.cat([torch.arange(n), torch.arange(1, n)])
+    meta = torch.stack([torch.cat([torch.zeros(n), torch.ones(n - 1)]),
+                        torch.cat([same, same[1:]]).float()], dim=1).long()
+    got = metrics.verification(*metrics.pairs_of(out, labels, meta))
+    a, b = torch.nn.functional.normalize(first, dim=1), torch.nn.functional.normalize(second, dim=1)
+    dist = (a - b).pow(2).sum(dim=1).double().numpy()
+    want = reference_insightface_folds(dist, same.numpy(), n, {lost})
+    assert got["pairs"] == n - 1
+    assert got["acc"] == pytest.approx(want, abs=1e-9)
+    refolded = metrics.verification(first[1:], second[1:], same[1:])  # folds cut over the 39 pairs left
+    assert refolded["acc"] != pytest.approx(want, abs=1e-9)  # the data tell the two splits apart

@@ -9,7 +9,8 @@ from mlflow import MlflowClient
 
 from test_train import tiny_run
 from ufo.config import config_from_dict
-from ufo.tracking import flatten, metric_name
+from ufo.config import flatten
+from ufo.tracking import metric_name
 from ufo.train import train
 
 

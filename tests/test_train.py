@@ -328,7 +328,7 @@ def test_sigusr1_checkpoints_stops_and_resumes(tmp_path):
 
 
 def test_deepspeed_config_from_the_run_config(tiny_cfg):
-    from ufo.train import deepspeed_config
+    from ufo.engine import deepspeed_config
 
     cfg = config_from_dict({**tiny_cfg.to_dict(), "deepspeed": {
         "zero_stage": 2, "precision": "bf16", "overrides": {"zero_optimization": {"overlap_comm": True}}}}, "t")
@@ -341,7 +341,7 @@ def test_deepspeed_config_from_the_run_config(tiny_cfg):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused only without CUDA")
 def test_fp16_on_a_cpu_is_refused(tiny_cfg):
     from ufo.errors import ConfigError
-    from ufo.train import deepspeed_config
+    from ufo.engine import deepspeed_config
 
     cfg = config_from_dict({**tiny_cfg.to_dict(), "deepspeed": {"precision": "fp16"}}, "t")
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
@@ -349,7 +349,7 @@ def test_fp16_on_a_cpu_is_refused(tiny_cfg):
 
 
 def test_lr_schedule_warms_up_then_decays(tiny_cfg):
-    from ufo.train import lr_schedule
+    from ufo.engine import lr_schedule
 
     cfg = config_from_dict({**tiny_cfg.to_dict(), "train": {"steps": 110, "warmup_steps": 10,
                                                             "min_lr_ratio": 0.1}}, "t")
@@ -360,7 +360,7 @@ def test_lr_schedule_warms_up_then_decays(tiny_cfg):
 
 def test_param_groups_skip_decay_on_norms_and_apply_layer_decay(tiny_cfg):
     from ufo.model import SupernetViT
-    from ufo.train import param_groups
+    from ufo.engine import param_groups
 
     cfg = config_from_dict({**tiny_cfg.to_dict(), "train": {"lr": 1.0, "layer_decay": 0.5}}, "t")
     model = SupernetViT.from_config(cfg)
@@ -427,7 +427,7 @@ def test_the_step_slices_carry_each_tasks_elastic_size():
 
 def test_zero3_is_configured_to_the_model_and_overrides_win(tiny_config_file):
     from ufo.config import load_config
-    from ufo.train import deepspeed_config
+    from ufo.engine import deepspeed_config
 
     zero = deepspeed_config(load_config(tiny_config_file, ["deepspeed.zero_stage=3"]))["zero_optimization"]
     h = 32  # the tiny model's width

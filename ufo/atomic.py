@@ -25,13 +25,14 @@ def pid_alive(pid: str) -> bool:
     return True
 
 
-def remove_stale(parent: Path, name: str) -> list[Path]:
-    """Remove what writes of `name` that died left in `parent` (its hidden `.tmp-PID`/`.old-PID`
-    siblings whose process is gone); returns what was removed."""
+def remove_stale(parent: Path, name: str | None = None) -> list[Path]:
+    """Remove what writes that died left in `parent` (hidden `.NAME.tmp-PID`/`.NAME.old-PID` files and
+    directories whose process is gone), of `name` only if given; returns what was removed."""
     removed = []
-    for stale in parent.glob(f".{name}.*-*"):
-        kind, _, pid = stale.name[len(name) + 2:].partition("-")
-        if kind in ("tmp", "old") and not pid_alive(pid):
+    for stale in parent.glob(f".{name if name is not None else '*'}.*-*"):
+        written, dot, rest = stale.name[1:].rpartition(".")
+        kind, _, pid = rest.partition("-")
+        if dot and (name is None or written == name) and kind in ("tmp", "old") and not pid_alive(pid):
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
             removed.append(stale)
     return removed

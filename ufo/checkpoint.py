@@ -22,20 +22,22 @@ import hashlib
 import json
 import os
 import pickle
+import random
 import re
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Container, Iterator, Sequence
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 import ufo
-from ufo.atomic import atomic_file, pid_alive
+from ufo.atomic import atomic_file, remove_stale
 from ufo.config import UfoConfig, config_from_dict
 from ufo.errors import CheckpointError
 from ufo.layout import import_deepspeed
@@ -263,13 +265,27 @@ def clean_checkpoints(directory: Path, say=None) -> None:
         if step_dir.is_dir() and not (step_dir / MARKER).exists():
             shutil.rmtree(step_dir, ignore_errors=True)
             say(f"removed {step_dir}: an unfinished checkpoint (no {MARKER})")
-    for tmp in list(directory.glob(".*.tmp-*")) + list(directory.glob("step*/.*.tmp-*")):
-        if not pid_alive(tmp.name.rpartition("-")[2]):
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    for parent in [directory, *sorted(p for p in directory.glob("step*") if p.is_dir())]:
+        remove_stale(parent)
 
 
 def _warn(line: str) -> None:
     print(f"ufo: warning: {line}", file=sys.stderr)
+
+
+def rng_state() -> dict:
+    """The generators' states as tensors and plain values (what a weights-only load reads back)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                   cached), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    """Put back what `rng_state` took."""
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
 
 
 def read_rank_state(tag_dir: Path, rank: int) -> dict:
@@ -449,18 +465,10 @@ def _read_module_files(tag_dir: Path, marker: dict, cfg: UfoConfig, tasks: list[
                 if key in state:
                     state[key] = master.view(state[key].shape)
         return state
-    world = range(marker["world_size"])
-    groups = {task: tuple(ranks) for task, ranks in marker["layout_groups"].items()} if sharded else {}
     pieces: dict[str, list[torch.Tensor]] = {}
-    for rank in world:  # ascending: partitions are in rank order, within the world and within a task
-        file = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
-        bf16 = tag_dir / f"bf16_{file}"  # DeepSpeed's name under bf16
-        shard = _load(bf16 if bf16.is_file() else tag_dir / file)["optimizer_state_dict"]
-        for flat, mapping in zip(shard["single_partition_of_fp32_groups"], shard["param_slice_mappings"]):
-            for name, fragment in mapping.items():
-                key = canonical_name(name)
-                if key in state and rank in groups.get(task_of(key), world):
-                    pieces.setdefault(key, []).append(flat.narrow(0, fragment.start, fragment.numel))
+    for key, shard, group, fragment in zero_fragments(tag_dir, marker, state):
+        flat = shard["single_partition_of_fp32_groups"][group]
+        pieces.setdefault(key, []).append(flat.narrow(0, fragment.start, fragment.numel))
     for key, tensor in state.items():
         flat = torch.cat(pieces.get(key, [torch.zeros(0)]))
         if flat.numel() != tensor.numel():
@@ -468,6 +476,25 @@ def _read_module_files(tag_dir: Path, marker: dict, cfg: UfoConfig, tasks: list[
                                   f"values of {key} (an incomplete copy of the checkpoint?)")
         state[key] = flat.view(tensor.shape).clone()
     return state
+
+
+def zero_fragments(tag_dir: Path, marker: dict, keys: Container[str]) -> Iterator[tuple[str, dict, int, Any]]:
+    """Every fragment of the `keys` parameters in a ZeRO 1/2 checkpoint's partitions, in the order that
+    puts each parameter together: (key, the rank's optimizer state dict, its group, the fragment's
+    start and numel). Ranks ascend (partitions are in rank order, in the world and in a task's group);
+    a task-sharded task's parameters come from its own ranks' files only."""
+    world = range(marker["world_size"])
+    sharded = marker.get("placement") == "task_sharded"
+    groups = {task: tuple(ranks) for task, ranks in marker["layout_groups"].items()} if sharded else {}
+    for rank in world:
+        file = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        bf16 = tag_dir / f"bf16_{file}"  # DeepSpeed's name under bf16
+        shard = _load(bf16 if bf16.is_file() else tag_dir / file)["optimizer_state_dict"]
+        for group, mapping in enumerate(shard["param_slice_mappings"]):
+            for name, fragment in mapping.items():
+                key = canonical_name(name)
+                if key in keys and rank in groups.get(task_of(key), world):
+                    yield key, shard, group, fragment
 
 
 def task_of(name: str) -> str | None:

@@ -417,9 +417,8 @@ def _data_inspect(args: argparse.Namespace) -> int:
 
 
 def _bench_data(args: argparse.Namespace) -> None:
-    import json
-
-    from ufo.bench import bench_data, bench_jpeg, format_data_bench, format_jpeg_bench
+    from ufo.bench.data import bench_data, bench_jpeg, format_data_bench, format_jpeg_bench
+    from ufo.bench.harness import show
     from ufo.config import load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -430,28 +429,26 @@ def _bench_data(args: argparse.Namespace) -> None:
 
         with tempfile.TemporaryDirectory(prefix="ufo-bench-jpeg-") as work:
             result["jpeg"] = bench_jpeg(cfg, Path(work), side=args.jpeg_side, samples=args.jpeg_samples)
-    print(json.dumps(result, indent=2) if args.json else format_data_bench(result))
+    show(result, format_data_bench, args.json)
     if not args.json and "jpeg" in result:
         print(format_jpeg_bench(result["jpeg"]))
 
 
 def _bench_train(args: argparse.Namespace) -> None:
-    import json
-
-    from ufo.bench import bench_train, format_train_bench
+    from ufo.bench.harness import show
+    from ufo.bench.train import bench_train, format_train_bench
     from ufo.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     memory = load_config(args.memory_config) if args.memory_config else None
     stages = [int(s) for s in args.memory_stages.split(",") if s.strip()]
     result = bench_train(cfg, steps=args.steps, world=args.ranks, memory_config=memory, stages=stages)
-    print(json.dumps(result, indent=2) if args.json else format_train_bench(result))
+    show(result, format_train_bench, args.json)
 
 
 def _bench_scale(args: argparse.Namespace) -> None:
-    import json
-
-    from ufo.bench import bench_scale, format_scale_bench, vit_h_config
+    from ufo.bench.harness import show
+    from ufo.bench.scale import bench_scale, format_scale_bench, vit_h_config
     from ufo.config import load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -462,24 +459,22 @@ def _bench_scale(args: argparse.Namespace) -> None:
                    "ViT-H (26 tasks)": vit_h_config(26, same)} if args.project else {}
     counts = [int(n) for n in args.tasks.split(",") if n.strip()]
     result = bench_scale(cfg, counts, zero=args.zero, steps=args.steps, projections=projections)
-    print(json.dumps(result, indent=2) if args.json else format_scale_bench(result))
+    show(result, format_scale_bench, args.json)
 
 
 def _bench_export(args: argparse.Namespace) -> None:
-    import json
-
-    from ufo.bench import bench_export, format_export_bench
+    from ufo.bench.export import bench_export, format_export_bench
+    from ufo.bench.harness import show
     from ufo.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     result = bench_export(cfg, task=args.task, world=args.ranks, zero=args.zero)
-    print(json.dumps(result, indent=2) if args.json else format_export_bench(result))
+    show(result, format_export_bench, args.json)
 
 
 def _bench_weighting(args: argparse.Namespace) -> None:
-    import json
-
-    from ufo.bench import bench_weighting, format_weighting_bench
+    from ufo.bench.harness import show
+    from ufo.bench.weighting import bench_weighting, format_weighting_bench
     from ufo.config import load_config
     from ufo.weighting import STRATEGIES
 
@@ -487,48 +482,45 @@ def _bench_weighting(args: argparse.Namespace) -> None:
     strategies = list(STRATEGIES) if args.strategies == "all" else [s.strip() for s in args.strategies.split(",")]
     result = bench_weighting(cfg, strategies, args.steps, args.out, overwrite=args.overwrite,
                              log=(lambda _: None) if args.json else print)
-    print(json.dumps(result, indent=2) if args.json else format_weighting_bench(result))
+    show(result, format_weighting_bench, args.json)
     if not args.json:
         print(f"weights and losses over time: {args.out / 'weighting.png'}")
 
 
 def _bench_ufo(args: argparse.Namespace) -> None:
-    import json
-
-    from ufo.bench import UFO_SETTINGS, bench_ufo, format_ufo_bench
+    from ufo.bench.harness import show
+    from ufo.bench.ufo import UFO_SETTINGS, bench_ufo, format_ufo_bench
     from ufo.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     settings = list(UFO_SETTINGS) if args.settings == "all" else [s.strip() for s in args.settings.split(",")]
     result = bench_ufo(cfg, args.steps, args.out, settings, launcher=args.launcher, overwrite=args.overwrite,
                        log=(lambda _: None) if args.json else print)
-    print(json.dumps(result, indent=2) if args.json else format_ufo_bench(result))
+    show(result, format_ufo_bench, args.json)
     if not args.json:
         print(f"wrote {args.out / 'ufo.json'} and {args.out / 'ufo.png'}")
 
 
 def _bench_elastic(args: argparse.Namespace) -> None:
-    import json
-
-    from ufo.bench import bench_elastic, format_elastic_bench
+    from ufo.bench.elastic import bench_elastic, format_elastic_bench
+    from ufo.bench.harness import show
     from ufo.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     result = bench_elastic(cfg, args.steps, args.out, overwrite=args.overwrite,
                            log=(lambda _: None) if args.json else print)
-    print(json.dumps(result, indent=2) if args.json else format_elastic_bench(result))
+    show(result, format_elastic_bench, args.json)
 
 
 def _bench_model(args: argparse.Namespace) -> None:
-    import json
-
-    from ufo.bench import bench_model, format_model_bench
+    from ufo.bench.harness import show
+    from ufo.bench.model import bench_model, format_model_bench
     from ufo.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     result = bench_model(cfg, batch_per_task=args.batch_per_task, steps=args.steps,
                          warmup=args.warmup, threads=args.threads)
-    print(json.dumps(result, indent=2) if args.json else format_model_bench(result))
+    show(result, format_model_bench, args.json)
 
 
 if __name__ == "__main__":

@@ -482,3 +482,42 @@ def _check(cfg: UfoConfig, source: str, overridden: Mapping[str, str]) -> UfoCon
             raise fail(f"{key}.margin_value", "an ArcFace margin is an angle in radians below pi")
         tasks[name] = task.model_copy(update={"path": path})
     return cfg.model_copy(update={"tasks": tasks})
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """A nested config as dotted MLflow params (`train.weighting.name`); lists and empty maps as JSON."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+            flat[name] = text[:6000]
+    return flat
+
+
+# what a task's data position (epoch, batches taken) was planned from: after a change, the position
+# no longer names the same samples (all tasks' for a run-wide key, the task's own for a task's key)
+DATA_PLAN_KEYS = ("train.micro_batch_size", "train.seed", "data.mode", "data.shuffle_buffer", "data.num_workers")
+TASK_DATA_PLAN_KEYS = ("shards", "samples_per_epoch")
+
+
+def config_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+    """Dotted key -> (saved value, value now) of every setting that differs between two resolved configs."""
+    before, after = flatten(saved), flatten(now)
+    return {key: (before.get(key, "(unset)"), after.get(key, "(unset)"))
+            for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)}
+
+
+def data_plan_changes(changes: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, list[str]]:
+    """Task -> the changed keys that move its data position (see DATA_PLAN_KEYS)."""
+    out: dict[str, list[str]] = {}
+    for key in changes:
+        if key in DATA_PLAN_KEYS:
+            for task in tasks:
+                out.setdefault(task, []).append(key)
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "tasks" and parts[1] in tasks and parts[2] in TASK_DATA_PLAN_KEYS:
+            out.setdefault(parts[1], []).append(key)
+    return out

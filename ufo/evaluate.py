@@ -1,6 +1,7 @@
 """A task's evaluation: its eval sets (from the config and the shards' manifests), read on every
-rank, measured on one by the task's protocol (`ufo/metrics.py`); and `ufo eval`, the same for a
-checkpoint or an exported subnet.
+rank, measured on one by the task's protocol (`ufo/metrics.py`); a training engine's tasks
+evaluated on its ranks (`evaluate_engine`); and `ufo eval`, the same for a checkpoint or an
+exported subnet.
 """
 
 from __future__ import annotations
@@ -10,15 +11,18 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 
 from ufo.checkpoint import load_supernet, read_checkpoint, trained_path
-from ufo.config import config_from_dict
+from ufo.config import UfoConfig, config_from_dict
 from ufo.data.loader import task_loader
 from ufo.data.shards import eval_sets
 from ufo.errors import DataError
 from ufo.export import load_subnet
-from ufo.metrics import (PRIMARY, EvalSet, classification, default_protocol, pairs_of, reid, retrieval,
-                         verification)
+from ufo.layout import Layout, task_groups
+from ufo.metrics import (PRIMARY, EvalSet, classification, default_protocol, pairs_of, reid, reid_skipped,
+                         retrieval, verification)
+from ufo.model import TaskSlice
 
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # outputs, labels, meta (n, len(META_KEYS))
 
@@ -27,7 +31,8 @@ def measure(protocol: str, parts: dict[str, Outputs]) -> dict[str, float]:
     """The protocol's metrics from every part's outputs (all ranks' samples, any order)."""
     if protocol == "reid":
         (q, qid, qm), (g, gid, gm) = parts["query"], parts["gallery"]
-        return {**reid(q, qid, qm[:, 0], g, gid, gm[:, 0]), "gallery": len(gid)}
+        return {**reid(q, qid, qm[:, 0], g, gid, gm[:, 0]), **reid_skipped(qid, qm[:, 0], gid, gm[:, 0]),
+                "gallery": len(gid)}
     out, labels, meta = parts["all"]
     if protocol == "classification":
         return {**classification(out, labels), "samples": len(labels)}
@@ -89,6 +94,53 @@ def evaluate_task(cfg, task: str, forward: Callable[[torch.Tensor], torch.Tensor
     return result
 
 
+@torch.no_grad()
+def evaluate_engine(engine, cfg: UfoConfig, layout: Layout, rank: int, paths: dict[str, str], dtype: torch.dtype,
+             say: Callable[[str], None] = print) -> dict[str, dict[str, float]]:
+    """Each task on its eval sets and path, by its protocol .
+
+    Replicated: every rank reads its share of every task's eval set (the same number of batches on
+    each) and calls the model with a slice of every task, as in training, so ZeRO-3 can gather
+    parameters. Task-sharded: each rank evaluates its own task, its share of it among the task's
+    ranks. The outputs are gathered on the task's first rank, which measures; every rank gets every
+    task's metrics.
+    """
+    world, tasks = layout.world_size, list(cfg.tasks)
+    sharded = layout.placement == "task_sharded"
+    module = engine.module
+    was_training = module.training
+    module.eval()
+    results = {}
+    for task in layout.tasks_of(rank) if sharded else tasks:
+        here = [task] if sharded else tasks
+        group = task_groups(layout)[task] if sharded else None
+        size = layout.group_size(task) if sharded else world
+        first = layout.groups[task][0] if sharded else 0
+
+        def forward(images: torch.Tensor) -> torch.Tensor:
+            slices = [TaskSlice(t, paths[t], len(images) if t == task else 0) for t in here]
+            return module(images.to(engine.device, dtype=dtype), slices)[here.index(task)]
+
+        def gather(mine):
+            everyone: list = [None] * size
+            dist.all_gather_object(everyone, mine, group=group)
+            return everyone if rank == first else None
+
+        measured = evaluate_task(cfg, task, forward, rank=layout.rank_in_group(task, rank) if sharded else rank,
+                                 group_size=size, gather=gather)
+        if measured:
+            results[task] = measured
+    everyone: list = [None] * world  # every rank learns every task's metrics, in config order
+    dist.all_gather_object(everyone, results)
+    merged = {k: v for part in everyone for k, v in part.items()}
+    results = {task: merged[task] for task in tasks if task in merged}
+    module.train(was_training)
+    if results:
+        say("eval: " + " | ".join(f"{task} " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                         for k, v in r.items()) for task, r in results.items()))
+    return results
+
+
 def parse_shards(items: Sequence[str]) -> str | dict[str, str] | None:
     """`--shards SPEC` (one set) or `--shards NAME=SPEC` repeated (query=..., gallery=...; lfw=...)."""
     if not items:
@@ -144,8 +196,6 @@ def eval_target(target: str | Path, task: str, shards: str | dict[str, str] | No
         + ", ".join(f"{es.name or task} by {es.protocol}" for es in sets) + (f", {world} ranks" if world > 1 else ""))
 
     def gather(mine):
-        import torch.distributed as dist
-
         everyone: list = [None] * world
         dist.all_gather_object(everyone, mine)
         return everyone if rank == 0 else None

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import timm
 import torch
@@ -24,7 +25,7 @@ from torch import nn
 
 import ufo
 from ufo.atomic import atomic_dir
-from ufo.checkpoint import Checkpoint, load_supernet, read_checkpoint, trained_path
+from ufo.checkpoint import Checkpoint, load_supernet, read_checkpoint, trained_path, write_failure
 from ufo.config import UfoConfig
 from ufo.errors import ExportError
 from ufo.model import SupernetViT, postprocess, subnet_args, subnet_state_dict
@@ -84,7 +85,7 @@ def export_subnet(checkpoint: str | Path | Checkpoint, task: str, out: str | Pat
     if missing:
         raise ExportError(f"{ckpt.path}: --path {path}: {missing}")
     source, step = ckpt.path, ckpt.step
-    with atomic_dir(out) as tmp:
+    with _writing(out) as tmp:
         written = _write_subnet(supernet, ckpt, task, path, tmp, out, formats, verify, log, elastic)
         written.result.path_from = path_from
         # let go of the checkpoint's tensors (memory-mapped pages) before verification loads the files
@@ -104,13 +105,29 @@ def export_all_tasks(checkpoint: str | Path | Checkpoint, out: str | Path, forma
     _refuse_existing(out, overwrite)
     supernet = load_supernet(ckpt).eval()
     done = []
-    with atomic_dir(out) as tmp:
+    with _writing(out) as tmp:
         for task in cfg.tasks:
             path, path_from = trained_path(ckpt, task)
             written = _write_subnet(supernet, ckpt, task, path, tmp / task, out / task, formats, verify, log)
             written.result.path_from = path_from
             done.append(_finish_subnet(written, ckpt.path, ckpt.step, cfg, formats, atol, log))
     return done
+
+
+@contextmanager
+def _writing(out: Path) -> Iterator[Path]:
+    """`atomic_dir(out)`, where a write that fails (a full disk) is one line naming the path and the OS's
+    reason: nothing is left behind and what `out` held before stays."""
+    try:
+        with atomic_dir(out) as tmp:
+            yield tmp
+    except OSError as e:
+        raise ExportError(f"{out}: the subnet was not written: {write_failure(out, e)}") from None
+    except RuntimeError as e:  # torch's and ONNX's writers report a full disk in their own words
+        reason = write_failure(out, e)
+        if "No space left on device" not in reason:
+            raise
+        raise ExportError(f"{out}: the subnet was not written: {reason}") from None
 
 
 def build_subnet(supernet: SupernetViT, cfg: UfoConfig, task: str, path: str,
@@ -197,7 +214,7 @@ def _finish_subnet(w: _Written, ckpt_path: Path, step: int, cfg: UfoConfig, form
         postprocess="l2_normalize" if kind == "retrieval" else None,
         preprocessing=w.preprocessing, files={fmt: FILES[fmt] for fmt in formats},
         verification={"max_abs_diff": result.max_abs_diff, "atol": atol} if w.reference is not None else None,
-        source_checkpoint=str(ckpt_path), source_step=step, ufo_version=ufo.__version__,
+        source_checkpoint=str(Path(ckpt_path).resolve()), source_step=step, ufo_version=ufo.__version__,
     )
     (w.tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if "safetensors" not in formats:

@@ -4,9 +4,12 @@ numbers it reports (`ufo/evaluate.py` reads the sets and runs them).
 - `reid` (person and vehicle re-identification: Market-1501, DukeMTMC-reID, MSMT17, VeRi-776):
   every query against the gallery by cosine similarity; for each query the gallery samples of
   the same identity *and* the same camera are removed (they are not a re-identification);
-  queries left with no match are skipped; CMC Rank-1/5/10, mAP and mINP (Ye et al. 2021, the
-  cost of finding the hardest match). As in the reference code of those benchmarks
-  (`evaluate_market1501`, fast-reid's `eval_market1501`).
+  queries left with no match are skipped (and counted, by why); CMC Rank-1/5/10, mAP and mINP
+  (Ye et al. 2021, the cost of finding the hardest match). As fast-reid computes them
+  (`fastreid/evaluation/rank.py`, `eval_market1501`; torchreid's `metrics/rank.py` alike): AP is
+  the mean of the precisions at each match. Market-1501's own MATLAB code (`compute_AP.m`)
+  averages precision by the trapezoid rule instead and reports a lower mAP (0.456 against 0.475
+  on the demo's persons).
 - `verification` (faces: LFW, CFP-FP, AgeDB-30): image pairs, the squared distance of their
   L2-normalized embeddings, accuracy 10-fold cross-validated with the threshold chosen on the
   other nine folds (InsightFace's `verification.py`, thresholds 0 to 4 by 0.01); optional flip
@@ -82,7 +85,8 @@ def classification(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]
 def reid(query: torch.Tensor, query_ids: torch.Tensor, query_cams: torch.Tensor, gallery: torch.Tensor,
          gallery_ids: torch.Tensor, gallery_cams: torch.Tensor, ranks: Sequence[int] = (1, 5, 10),
          block: int | None = None) -> dict[str, float]:
-    """CMC Rank-k, mAP and mINP of `query` against `gallery` under the Market-1501 protocol."""
+    """CMC Rank-k, mAP and mINP of `query` against `gallery` under the Market-1501 rules, computed as
+    fast-reid's `eval_market1501` does, and the number of queries measured (see `reid_skipped`)."""
     q, g = _normalized(query), _normalized(gallery)
     hits_at = torch.zeros(len(ranks), dtype=torch.float64)
     ap_sum = inp_sum = 0.0
@@ -115,6 +119,22 @@ def reid(query: torch.Tensor, query_ids: torch.Tensor, query_cams: torch.Tensor,
             "map": ap_sum / valid_queries, "minp": inp_sum / valid_queries, "queries": valid_queries}
 
 
+def reid_skipped(query_ids: torch.Tensor, query_cams: torch.Tensor, gallery_ids: torch.Tensor,
+                 gallery_cams: torch.Tensor) -> dict[str, int]:
+    """The queries `reid` skips, by why: their identity is not in the gallery at all
+    (`skipped_absent`), or only in their own camera (`skipped_same_camera`, all removed)."""
+    cameras: dict[int, set[int]] = {}
+    for pid, cam in zip(gallery_ids.tolist(), gallery_cams.tolist()):
+        cameras.setdefault(pid, set()).add(cam)
+    absent = same_camera = 0
+    for pid, cam in zip(query_ids.tolist(), query_cams.tolist()):
+        if pid not in cameras:
+            absent += 1
+        elif not cameras[pid] - {cam}:
+            same_camera += 1
+    return {"skipped_absent": absent, "skipped_same_camera": same_camera}
+
+
 def retrieval(embeddings: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 10, 100, 1000),
               block: int | None = None) -> dict[str, float]:
     """Leave-one-out Recall@K (K below the set's size) and mAP: every sample against all the others;
@@ -145,23 +165,29 @@ def retrieval(embeddings: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
             "queries": queries}
 
 
-def verification(first: torch.Tensor, second: torch.Tensor, same: torch.Tensor, folds: int = 10,
-                 fars: Sequence[float] = (1e-4, 1e-3)) -> dict[str, float]:
+def verification(first: torch.Tensor, second: torch.Tensor, same: torch.Tensor, index: torch.Tensor | None = None,
+                 total: int | None = None, folds: int = 10, fars: Sequence[float] = (1e-4, 1e-3)
+                 ) -> dict[str, float]:
     """Pair verification: 10-fold accuracy (threshold chosen on the other folds; folds contiguous, as
-    sklearn's KFold without shuffling), its spread, and TAR at each FAR the negatives can measure."""
+    sklearn's KFold without shuffling), its spread, and TAR at each FAR the negatives can measure.
+
+    `index`: each pair's position in the set's list of `total` pairs (default: 0..n-1 of n). The folds
+    are cut over the whole list, so a pair left out (a bad sample) moves no other pair's fold, as in
+    InsightFace's split of the full list."""
     a, b = _normalized(first), _normalized(second)
     dist = (a - b).pow(2).sum(dim=1).double()
     same = same.bool()
     thresholds = torch.arange(0, 4, 0.01, dtype=torch.float64)
     n = len(dist)
-    sizes = [n // folds + (i < n % folds) for i in range(folds)]
+    index = torch.arange(n) if index is None else index.long()
+    total = n if total is None else total
+    sizes = [total // folds + (i < total % folds) for i in range(folds)]
     bounds = torch.tensor([0, *sizes]).cumsum(0).tolist()
     predicted = dist[None, :] < thresholds[:, None]  # (thresholds, pairs)
     right = (predicted == same[None, :]).double()
     accuracies = []
     for i in range(folds):
-        test = torch.zeros(n, dtype=torch.bool)
-        test[bounds[i]:bounds[i + 1]] = True
+        test = (index >= bounds[i]) & (index < bounds[i + 1])
         if not test.any():
             continue
         train_acc = right[:, ~test].mean(dim=1)
@@ -179,9 +205,10 @@ def verification(first: torch.Tensor, second: torch.Tensor, same: torch.Tensor, 
     return out
 
 
-def pairs_of(out: torch.Tensor, labels: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """A pair split's samples (label: pair index; meta: member 0/1, same) as (first, second, same), the
-    pairs in index order; a pair missing a member (a bad sample) is left out."""
+def pairs_of(out: torch.Tensor, labels: torch.Tensor, meta: torch.Tensor) -> tuple:
+    """A pair split's samples (label: pair index; meta: member 0/1, same) as (first, second, same, index,
+    total): the whole pairs in index order, their indices, and the list's length (the highest index
+    seen, whole or not, plus one); a pair missing a member (a bad sample) is left out."""
     first: dict[int, int] = {}
     second: dict[int, int] = {}
     for i, (pair, member) in enumerate(zip(labels.tolist(), meta[:, 0].tolist())):
@@ -189,4 +216,5 @@ def pairs_of(out: torch.Tensor, labels: torch.Tensor, meta: torch.Tensor) -> tup
     whole = sorted(set(first) & set(second))
     a = torch.tensor([first[p] for p in whole], dtype=torch.long)
     b = torch.tensor([second[p] for p in whole], dtype=torch.long)
-    return out[a], out[b], meta[a, 1].bool()
+    total = int(labels.max()) + 1 if len(labels) else 0
+    return out[a], out[b], meta[a, 1].bool(), torch.tensor(whole, dtype=torch.long), total

@@ -22,12 +22,14 @@ per-group `step`, the engine's step counters) are read off deepspeed 0.19.8, as 
 
 from __future__ import annotations
 
+import random
 import shutil
 import tempfile
 from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -38,7 +40,9 @@ from ufo.checkpoint import (
     read_checkpoint,
     read_rank_state,
     safe_load,
+    set_rng_state,
     task_of,
+    zero_fragments,
 )
 from ufo.config import UfoConfig
 from ufo.errors import CheckpointError
@@ -97,25 +101,15 @@ def _read_torch_optimizers(tag_dir: Path, marker: dict, cfg: UfoConfig, tasks: l
 def _read_zero_partitions(tag_dir: Path, marker: dict, cfg: UfoConfig, weights: dict) -> tuple[dict, int]:
     """ZeRO 1/2: each parameter's optimizer state assembled from the ranks' partitions (as the fp32
     masters are in `ufo.checkpoint._read_module_files`)."""
-    world = range(marker["world_size"])
-    sharded = marker.get("placement") == "task_sharded"
-    groups = {task: tuple(ranks) for task, ranks in marker["layout_groups"].items()} if sharded else {}
     pieces: dict[tuple[str, str], list[torch.Tensor]] = {}
     step = 0
-    for rank in world:
-        file = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
-        bf16 = tag_dir / f"bf16_{file}"
-        shard = _load(bf16 if bf16.is_file() else tag_dir / file)["optimizer_state_dict"]
-        base = shard["base_optimizer_state"]["state"]
-        for g, mapping in enumerate(shard["param_slice_mappings"]):
-            flats = {k: v for k, v in base.get(g, {}).items() if isinstance(v, torch.Tensor) and v.dim() > 0}
-            if "step" in base.get(g, {}):
-                step = max(step, int(base[g]["step"]))
-            for name, fragment in mapping.items():
-                key = canonical_name(name)
-                if key in weights and rank in groups.get(task_of(key), world):
-                    for state, flat in flats.items():
-                        pieces.setdefault((key, state), []).append(flat.narrow(0, fragment.start, fragment.numel))
+    for key, shard, group, fragment in zero_fragments(tag_dir, marker, weights):
+        base = shard["base_optimizer_state"]["state"].get(group, {})
+        if "step" in base:
+            step = max(step, int(base["step"]))
+        for state, flat in base.items():
+            if isinstance(flat, torch.Tensor) and flat.dim() > 0:
+                pieces.setdefault((key, state), []).append(flat.narrow(0, fragment.start, fragment.numel))
     states: dict[str, dict] = {}
     for (key, state), parts in pieces.items():
         flat = torch.cat(parts)
@@ -261,3 +255,44 @@ def portable_rank_state(tag_dir: Path, marker: dict, layout: Layout, rank: int, 
         data[task] = (state["tasks"][task] if "tasks" in state else state, len(old_groups[task]))
     first = read_rank_state(tag_dir, 0)
     return {"data": data, "weighting": first.get("weighting"), "step": int(first["step"])}
+
+
+def layout_of(marker: dict) -> str:
+    """A checkpoint's (or a run's) ranks, placement and task groups, in a few words."""
+    groups = marker.get("layout_groups", {})
+    return (f"{marker['world_size']} rank{'s' if marker['world_size'] > 1 else ''}, placement "
+            f"{marker.get('placement', 'replicated')}, " + " ".join(f"{t}:{','.join(map(str, r))}"
+                                                                   for t, r in groups.items()))
+
+
+def resume_elsewhere(engine, tag_dir: Path, marker: dict, cfg: UfoConfig, layout: Layout, rank: int,
+                     say) -> dict[str, Any]:
+    """Load a checkpoint written by another number of ranks, layout split or placement into `engine`:
+    weights, optimizer state, step and lr schedule by parameter name. A rank that existed keeps its
+    RNG state, a new rank's is seeded from (seed, step, rank). Returns this rank's share of the
+    state (`portable_rank_state`): each task's data position, to be re-split over its new ranks
+    (`TaskLoader.load_state_dict`), and the weighting as it was."""
+    d = cfg.deepspeed
+    if (marker.get("zero_stage", 0), marker.get("precision", "fp32")) != (d.zero_stage, d.precision):
+        raise CheckpointError(f"{tag_dir}: was written under ZeRO {marker.get('zero_stage', 0)} "
+                              f"{marker.get('precision')}, this run is ZeRO {d.zero_stage} {d.precision}: resume with "
+                              "the same deepspeed section")
+    now = {"world_size": layout.world_size, "placement": layout.placement, "layout_groups": layout.groups}
+    say(f"resuming {tag_dir.name} of {layout_of(marker)} on {layout_of(now)}: weights and "
+        "optimizer state by name, data re-split")
+    state = portable_rank_state(tag_dir, marker, layout, rank, layout.tasks_of(rank))
+    if d.zero_stage == 0 and marker.get("placement", "replicated") == layout.placement == "replicated":
+        # ZeRO 0 replicated: rank 0's files hold the whole model and optimizer, whatever the world size
+        engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=True)
+    else:
+        portable, optimizer_step = read_portable(tag_dir, marker, cfg, layout.held(rank))
+        # Adam's count is the run's step (bf16 and fp32 skip no step)
+        load_portable(engine, portable, optimizer_step or state["step"], cfg, layout, rank)
+    if rank < marker["world_size"]:  # a rank that was there before keeps its generators
+        set_rng_state(read_rank_state(tag_dir, rank)["rng"])
+    else:
+        fresh = int(np.random.SeedSequence([cfg.train.seed, state["step"], rank]).generate_state(1)[0])
+        random.seed(fresh)
+        np.random.seed(fresh)
+        torch.manual_seed(fresh)
+    return state

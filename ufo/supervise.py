@@ -46,6 +46,13 @@ def _stat(pid: int) -> tuple[int, int] | None:
     return int(fields[1]), int(fields[19])
 
 
+def process_start(pid: int) -> int | None:
+    """When a process started (clock ticks since boot), or None where it is gone: with its PID, this
+    names one process for good, where a PID alone may be reused."""
+    stat = _stat(pid)
+    return stat[1] if stat else None
+
+
 def launcher_ancestors(pid: int | None = None) -> list[tuple[int, int, str]]:
     """The launchers above this process: (pid, start time, command line) of each ancestor, from the
     parent up, as long as they are launchers (a shell or an init above them is not watched)."""

@@ -32,19 +32,6 @@ def tracking_uri(cfg: UfoConfig, out: Path) -> str:
     return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(out / 'mlflow.db').resolve()}"
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """A nested config as dotted MLflow params (`train.weighting.name`); lists and empty maps as JSON."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, name + "."))
-        else:
-            text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
-            flat[name] = text[:6000]
-    return flat
-
-
 def metric_name(name: str) -> str:
     """MLflow metric names allow letters, digits, `_ - . /` and spaces (`recall@1` -> `recall_1`)."""
     return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)

@@ -1,7 +1,9 @@
 """The DeepSpeed training loop of the supernet: `train(cfg)`.
 
-Built in order: process group and layout, data, model, engine, weighting. Then one loop: batch ->
-forward -> per-task losses -> weights -> backward -> step -> log -> maybe eval -> maybe checkpoint.
+Built in order: process group and layout, the run's claim on its directory, data, engine
+(`ufo/engine.py`), policies and weighting, resume, history and tracking. Then one loop: batch ->
+forward -> per-task losses -> weights -> backward -> step -> log -> maybe eval -> maybe
+checkpoint; `_finish` ends the run (plots, bad-data summary, final evaluation, metrics.json).
 
 Gradient semantics (DESIGN.md): under replicated placement every rank passes a slice of every
 task to the model, empty for the tasks it does not serve, so every rank calls the same modules in
@@ -20,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
 import time
 from collections import Counter
@@ -28,36 +29,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 import ufo
-from ufo.atomic import atomic_file
 from ufo.checkpoint import (
-    canonical_name,
     _marker,
     check_step_files,
     clean_checkpoints,
     find_training_checkpoint,
-    init_supernet,
-    load_supernet,
-    read_checkpoint,
     read_rank_state,
+    rng_state,
     save_training_checkpoint,
+    set_rng_state,
 )
-from ufo.config import UfoConfig
-from ufo.data import MixedLoader, endless, label_counts, task_loader
+from ufo.config import UfoConfig, config_changes, data_plan_changes, flatten
+from ufo.data import MixedLoader, TaskLoader, endless, label_counts, task_loader
 from ufo.data.shards import check_task_data
-from ufo.errors import ConfigError, UfoError
-from ufo.evaluate import evaluate_task
-from ufo.layout import Layout, import_deepspeed, init_distributed, make_layout, task_groups
+from ufo.engine import build_engine
+from ufo.errors import UfoError
+from ufo.evaluate import evaluate_engine
+from ufo.layout import Layout, init_distributed, make_layout
 from ufo.model import SupernetViT, TaskSlice
-from ufo.model.supernet import apply_heads
 from ufo.model.paths import OPEN, ElasticPolicy, PathPolicy
+from ufo.model.supernet import apply_heads
 from ufo.plots import plot_history, plot_paths
+from ufo.progress import History, Meter, StepMean, eval_metrics, progress_line, record_metrics
+from ufo.reshard import resume_elsewhere
+from ufo.runlock import RunDirBusy, RunLock
 from ufo.supervise import Stop, report_stopped
-from ufo.tracking import Tracker, flatten
+from ufo.tracking import Tracker
 from ufo.weighting import Observation, Weighting, build_weighting, label_entropy
 
 Log = Callable[[str], None]
@@ -74,135 +75,30 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # this process's per-step records (history.jsonl)
 
 
-def deepspeed_config(cfg: UfoConfig) -> dict[str, Any]:
-    """The DeepSpeed config ufo builds from the run's config; `deepspeed.overrides` merged last."""
-    t, d = cfg.train, cfg.deepspeed
-    if d.precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("deepspeed.precision: fp16 needs a CUDA device; use bf16 or fp32 on a CPU")
-    config = {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "gradient_clipping": t.gradient_clipping,
-        "zero_optimization": {"stage": d.zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": d.precision == "bf16"},
-        "fp16": {"enabled": d.precision == "fp16", "loss_scale": 0},
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-    if d.zero_stage == 3:  # buckets sized to the model (the usual recipe), not DeepSpeed's 5e8-element defaults
-        h = cfg.model.embed_dim
-        # gathered parameters released after use (DeepSpeed's 1e9-element reuse distance and live limit
-        # keep every gathered parameter until backward), and the optimizer stepped in sub-groups of
-        # 16 width^2 elements: with the 1e9 default one rank's whole partition is one sub-group, and the
-        # step's fp32 gradient copy and Adam's temporaries are each as large as the partition
-        config["zero_optimization"].update(reduce_bucket_size=h * h, stage3_prefetch_bucket_size=int(0.9 * h * h),
-                                           stage3_param_persistence_threshold=10 * h,
-                                           stage3_max_live_parameters=16 * h * h, stage3_max_reuse_distance=h * h,
-                                           sub_group_size=16 * h * h)
-    return _merge(config, d.overrides)
+@dataclass
+class _Run:
+    """What the loop's named steps share: the run's parts, built once by `train`."""
 
+    cfg: UfoConfig
+    layout: Layout
+    rank: int
+    out: Path
+    say: Log
+    loader: Any  # TaskLoader or MixedLoader
+    engine: Any
+    scheduler: Any
+    group_names: list
+    policy: PathPolicy
+    weighting: Weighting
+    dtype: torch.dtype
+    tracker: Tracker | None = None
+    history: History | None = None
+    empty: Counter = field(default_factory=Counter)  # micro-batches with no sample on any rank, skipped alike
+    bad_before: dict = field(default_factory=dict)  # the bad data of the run's earlier invocations (all ranks)
 
-def lr_schedule(cfg: UfoConfig) -> Callable[[int], float]:
-    """The lr factor at optimizer step s: linear warmup from lr/warmup_steps, then cosine to min_lr_ratio.
-
-    (DeepSpeed's WarmupCosineLR spends the first step at lr 0; torch's LambdaLR with this does not.)
-    """
-    t = cfg.train
-
-    def factor(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
-        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def param_groups(model: SupernetViT, cfg: UfoConfig) -> list[dict]:
-    """Optimizer groups: no weight decay on norms, biases and embeddings; optional layer-wise lr decay;
-    FFN-shared at `train.shared_ffn_lr_scale` and each task's FFN-task at its `ffn_lr_scale` of the
-    lr; learned path logits at `train.path.lr` and `train.path.weight_decay`."""
-    t, depth = cfg.train, len(model.blocks)
-    groups: dict[tuple, dict] = {}
-    for raw_name, param in model.named_parameters():
-        name = canonical_name(raw_name)
-        ndim = len(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 partition's own shape is flat
-        if name.startswith("path_logits."):
-            group = groups.setdefault(("path",), {"params": [], "lr": t.path.lr, "weight_decay": t.path.weight_decay})
-            group["params"].append(param)
-            continue
-        no_decay = ndim <= 1 or name in ("pos_embed", "cls_token")
-        if name.startswith(("patch_embed", "pos_embed", "cls_token")):
-            layer = 0
-        elif name.startswith("blocks."):
-            layer = int(name.split(".")[1]) + 1
-        else:
-            layer = depth + 1
-        scale = t.layer_decay ** (depth + 1 - layer) if t.layer_decay else 1.0
-        parts = name.split(".")
-        if len(parts) > 3 and parts[2] == "mlp" and parts[3] == "shared":
-            ffn = t.shared_ffn_lr_scale
-        elif len(parts) > 4 and parts[2] == "mlp" and parts[3] == "task":
-            ffn = cfg.tasks[parts[4]].ffn_lr_scale
-        else:
-            ffn = 1.0
-        key = (layer if t.layer_decay else 0, no_decay, ffn)
-        group = groups.setdefault(key, {"params": [], "lr": t.lr * scale * ffn,
-                                        "weight_decay": 0.0 if no_decay else t.weight_decay})
-        group["params"].append(param)
-    return list(groups.values())
-
-
-def build_engine(cfg: UfoConfig, layout: Layout, rank: int, say: Log = print) -> tuple[Any, Any, Any, list]:
-    """This rank's supernet (the tasks it holds), optimizer, lr schedule and DeepSpeed engine.
-
-    Returns (engine, scheduler, clip, group_names): `clip` is ufo's own gradient clipping for the
-    loop to call between backward and step where the engine's is wrong (task_sharded under
-    ZeRO-0), else None; `group_names` the supernet names of each optimizer group's parameters, in
-    order (checkpoints record them: DeepSpeed's bf16 ZeRO-0 masters are stored by position only).
-    """
-    deepspeed = import_deepspeed()
-    t = cfg.train
-    torch.manual_seed(t.seed)  # the same initial weights on every rank
-    held = layout.held(rank)
-    ds_config = deepspeed_config(cfg)
-    if t.init:
-        model = load_supernet(read_checkpoint(t.init, tasks=held), held, config=cfg)
-    elif cfg.deepspeed.zero_stage == 3:  # each module partitioned as it is built: no rank ever holds it all
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            model = init_supernet(cfg, held=held, gather=lambda params: deepspeed.zero.GatheredParameters(
-                params, modifier_rank=0))
-    else:
-        model = init_supernet(cfg, held=held)
-    clip = None
-    if layout.placement == "task_sharded":
-        from ufo import placement
-
-        model = placement.shard_model(model, layout)
-    groups = param_groups(model, cfg)
-    if layout.placement == "task_sharded":
-        groups = placement.optimizer_groups(groups)
-        ds_config, clip = placement.engine_config(ds_config, model, layout, t.gradient_clipping)
-        say(f"task_sharded: rank {rank} holds {sum(p.numel() for p in model.parameters()):,} parameters "
-            f"(shared + {', '.join(held)})")
-    if t.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg))
-    name_of = {id(p): canonical_name(n) for n, p in model.named_parameters()}
-    group_names = [[name_of[id(p)] for p in g["params"]] for g in optimizer.param_groups]
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                   config=ds_config)
-    return engine, scheduler, clip, group_names
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.cfg.tasks)
 
 
 def checkpoint_meta(cfg: UfoConfig, layout: Layout, group_names: list) -> dict:
@@ -212,20 +108,6 @@ def checkpoint_meta(cfg: UfoConfig, layout: Layout, group_names: list) -> dict:
             "world_size": layout.world_size, "layout": layout.kind, "placement": layout.placement,
             "layout_groups": layout.groups,
             "param_group_names": group_names if d.zero_stage == 0 and d.precision != "fp32" else None}
-
-
-def _rng_state() -> dict:
-    """The generators' states as tensors and plain values (what a weights-only load reads back)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
-                                                   cached), "torch": torch.get_rng_state()}
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
 
 
 def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
@@ -238,68 +120,55 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
     t = cfg.train
     tasks = list(cfg.tasks)
     out = Path(t.out_dir)
-    ckpt_dir = out / "checkpoints"
-
     layout = make_layout(cfg, world)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(cfg.to_yaml())
-    say(f"ufo {ufo.__version__} train: {world} rank{'s' if world > 1 else ''}, "
-        f"ZeRO {cfg.deepspeed.zero_stage}, {cfg.deepspeed.precision}, out {out}")
-    say(layout.describe())
+    lock = _claim(out, rank)
+    try:
+        if rank == 0:
+            (out / "config.yaml").write_text(cfg.to_yaml())
+        say(f"ufo {ufo.__version__} train: {world} rank{'s' if world > 1 else ''}, "
+            f"ZeRO {cfg.deepspeed.zero_stage}, {cfg.deepspeed.precision}, out {out}")
+        say(layout.describe())
 
-    loader = _make_loader(cfg, layout, rank)
-    engine, scheduler, clip, group_names = build_engine(cfg, layout, rank, say)
-    held = layout.held(rank)
-    policy = PathPolicy(t.path_policy, {task: cfg.path_of(task) for task in tasks}, t.seed, t.path_sample_p,
-                        steps=t.steps, temperature=(t.path.temperature.start, t.path.temperature.end),
-                        decide_after=t.path.decide_after, confidence=t.path.confidence)
-    elastic = _elastic_policy(cfg)
-    weighting = _make_weighting(cfg, say)
-    say(f"loss weighting: {weighting.name}")
-    features = _capture_features(engine.module) if weighting.needs_grad_norms else None
-    cost = t.path.task_block_cost if t.path_policy == "learned" else 0.0
-    # a task's path cost, added on each rank that holds its logits: the ranks' gradients average to it
-    path_cost = {task: cost * world / (layout.group_size(task) if layout.placement == "task_sharded" else world)
-                 for task in held} if cost else None
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
-    device = engine.device
+        loader = _make_loader(cfg, layout, rank)
+        engine, scheduler, clip, group_names = build_engine(cfg, layout, rank, say)
+        policy = PathPolicy(t.path_policy, {task: cfg.path_of(task) for task in tasks}, t.seed, t.path_sample_p,
+                            steps=t.steps, temperature=(t.path.temperature.start, t.path.temperature.end),
+                            decide_after=t.path.decide_after, confidence=t.path.confidence)
+        elastic = _elastic_policy(cfg)
+        weighting = _make_weighting(cfg, say)
+        say(f"loss weighting: {weighting.name}")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
+        run = _Run(cfg, layout, rank, out, say, loader, engine, scheduler, group_names, policy, weighting, dtype)
+        features = _capture_features(engine.module) if weighting.needs_grad_norms else None
+        path_cost = _path_cost(cfg, layout, rank)
+        held, device = layout.held(rank), engine.device
 
-    step = 0
-    torch.manual_seed(t.seed + 1 + rank)  # drop path and the like differ between ranks
-    if rank == 0:  # what a save that died left behind
-        clean_checkpoints(ckpt_dir, say)
-    dist.barrier()
-    resume = find_training_checkpoint(ckpt_dir, say=lambda line: say(f"warning: {line}"))
-    if resume is not None:
-        step = _resume(engine, loader, weighting, resume, cfg, layout, rank, say)
-        policy.load_state_dict(_marker(resume).get("path_policy") or {})
-        say(f"resumed from {resume} at step {step}")
-    if step >= t.steps:
-        say(f"already trained {step} of {t.steps} steps")
-
-    m = cfg.model
-    tokens = (m.img_size // m.patch_size) ** 2 + 1
-    batches = endless(loader)
-    history = _History(out / "history.jsonl", step, write=rank == 0)
-    result = TrainResult(step, None, resume, engine=engine, weighting=weighting, history=history.records)
-    tracker = _open_tracker(cfg, out, resume, layout, weighting, say) if rank == 0 and cfg.tracking.enabled else None
-    meter = _Meter(tasks)
-    skipped = Counter()  # micro-batches with no sample on any rank, skipped by every rank alike
-    start_step, started = step, time.perf_counter()
+        torch.manual_seed(t.seed + 1 + rank)  # drop path and the like differ between ranks
+        step, resume = _resume(run)
+        if step >= t.steps:
+            say(f"already trained {step} of {t.steps} steps")
+        m = cfg.model
+        tokens = (m.img_size // m.patch_size) ** 2 + 1
+        batches = endless(loader)
+        run.history = history = History(out / "history.jsonl", step, write=rank == 0)
+        result = TrainResult(step, None, resume, engine=engine, weighting=weighting, history=history.records)
+        if rank == 0 and cfg.tracking.enabled:
+            run.tracker = _open_tracker(cfg, out, resume, layout, weighting, say)
+        tracker = run.tracker
+        meter = Meter(tasks)
+        start_step, started = step, time.perf_counter()
+    except BaseException:
+        lock.release()
+        raise
     status = "FAILED"
     try:
         with Stop() as signals:
             while step < t.steps:
                 paths, sizes, gates = policy.paths_at(step), elastic.sizes_at(step), policy.gates_at(step)
-                seen = _StepMean(len(tasks))
+                seen = StepMean(len(tasks))
                 for _ in range(t.gradient_accumulation_steps):
-                    batch, slices, counts = _next_batch(batches, held, paths, sizes, tasks, device, skipped, gates)
-                    images = batch["images"]
-                    if images.ndim != 4:  # every sample of this batch was bad
-                        images = torch.zeros(0, m.in_chans, m.img_size, m.img_size)
-                    images = images.to(device=device, dtype=dtype)
-                    labels = batch["labels"].to(device)
+                    batch, slices, counts = _next_batch(batches, held, paths, sizes, tasks, device, run.empty, gates)
+                    images, labels = _on_device(batch, cfg, device, dtype)
                     obs, weights, counts = micro_step(engine, images, labels, slices, weighting, world, features,
                                                       tasks, clip, counts, path_cost)
                     seen.add(obs, counts)
@@ -308,90 +177,259 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
                 weighting.step(step_obs)
                 step += 1
                 if policy.name == "learned":
-                    for task, block, letter, p in policy.observe(step, path_probs(engine.module, layout, rank,
-                                                                                   tasks, device)):
-                        say(f"path: task {task} block {block} decided {letter} (p {p:.3f}) at step {step}: "
-                            f"from now on only its {'FFN-task' if letter == 'T' else 'FFN-shared'} runs there")
-                record = history.record(step, step_obs, weights, weighting, scheduler, tasks)
-                if sizes:  # the elastic size each task trained at this step
-                    record["elastic_depth"] = {task: d or m.depth for task, (d, _) in sizes.items()}
-                    record["elastic_hidden"] = {task: h or elastic.full[1] for task, (_, h) in sizes.items()}
-                if policy.name == "sample":  # the path each task trained on this step
-                    record["path"] = dict(paths)
-                    record["task_blocks"] = {task: path.count("T") for task, path in paths.items()}
-                if policy.name == "learned" and (step % t.log_every == 0 or step == t.steps):
-                    record["path"] = policy.best_paths()  # each task's likelier choice per block
-                    record["path_open"] = {task: path.count(OPEN) for task, path in policy.decided.items()}
-                    record["path_prob"] = {f"{task}/block{i}": p for task, probs in policy.probs.items()
-                                           for i, p in enumerate(probs)}  # P(FFN-task)
+                    _decide_paths(run, step)
+                logged = step % t.log_every == 0 or step == t.steps
+                record = {**history.record(step, step_obs, weights, weighting, scheduler, tasks),
+                          **elastic.record(sizes), **policy.record(step, paths, logged)}
                 # any rank's signal stops every rank
-                stop = all_ranks_sum(torch.tensor([signals.received or 0]), device, op=dist.ReduceOp.MAX)
-                if step % t.log_every == 0 or step == t.steps:
+                stop = all_ranks_sum(torch.tensor([signals.received or 0]), device, op=dist.ReduceOp.MAX).item()
+                if logged:
                     losses = meter.take()
-                    say(_progress(step, t.steps, losses, dict(zip(tasks, weights.tolist())), meter.rate, scheduler,
-                                  _shown_paths(policy, paths), policy.name,
-                                  eta=(time.perf_counter() - started) / (step - start_step) * (t.steps - step),
-                                  tokens=tokens))
-                    record["samples_per_s"] = meter.rate
-                    record["tokens_per_s"] = meter.rate * tokens
+                    say(progress_line(step, t.steps, losses, dict(zip(tasks, weights.tolist())), meter.rate,
+                                      scheduler, policy.shown(paths), policy.name,
+                                      eta=(time.perf_counter() - started) / (step - start_step) * (t.steps - step),
+                                      tokens=tokens))
+                    record.update(samples_per_s=meter.rate, tokens_per_s=meter.rate * tokens)
                 history.append(record)
                 if tracker:
-                    tracker.log_metrics(step, _metrics_of(record))
+                    tracker.log_metrics(step, record_metrics(record))
                 if t.eval_every and step % t.eval_every == 0 and step < t.steps:
-                    result.metrics = evaluate(engine, cfg, layout, rank, _eval_paths(policy, step), dtype, say)
-                    if tracker:
-                        tracker.log_metrics(step, _eval_metrics(result.metrics))
-                final = step == t.steps or stop.item()
-                if final or (t.checkpoint_every and step % t.checkpoint_every == 0):
-                    state = {"step": step, "data": loader.state_dict(), "rng": _rng_state(),
-                             "weighting": {"name": weighting.name, "state": weighting.state_dict()},
-                             "param_groups": group_names}  # what resuming on other ranks matches by name
-                    meta = {**checkpoint_meta(cfg, layout, group_names),
-                            "path_policy": policy.state_dict(), "weighting": weighting.name,
-                            "mlflow_run_id": tracker.run_id if tracker else None,
-                            "mlflow_uri": tracker.uri if tracker else None}
-                    result.checkpoint = save_training_checkpoint(engine, ckpt_dir, step, meta, state, rank,
-                                                                 t.keep_checkpoints)
-                    say(f"checkpoint {result.checkpoint}")
-                if stop.item():
-                    name = signal.Signals(int(stop.item())).name
-                    why = f" ({signals.reason})" if signals.reason and signals.reason != name else ""
-                    say(f"stopped by {name}{why} at step {step}; rerun the same command to resume")
-                    report_stopped()
-                    result.step, result.stopped_by = step, name
+                    result.metrics = _evaluate(run, step, policy.eval_paths(step))
+                if step == t.steps or stop or (t.checkpoint_every and step % t.checkpoint_every == 0):
+                    result.checkpoint = _save(run, step)
+                if stop:
+                    result.step, result.stopped_by = step, _stopped(run, step, int(stop), signals)
                     status = "KILLED"
                     return result
         result.step = step
-        history.close()
-        if rank == 0 and history.path.is_file():
-            plot_history(history.path, out / "weighting.png", title=f"{out.name}: {weighting.name} weighting")
-        if policy.name == "learned":
-            say("learned paths: " + " ".join(f"{task}={path}" for task, path in policy.best_paths().items()))
-            if rank == 0:
-                plot_paths(policy, out / "paths.png", title=f"{out.name}: learned paths at step {step}")
-            if tracker:
-                tracker.set_tags({f"ufo.learned_path.{task}": p for task, p in policy.best_paths().items()})
-        bad = bad_data_summary(loader, layout, skipped["empty"], say)
-        if t.steps > 0:
-            result.metrics = evaluate(engine, cfg, layout, rank, _eval_paths(policy, max(step - 1, 0)), dtype, say)
-            if rank == 0:
-                (out / "metrics.json").write_text(json.dumps({"step": step, "eval": result.metrics, "bad_data": bad},
-                                                             indent=2) + "\n")
-            if tracker:
-                tracker.log_metrics(step, _eval_metrics(result.metrics))
-        if tracker:
-            tracker.log_metrics(step, {f"data/bad/{task}/{reason.replace(' ', '_')}": n
-                                       for task, reasons in bad["samples"].items() for reason, n in reasons.items()}
-                                | {"data/empty_micro_batches": bad["empty_micro_batches"]})
+        result.metrics = _finish(run, step) or result.metrics
         status = "FINISHED"
         return result
     finally:
-        history.close()
+        _close(run, status)
+        lock.release()
+
+
+def _claim(out: Path, rank: int) -> RunLock:
+    """The run's hold on its out_dir (rank 0's lock); a directory a live run holds is refused on every rank."""
+    lock = RunLock(out)
+    refused = ""
+    if rank == 0:
+        try:
+            lock.acquire()
+        except RunDirBusy as e:
+            refused = str(e)
+    verdict = [refused]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0]:
+        raise RunDirBusy(verdict[0])
+    return lock
+
+
+def _on_device(batch: dict, cfg: UfoConfig, device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    images = batch["images"]
+    if images.ndim != 4:  # every sample of this batch was bad
+        m = cfg.model
+        images = torch.zeros(0, m.in_chans, m.img_size, m.img_size)
+    return images.to(device=device, dtype=dtype), batch["labels"].to(device)
+
+
+def _decide_paths(run: _Run, step: int) -> None:
+    """learned paths: every task's probabilities after this step, and the blocks they decide."""
+    probs = path_probs(run.engine.module, run.layout, run.rank, run.tasks, run.engine.device)
+    for task, block, letter, p in run.policy.observe(step, probs):
+        run.say(f"path: task {task} block {block} decided {letter} (p {p:.3f}) at step {step}: "
+                f"from now on only its {'FFN-task' if letter == 'T' else 'FFN-shared'} runs there")
+
+
+def _evaluate(run: _Run, step: int, paths: dict[str, str]) -> dict[str, dict[str, float]]:
+    metrics = evaluate_engine(run.engine, run.cfg, run.layout, run.rank, paths, run.dtype, run.say)
+    if run.tracker:
+        run.tracker.log_metrics(step, eval_metrics(metrics))
+    return metrics
+
+
+def _save(run: _Run, step: int) -> Path:
+    """A checkpoint of the step: the engine's state, every rank's own state (data position, RNG,
+    weighting, the run's bad data so far) and the marker's meta (config, layout, paths, MLflow run)."""
+    t = run.cfg.train
+    state = {"step": step, "data": run.loader.state_dict(), "rng": rng_state(),
+             "weighting": {"name": run.weighting.name, "state": run.weighting.state_dict()},
+             "param_groups": run.group_names,  # what resuming on other ranks matches by name
+             "bad_data": _bad_data(run)}
+    meta = {**checkpoint_meta(run.cfg, run.layout, run.group_names),
+            "path_policy": run.policy.state_dict(), "weighting": run.weighting.name,
+            "mlflow_run_id": run.tracker.run_id if run.tracker else None,
+            "mlflow_uri": run.tracker.uri if run.tracker else None}
+    saved = save_training_checkpoint(run.engine, run.out / "checkpoints", step, meta, state, run.rank,
+                                     t.keep_checkpoints)
+    run.say(f"checkpoint {saved}")
+    return saved
+
+
+def _stopped(run: _Run, step: int, signum: int, signals: Stop) -> str:
+    """A run stopped by a signal, after its checkpoint: say so, tell the launch script."""
+    name = signal.Signals(signum).name
+    why = f" ({signals.reason})" if signals.reason and signals.reason != name else ""
+    run.say(f"stopped by {name}{why} at step {step}; rerun the same command to resume")
+    report_stopped()
+    return name
+
+
+def _finish(run: _Run, step: int) -> dict[str, dict[str, float]]:
+    """The end of a run: history plot, learned paths, the bad-data summary, the final evaluation
+    (`metrics.json`) and their MLflow records. Returns the final metrics ({} for a run of no steps)."""
+    out, policy, tracker, say = run.out, run.policy, run.tracker, run.say
+    run.history.close()
+    if run.rank == 0 and run.history.path.is_file():
+        plot_history(run.history.path, out / "weighting.png", title=f"{out.name}: {run.weighting.name} weighting")
+    if policy.name == "learned":
+        say("learned paths: " + " ".join(f"{task}={path}" for task, path in policy.best_paths().items()))
+        if run.rank == 0:
+            plot_paths(policy, out / "paths.png", title=f"{out.name}: learned paths at step {step}")
         if tracker:
-            for name in ("history.jsonl", "weighting.png", "paths.png", "metrics.json"):
-                if (out / name).is_file():
-                    tracker.log_artifact(out / name)
-            tracker.close(status)
+            tracker.set_tags({f"ufo.learned_path.{task}": p for task, p in policy.best_paths().items()})
+    bad = _bad_data(run)
+    _say_bad_data(bad, say)
+    metrics: dict[str, dict[str, float]] = {}
+    if run.cfg.train.steps > 0:
+        metrics = _evaluate(run, step, policy.eval_paths(max(step - 1, 0)))
+        if run.rank == 0:
+            (out / "metrics.json").write_text(json.dumps({"step": step, "eval": metrics, "bad_data": bad},
+                                                         indent=2) + "\n")
+    if tracker:
+        tracker.log_metrics(step, {f"data/bad/{task}/{reason.replace(' ', '_')}": n
+                                   for task, reasons in bad["samples"].items() for reason, n in reasons.items()}
+                            | {"data/empty_micro_batches": bad["empty_micro_batches"]})
+    return metrics
+
+
+def _close(run: _Run | None, status: str) -> None:
+    """Whatever way the loop ended: the history file closed, MLflow's run given its files and status."""
+    if run is None or run.history is None:
+        return
+    run.history.close()
+    if run.tracker:
+        for name in ("history.jsonl", "weighting.png", "paths.png", "metrics.json"):
+            if (run.out / name).is_file():
+                run.tracker.log_artifact(run.out / name)
+        run.tracker.close(status)
+
+
+def _resume(run: _Run) -> tuple[int, Path | None]:
+    """Continue from the newest whole checkpoint under OUT/checkpoints, if any: (step, checkpoint)."""
+    ckpt_dir = run.out / "checkpoints"
+    if run.rank == 0:  # what a save that died left behind
+        clean_checkpoints(ckpt_dir, run.say)
+    dist.barrier()
+    tag_dir = find_training_checkpoint(ckpt_dir, say=lambda line: run.say(f"warning: {line}"))
+    if tag_dir is None:
+        return 0, None
+    layout, rank, world = run.layout, run.rank, run.layout.world_size
+    marker = _marker(tag_dir)
+    # DeepSpeed's loader unpickles anything: its files are opened weights-only first, a share on each rank
+    try:
+        check_step_files(tag_dir, rank, world)
+        refused = ""
+    except UfoError as e:
+        refused = str(e)
+    verdicts: list = [None] * world
+    dist.all_gather_object(verdicts, refused)
+    if any(verdicts):
+        raise UfoError(next(v for v in verdicts if v))
+    replan = _config_changes(run, tag_dir, marker)
+    saved = (marker["world_size"], marker.get("placement", "replicated"),
+             {t: list(r) for t, r in marker.get("layout_groups", {}).items()})
+    if saved == (world, layout.placement, {t: list(r) for t, r in layout.groups.items()}):
+        run.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=True)
+        state = read_rank_state(tag_dir, rank)
+        set_rng_state(state["rng"])
+        data = state["data"]
+        positions = {task: (data["tasks"][task] if "tasks" in data else data, None) for task in _loaders(run.loader)}
+    else:
+        state = resume_elsewhere(run.engine, tag_dir, marker, run.cfg, layout, rank, run.say)
+        positions = state["data"]
+    next_epoch = {}
+    for task, loader in _loaders(run.loader).items():
+        position, group_size = positions[task]
+        if task in replan:  # the saved position names other samples now: the task starts its next epoch
+            next_epoch[task] = int(position["epoch"]) + 1
+            loader.load_state_dict({"epoch": next_epoch[task], "batches": 0})
+        else:
+            loader.load_state_dict(position, group_size=group_size)
+    if isinstance(run.loader, MixedLoader):
+        mixed = state["data"] if "tasks" in state["data"] else {"epoch": 0, "batches": 0}
+        run.loader.epoch, run.loader.position = int(mixed["epoch"]), int(mixed["batches"])
+        if replan:
+            run.loader.epoch, run.loader.position = run.loader.epoch + 1, 0
+    for task, keys in replan.items():
+        run.say(f"resume: {', '.join(keys)} changed: task {task}'s saved data position no longer applies; it is "
+                f"re-planned from the start of its epoch {next_epoch[task]}")
+    saved_weighting = state.get("weighting") or {"name": "static", "state": {}}
+    if saved_weighting["name"] == run.weighting.name:
+        run.weighting.load_state_dict(saved_weighting["state"])
+    else:
+        run.say(f"warning: {tag_dir} was trained with {saved_weighting['name']} weighting, this run uses "
+                f"{run.weighting.name}: its weighting starts afresh")
+    run.bad_before = read_rank_state(tag_dir, 0).get("bad_data") or {}
+    run.policy.load_state_dict(marker.get("path_policy") or {})
+    step = int(state["step"])
+    run.say(f"resumed from {tag_dir} at step {step}")
+    return step, tag_dir
+
+
+def _config_changes(run: _Run, tag_dir: Path, marker: dict) -> dict[str, list[str]]:
+    """The settings changed since the checkpoint, listed in one line; returns the tasks whose data
+    position they move (task -> keys), whose data is then re-planned."""
+    changes = config_changes(marker.get("config") or {}, run.cfg.to_dict())
+    if not changes:
+        return {}
+    saved_tasks = list((marker.get("config") or {}).get("tasks", {}))
+    if saved_tasks and saved_tasks != run.tasks:
+        raise UfoError(f"{tag_dir}: was trained on tasks {', '.join(saved_tasks)}, this config has "
+                       f"{', '.join(run.tasks)}: a run's tasks cannot change on resume (start a new train.out_dir, "
+                       "from it with train.init)")
+    run.say(f"resume: the config changed since {tag_dir.name}: "
+            + ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changes.items()))
+    return data_plan_changes(changes, run.tasks)
+
+
+def _loaders(loader) -> dict[str, TaskLoader]:
+    return loader.loaders if isinstance(loader, MixedLoader) else {loader.task: loader}
+
+
+def _bad_data(run: _Run) -> dict:
+    """The run's bad samples per task and reason, summed over every rank (each reads its own part) and
+    over the run's earlier invocations, and the empty micro-batches skipped (alike on every rank)."""
+    mine = {task: dict(tl.bad_samples) for task, tl in _loaders(run.loader).items()}
+    everyone: list = [None] * run.layout.world_size
+    dist.all_gather_object(everyone, mine)
+    samples: dict[str, Counter] = {}
+    for part in everyone + [run.bad_before.get("samples", {})]:
+        for task, reasons in part.items():
+            samples.setdefault(task, Counter()).update(reasons)
+    return {"samples": {task: dict(samples[task]) for task in run.layout.groups if samples.get(task)},
+            "empty_micro_batches": run.empty["empty"] + run.bad_before.get("empty_micro_batches", 0)}
+
+
+def _say_bad_data(bad: dict, say: Log) -> None:
+    samples, empty = bad["samples"], bad["empty_micro_batches"]
+    if samples or empty:
+        say("bad data (all ranks): " + ("; ".join(f"{task}: " + ", ".join(f"{n} {reason}" for reason, n in
+                                                                           sorted(r.items(), key=lambda x: -x[1]))
+                                                  for task, r in samples.items()) or "no bad samples")
+            + (f"; {empty} empty micro-batches skipped" if empty else ""))
+
+
+def _path_cost(cfg: UfoConfig, layout: Layout, rank: int) -> dict[str, float] | None:
+    """learned paths: a task's path cost, added on each rank that holds its logits, so that the
+    ranks' gradients average to it."""
+    cost = cfg.train.path.task_block_cost if cfg.train.path_policy == "learned" else 0.0
+    if not cost:
+        return None
+    world = layout.world_size
+    return {task: cost * world / (layout.group_size(task) if layout.placement == "task_sharded" else world)
+            for task in layout.held(rank)}
 
 
 def _open_tracker(cfg: UfoConfig, out: Path, resume: Path | None, layout: Layout, weighting: Weighting,
@@ -406,21 +444,6 @@ def _open_tracker(cfg: UfoConfig, out: Path, resume: Path | None, layout: Layout
                       **{f"ufo.path.{task}": cfg.path_of(task) for task in cfg.tasks},
                       **{f"ufo.ranks.{task}": ",".join(map(str, ranks)) for task, ranks in layout.groups.items()}})
     return tracker
-
-
-def _metrics_of(record: dict) -> dict[str, float | None]:
-    """A history record as MLflow metrics: `loss/face`, `weight/face`, `lr`, ..."""
-    flat = {}
-    for key, value in record.items():
-        if isinstance(value, dict):
-            flat.update({f"{key}/{task}": v for task, v in value.items() if not isinstance(v, str)})
-        elif key != "step":
-            flat[key] = value
-    return flat
-
-
-def _eval_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
-    return {f"eval/{task}/{k}": float(v) for task, r in results.items() for k, v in r.items()}
 
 
 def micro_step(engine, images: torch.Tensor, labels: torch.Tensor, slices: list[TaskSlice], weighting: Weighting,
@@ -523,87 +546,6 @@ def _make_weighting(cfg: UfoConfig, say: Log) -> Weighting:
     return build_weighting(cfg, entropies)
 
 
-class _StepMean:
-    """The observations of one optimizer step's micro-steps, averaged (losses and accuracies per sample)."""
-
-    def __init__(self, tasks: int):
-        self.loss = torch.zeros(tasks, dtype=torch.float64)
-        self.hits = torch.zeros(tasks, dtype=torch.float64)
-        self.norms = torch.zeros(tasks, dtype=torch.float64)
-        self.counts = torch.zeros(tasks, dtype=torch.float64)
-        self.micro = torch.zeros(tasks, dtype=torch.float64)
-        self.last: Observation | None = None
-
-    def add(self, obs: Observation, counts: torch.Tensor) -> None:
-        known = counts > 0
-        self.loss += torch.where(known, obs.losses * counts, 0.0)
-        if obs.accuracies is not None:
-            self.hits += torch.where(known, obs.accuracies * counts, 0.0)
-        if obs.grad_norms is not None:
-            self.norms += torch.where(known, obs.grad_norms, 0.0)
-        self.counts += counts
-        self.micro += known.double()
-        self.last = obs
-
-    def mean(self) -> Observation:
-        known = self.counts > 0
-        nan = torch.full_like(self.counts, math.nan)
-        per_sample = torch.where(known, 1.0 / self.counts.clamp_min(1), nan)
-        return Observation(
-            losses=self.loss * per_sample,
-            grad_norms=None if self.last.grad_norms is None else self.norms / self.micro.where(known, nan),
-            accuracies=None if self.last.accuracies is None else self.hits * per_sample)
-
-
-class _History:
-    """Per-step records (losses, weights, learned weighting values, lr): kept in memory on every rank,
-    appended to `history.jsonl` by rank 0; a resumed run first drops the records after its checkpoint."""
-
-    def __init__(self, path: Path, step: int, write: bool):
-        self.path, self.records = path, []
-        self.file = None
-        if write:
-            kept = []
-            if step > 0 and path.is_file():
-                for line in path.read_text().splitlines():
-                    try:
-                        if json.loads(line)["step"] <= step:
-                            kept.append(line)
-                    except (ValueError, KeyError, TypeError):
-                        break  # a torn last line of a killed run
-            with atomic_file(path) as tmp:  # a crash here keeps the old history whole
-                tmp.write_text("".join(line + "\n" for line in kept))
-            self.file = open(path, "a")
-
-    def record(self, step: int, obs: Observation, weights: torch.Tensor, weighting: Weighting, scheduler,
-               tasks: list[str]) -> dict:
-        """A step's record; the loop adds what else it knows, then `append`s it."""
-        record = {"step": step, "lr": scheduler.get_last_lr()[0],
-                  "loss": _by_task(tasks, obs.losses), "weight": _by_task(tasks, weights)}
-        if obs.accuracies is not None:
-            record["accuracy"] = _by_task(tasks, obs.accuracies)
-        if obs.grad_norms is not None:
-            record["grad_norm"] = _by_task(tasks, obs.grad_norms)
-        for name, values in weighting.values().items():
-            record[name] = _by_task(tasks, values)
-        return record
-
-    def append(self, record: dict) -> None:
-        self.records.append(record)
-        if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-
-
-def _by_task(tasks: list[str], values: torch.Tensor) -> dict[str, float | None]:
-    return {t: (float(v) if math.isfinite(v) else None) for t, v in zip(tasks, values.tolist())}
-
-
 def _make_loader(cfg: UfoConfig, layout: Layout, rank: int):
     if layout.kind == "mixed":
         return MixedLoader({task: task_loader(cfg, task, rank_in_group=rank, group_size=layout.world_size)
@@ -631,26 +573,6 @@ def _next_batch(batches, held: list[str], paths: dict, sizes: dict, tasks: list[
         skipped["empty"] += 1
     raise UfoError(f"{limit} micro-batches in a row held no readable sample on any rank: check the shards "
                    "(`ufo data inspect`)")
-
-
-def bad_data_summary(loader, layout: Layout, empty: int, say: Log) -> dict:
-    """Bad samples per task and reason, summed over every rank (each rank reads its own part), and the
-    empty micro-batches skipped; printed on rank 0."""
-    loaders = loader.loaders if isinstance(loader, MixedLoader) else {loader.task: loader}
-    mine = {task: dict(tl.bad_samples) for task, tl in loaders.items()}
-    everyone: list = [None] * layout.world_size
-    dist.all_gather_object(everyone, mine)
-    samples: dict[str, Counter] = {}
-    for part in everyone:
-        for task, reasons in part.items():
-            samples.setdefault(task, Counter()).update(reasons)
-    samples = {task: dict(samples[task]) for task in layout.groups if task in samples and samples[task]}
-    if samples or empty:
-        say("bad data (all ranks): " + ("; ".join(f"{task}: " + ", ".join(f"{n} {reason}" for reason, n in
-                                                                           sorted(r.items(), key=lambda x: -x[1]))
-                                                  for task, r in samples.items()) or "no bad samples")
-            + (f"; {empty} empty micro-batches skipped" if empty else ""))
-    return {"samples": samples, "empty_micro_batches": empty}
 
 
 def _slices(batch: dict, tasks: list[str], paths: dict[str, str],
@@ -686,188 +608,8 @@ def path_probs(module: SupernetViT, layout: Layout, rank: int, tasks: list[str],
     return {task: everyone[i].tolist() for i, task in enumerate(tasks)}
 
 
-def _shown_paths(policy: PathPolicy, paths: dict[str, str]) -> dict[str, str]:
-    """The paths the progress line shows: learned, each task's likelier choice, lower-case while open."""
-    if policy.name != "learned":
-        return paths
-    return {task: "".join(b if d != OPEN else b.lower() for b, d in zip(best, policy.decided[task]))
-            for task, best in policy.best_paths().items()}
-
-
-def _eval_paths(policy: PathPolicy, step: int) -> dict[str, str]:
-    """The paths a task is evaluated on: a learned task's likelier choice per block, else the step's."""
-    return policy.best_paths() if policy.name == "learned" else policy.paths_at(step)
-
-
 def _elastic_policy(cfg: UfoConfig) -> ElasticPolicy:
     m = cfg.model
     widths = {task: (tc.elastic.depths, tuple(int(m.embed_dim * r) for r in tc.elastic.mlp_ratios))
               for task, tc in cfg.tasks.items() if tc.elastic is not None}
     return ElasticPolicy(widths, m.depth, int(m.embed_dim * m.mlp_ratio), cfg.train.seed)
-
-
-def _resume(engine, loader, weighting: Weighting, tag_dir: Path, cfg: UfoConfig, layout: Layout, rank: int,
-            say: Log) -> int:
-    world = layout.world_size
-    marker = _marker(tag_dir)
-    # DeepSpeed's loader unpickles anything: its files are opened weights-only first, a share on each rank
-    try:
-        check_step_files(tag_dir, rank, world)
-        refused = ""
-    except UfoError as e:
-        refused = str(e)
-    verdicts: list = [None] * world
-    dist.all_gather_object(verdicts, refused)
-    if any(verdicts):
-        raise UfoError(next(v for v in verdicts if v))
-    saved = (marker["world_size"], marker.get("placement", "replicated"),
-             {t: list(r) for t, r in marker.get("layout_groups", {}).items()})
-    if saved != (world, layout.placement, {t: list(r) for t, r in layout.groups.items()}):
-        return _resume_elsewhere(engine, loader, weighting, tag_dir, marker, cfg, layout, rank, say)
-    engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=True)
-    state = read_rank_state(tag_dir, rank)
-    loader.load_state_dict(state["data"])
-    _set_rng_state(state["rng"])
-    saved = state.get("weighting", {"name": "static", "state": {}})
-    if saved["name"] == weighting.name:
-        weighting.load_state_dict(saved["state"])
-    else:
-        say(f"warning: {tag_dir} was trained with {saved['name']} weighting, this run uses {weighting.name}: "
-            "its weighting starts afresh")
-    return int(state["step"])
-
-
-def _resume_elsewhere(engine, loader, weighting: Weighting, tag_dir: Path, marker: dict, cfg: UfoConfig,
-                      layout: Layout, rank: int, say: Log) -> int:
-    """Resume a checkpoint written by another number of ranks, layout split or placement (`ufo/reshard.py`):
-    weights, optimizer state, step and lr schedule by parameter name; each task's data position
-    re-split over its new ranks (`TaskLoader.load_state_dict`); the weighting as it was; a rank that
-    existed keeps its RNG state, a new rank's is seeded from (seed, step, rank)."""
-    from ufo.reshard import load_portable, portable_rank_state, read_portable
-
-    d = cfg.deepspeed
-    if (marker.get("zero_stage", 0), marker.get("precision", "fp32")) != (d.zero_stage, d.precision):
-        raise UfoError(f"{tag_dir}: was written under ZeRO {marker.get('zero_stage', 0)} {marker.get('precision')}, "
-                       f"this run is ZeRO {d.zero_stage} {d.precision}: resume with the same deepspeed section")
-    old = layout_of(marker)
-    now = {"world_size": layout.world_size, "placement": layout.placement, "layout_groups": layout.groups}
-    say(f"resuming {tag_dir.name} of {old} on {layout_of(now)}: weights and "
-        "optimizer state by name, data re-split")
-    state = portable_rank_state(tag_dir, marker, layout, rank, layout.tasks_of(rank))
-    if d.zero_stage == 0 and marker.get("placement", "replicated") == layout.placement == "replicated":
-        # ZeRO 0 replicated: rank 0's files hold the whole model and optimizer, whatever the world size
-        engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=True)
-    else:
-        portable, optimizer_step = read_portable(tag_dir, marker, cfg, layout.held(rank))
-        # Adam's count is the run's step (bf16 and fp32 skip no step)
-        load_portable(engine, portable, optimizer_step or state["step"], cfg, layout, rank)
-    loaders = loader.loaders if isinstance(loader, MixedLoader) else {loader.task: loader}
-    for task, task_loader_ in loaders.items():
-        position, group_size = state["data"][task]
-        task_loader_.load_state_dict(position, group_size=group_size)
-    step = state["step"]
-    if rank < marker["world_size"]:  # a rank that was there before keeps its generators
-        _set_rng_state(read_rank_state(tag_dir, rank)["rng"])
-    else:
-        fresh = int(np.random.SeedSequence([cfg.train.seed, step, rank]).generate_state(1)[0])
-        random.seed(fresh)
-        np.random.seed(fresh)
-        torch.manual_seed(fresh)
-    saved = state.get("weighting") or {"name": "static", "state": {}}
-    if saved["name"] == weighting.name:
-        weighting.load_state_dict(saved["state"])
-    return step
-
-
-def layout_of(marker: dict) -> str:
-    groups = marker.get("layout_groups", {})
-    return (f"{marker['world_size']} rank{'s' if marker['world_size'] > 1 else ''}, placement "
-            f"{marker.get('placement', 'replicated')}, " + " ".join(f"{t}:{','.join(map(str, r))}"
-                                                                   for t, r in groups.items()))
-
-
-class _Meter:
-    """Per-task loss sums and counts since the last progress line (all ranks' totals)."""
-
-    def __init__(self, tasks: list[str]):
-        self.tasks = tasks
-        self.sums = torch.zeros(len(tasks), dtype=torch.float64)
-        self.counts = torch.zeros(len(tasks), dtype=torch.float64)
-        self.since, self.rate = time.perf_counter(), 0.0
-
-    def add(self, obs: Observation, counts: torch.Tensor) -> None:
-        self.sums += torch.where(counts > 0, obs.losses * counts, 0.0)
-        self.counts += counts
-
-    def take(self) -> dict[str, float]:
-        now = time.perf_counter()
-        self.rate = float(self.counts.sum()) / max(now - self.since, 1e-9)
-        losses = {t: float(s / c) for t, s, c in zip(self.tasks, self.sums, self.counts) if c > 0}
-        self.sums.zero_()
-        self.counts.zero_()
-        self.since = now
-        return losses
-
-
-def _progress(step: int, steps: int, losses: dict[str, float], weights: dict[str, float], rate: float, scheduler,
-              paths: dict[str, str], policy: str, eta: float, tokens: int) -> str:
-    lr = scheduler.get_last_lr()[0] if scheduler is not None else float("nan")
-    parts = [f"step {step}/{steps}",
-             "loss (weight) " + " ".join(f"{t} {v:.3f} ({weights[t]:.3g})" for t, v in losses.items()),
-             f"{rate:.0f} samples/s {rate * tokens / 1000:.0f}k tokens/s",
-             f"lr {lr:.2e}", f"eta {_duration(eta)}"]
-    if policy in ("sample", "learned"):  # learned: each task's likelier choice, lower-case while open
-        parts.append("paths " + " ".join(f"{t}={p}" for t, p in paths.items()))
-    return " | ".join(parts)
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-@torch.no_grad()
-def evaluate(engine, cfg: UfoConfig, layout: Layout, rank: int, paths: dict[str, str], dtype: torch.dtype,
-             say: Log = print) -> dict[str, dict[str, float]]:
-    """Each task on its eval sets and path, by its protocol (`ufo/evaluate.py`).
-
-    Replicated: every rank reads its share of every task's eval set (the same number of batches on
-    each) and calls the model with a slice of every task, as in training, so ZeRO-3 can gather
-    parameters. Task-sharded: each rank evaluates its own task, its share of it among the task's
-    ranks. The outputs are gathered on the task's first rank, which measures; every rank gets every
-    task's metrics.
-    """
-    world, tasks = layout.world_size, list(cfg.tasks)
-    sharded = layout.placement == "task_sharded"
-    module = engine.module
-    was_training = module.training
-    module.eval()
-    results = {}
-    for task in layout.tasks_of(rank) if sharded else tasks:
-        here = [task] if sharded else tasks
-        group = task_groups(layout)[task] if sharded else None
-        size = layout.group_size(task) if sharded else world
-        first = layout.groups[task][0] if sharded else 0
-
-        def forward(images: torch.Tensor) -> torch.Tensor:
-            slices = [TaskSlice(t, paths[t], len(images) if t == task else 0) for t in here]
-            return module(images.to(engine.device, dtype=dtype), slices)[here.index(task)]
-
-        def gather(mine):
-            everyone: list = [None] * size
-            dist.all_gather_object(everyone, mine, group=group)
-            return everyone if rank == first else None
-
-        measured = evaluate_task(cfg, task, forward, rank=layout.rank_in_group(task, rank) if sharded else rank,
-                                 group_size=size, gather=gather)
-        if measured:
-            results[task] = measured
-    everyone: list = [None] * world  # every rank learns every task's metrics, in config order
-    dist.all_gather_object(everyone, results)
-    merged = {k: v for part in everyone for k, v in part.items()}
-    results = {task: merged[task] for task in tasks if task in merged}
-    module.train(was_training)
-    if results:
-        say("eval: " + " | ".join(f"{task} " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                                         for k, v in r.items()) for task, r in results.items()))
-    return results

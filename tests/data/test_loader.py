@@ -232,3 +232,22 @@ def test_an_epoch_resplit_over_another_number_of_ranks_reads_every_sample_once(t
     assert sorted(seen) == sorted(_keys(loaders(1)))  # every sample of the epoch, each once
     assert len(seen) == 61
     assert last[0].epoch == 1 and last[0].splits == [] and len(last[0]) == len(loaders(1)[0])
+
+
+def test_a_damaged_shard_without_a_manifest_is_counted_in_exact_mode_with_a_plain_reason(tmp_path, transform):
+    # no manifest: the sample count is what can be read, so nothing is `missing`; the damage itself counts
+    src = write_synth(tmp_path / "src", samples=20, maxcount=10)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    data = (src / "shapes-000000.tar").read_bytes()
+    (bad / "shapes-000000.tar").write_bytes(data[: len(data) // 2 + 100])
+    write_tar(bad / "shapes-000001.tar", members_of(src / "shapes-000001.tar"))
+    messages: list[str] = []
+    loader = TaskLoader("shapes", str(bad / "shapes-*.tar"), batch_size=4, transform=transform["eval"],
+                        log=messages.append, shuffle_buffer=0)
+    assert loader.mode == "exact"
+    read = sum(len(b["labels"]) for b in loader)
+    assert loader.bad_samples["unreadable"] >= 1, (read, loader.bad_samples)
+    assert "missing" not in loader.bad_samples
+    text = "\n".join(messages)
+    assert "unreadable: " in text and "<" not in text and " @ " not in text, text

@@ -125,6 +125,9 @@ class _TaskStream(IterableDataset):
                               seed=_seed(self.seed, self.epoch, self.rank, worker, 1))(raw)
         for j in mine:
             chunk = list(islice(raw, sizes[j]))
+            if self.mode == "exact" and mine and j == mine[-1]:
+                for _ in raw:  # run the last shard's reading to its end: what its damage cost counts here
+                    pass
             if j < self.skip:  # consumed before the saved position: read, not decoded
                 problems.clear()
                 continue
@@ -162,8 +165,10 @@ class _TaskStream(IterableDataset):
                 at += 1
 
     def _read(self, segment: Segment, problems: list) -> Iterator[dict]:
+        errors: list[str] = []
+
         def unreadable(exn: Exception) -> bool:
-            problems.append((segment.url, None, f"unreadable: {reason_of(exn)}"))
+            errors.append(f"unreadable: {reason_of(exn)}")
             return True
 
         samples = wds.tarfile_samples([{"url": segment.url}], handler=unreadable)
@@ -171,9 +176,13 @@ class _TaskStream(IterableDataset):
         for sample in islice(samples, segment.skip, segment.skip + segment.take):
             read += 1
             yield sample
-        if self.mode == "exact" and read < segment.take:  # the manifest promised more than the tar holds
+        if self.mode == "exact" and read < segment.take:  # the plan promised more than the tar holds
+            # each planned sample that never came is counted once, as missing, whatever the tar's error
+            problems += [(segment.url, None, f"{error} (counted as missing)") for error in errors]
             why = "missing: the shard ends early or holds fewer samples than its manifest says"
             problems += [(segment.url, None, why)] * (segment.take - read)
+        else:  # every planned sample came (a shard without a manifest, counted to its damage): the tail is lost
+            problems += [(segment.url, None, error) for error in errors]
 
     def _decode(self, chunk: list[dict], index: int, problems: list) -> dict:
         images, labels, keys, metas = [], [], [], []
@@ -251,7 +260,9 @@ def reason_of(error: BaseException) -> str:
     while error.args and isinstance(error.args[0], BaseException):
         error = error.args[0]
     text = str(error.args[0]) if error.args and isinstance(error.args[0], str) else str(error)
-    text = re.sub(r"<[^<>]* at 0x[0-9a-f]+>", "", text.strip().splitlines()[0] if text.strip() else "").strip(" ,:")
+    # object reprs (`<_io.BufferedReader name='...'>`, `<... at 0x7f...>`) and what points at them (`@`)
+    text = re.sub(r"\s*@?\s*<[A-Za-z_][\w.]*(?: [^<>]*)?>", "", text.strip().splitlines()[0] if text.strip() else "")
+    text = text.strip(" ,:@")
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
@@ -439,7 +450,7 @@ class TaskLoader:
     def _note(self, problems: list[tuple[str, str | None, str]]) -> None:
         for shard, key, reason in problems:
             self._epoch_problems[(shard, reason.split(" (")[0])] += 1
-            if self.mode != "exact" or not reason.startswith("unreadable"):  # exact: counted as `missing`
+            if not reason.endswith("(counted as missing)"):
                 self.bad_samples[category(reason)] += 1
             if shard not in self._warned:
                 self._warned.add(shard)

@@ -106,6 +106,29 @@ class PathPolicy:
                               for letter, p in zip(self.decided[task], self.probs[task]))
                 for task in self.decided}
 
+    def record(self, step: int, paths: Mapping[str, str], logged: bool) -> dict:
+        """What the policy adds to a step's history record: `sample`, the path each task trained on;
+        `learned`, on logged steps, each task's likelier path, its open blocks and P(FFN-task) per block."""
+        if self.name == "sample":
+            return {"path": dict(paths), "task_blocks": {task: path.count("T") for task, path in paths.items()}}
+        if self.name == "learned" and logged:
+            return {"path": self.best_paths(),
+                    "path_open": {task: path.count(OPEN) for task, path in self.decided.items()},
+                    "path_prob": {f"{task}/block{i}": p for task, probs in self.probs.items()
+                                  for i, p in enumerate(probs)}}
+        return {}
+
+    def shown(self, paths: Mapping[str, str]) -> dict[str, str]:
+        """The paths a progress line shows: learned, each task's likelier choice, lower-case while open."""
+        if self.name != "learned":
+            return dict(paths)
+        return {task: "".join(b if d != OPEN else b.lower() for b, d in zip(best, self.decided[task]))
+                for task, best in self.best_paths().items()}
+
+    def eval_paths(self, step: int) -> dict[str, str]:
+        """The paths a task is evaluated on: a learned task's likelier choice per block, else the step's."""
+        return self.best_paths() if self.name == "learned" else self.paths_at(step)
+
     def state_dict(self) -> dict:
         state = {"name": self.name, "paths": self.paths, "seed": self.seed, "p_task": self.p_task}
         if self.name == "learned":
@@ -150,3 +173,10 @@ class ElasticPolicy:
                 d, h = rng.choice(depths), rng.choice(widths)
             out[task] = (None if d == self.full[0] else d, None if h == self.full[1] else h)
         return out
+
+    def record(self, sizes: Mapping[str, tuple[int | None, int | None]]) -> dict:
+        """What a step's history record says of the elastic size each task trained at."""
+        if not sizes:
+            return {}
+        return {"elastic_depth": {task: d or self.full[0] for task, (d, _) in sizes.items()},
+                "elastic_hidden": {task: h or self.full[1] for task, (_, h) in sizes.items()}}

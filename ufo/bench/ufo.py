@@ -1,0 +1,179 @@
+"""`ufo bench ufo`: UFO's headline comparison on any config: every task alone, hard sharing, fixed,
+sampled and learned paths, each a plain `ufo train` run measured by the task's protocol.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import yaml
+
+from ufo.bench.harness import fresh_runs
+from ufo.config import UfoConfig, config_from_dict
+from ufo.errors import ConfigError
+from ufo.evaluate import eval_target, primary_key
+from ufo.plots import plot_ufo
+from ufo.tracking import Tracker, metric_name, tracking_uri
+from ufo.train import train
+
+
+UFO_SETTINGS = ("alone", "hard", "fixed", "sample", "learned", "learned_both")
+UFO_LABELS = {"alone": "task alone (plain ViT)", "hard": "hard sharing (all S)", "fixed": "UFO, fixed paths",
+              "sample": "UFO, sample (one-shot)", "learned": "UFO, learned paths",
+              "learned_both": "learned, both FFNs always"}
+
+
+def ufo_settings(cfg: UfoConfig, steps: int, out: Path, settings: Sequence[str] = UFO_SETTINGS,
+                 uri: str | None = None) -> dict[str, dict]:
+    """The runs of `ufo bench ufo`: run name -> a plain ufo config (same data, steps, model, seed).
+    `alone-<task>`: the task by itself on a path of FFN-shared only (a plain ViT of its subnet's
+    size); `hard`: every task on the all-shared path; `fixed`: the configured paths; `sample`:
+    one-shot paths, evaluated on the configured ones; `learned`: `train.path_policy: learned`;
+    `learned_both`: the same, never deciding (both FFNs of every block always run, as VIMER-UFO)."""
+    base = cfg.to_dict()
+    depth = cfg.model.depth
+    base["train"].update(steps=steps, warmup_steps=min(base["train"]["warmup_steps"], steps // 2), eval_every=0,
+                         checkpoint_every=0)
+    runs: dict[str, dict] = {}
+
+    def run(name: str, change) -> None:
+        raw = copy.deepcopy(base)
+        raw["train"]["out_dir"] = str(out / name)
+        raw["tracking"].update(enabled=True, run_name=name, experiment=f"ufo-bench-{out.name}",
+                               **({"uri": uri} if uri else {}))
+        change(raw)
+        runs[name] = raw
+
+    for name in settings:
+        if name == "alone":
+            for task in cfg.tasks:
+                def alone(raw, task=task):
+                    raw["tasks"] = {task: {**raw["tasks"][task], "path": "S" * depth, "ranks": None}}
+                    raw["model"]["ffns"] = "auto"
+                run(f"alone-{task}", alone)
+        elif name == "hard":
+            def hard(raw):
+                for tc in raw["tasks"].values():
+                    tc["path"] = "S" * depth
+                raw["train"]["path_policy"], raw["model"]["ffns"] = "fixed", "auto"
+            run(name, hard)
+        elif name == "fixed":
+            run(name, lambda raw: raw["train"].update(path_policy="fixed"))
+        elif name == "sample":
+            run(name, lambda raw: raw["train"].update(path_policy="sample"))
+        elif name == "learned":
+            run(name, lambda raw: raw["train"].update(path_policy="learned"))
+        elif name == "learned_both":
+            def both(raw):
+                raw["train"]["path_policy"] = "learned"
+                raw["train"]["path"]["decide_after"] = steps + 1
+            run(name, both)
+        else:
+            raise ConfigError(f"--settings: unknown {name} (known: {', '.join(UFO_SETTINGS)})")
+    return runs
+
+
+def bench_ufo(cfg: UfoConfig, steps: int, out: Path, settings: Sequence[str] = UFO_SETTINGS,
+              launcher: str | None = None, overwrite: bool = False, log: Callable[[str], None] = print
+              ) -> dict[str, Any]:
+    """UFO's headline comparison on any config: every task trained alone, with hard sharing, with
+    fixed, sampled and learned paths (and learned with both FFNs always, for the cost), each a plain
+    `ufo train` run (in this process, or under `launcher`, e.g. "torchrun --nproc_per_node 8"),
+    each task then measured by its protocol on the path the run trained toward (`ufo eval`'s code).
+    Writes OUT/ufo.json, OUT/ufo.png and one MLflow run per setting plus a summary run."""
+    out = out.resolve()
+    uri = tracking_uri(cfg, out)  # the config's store, else MLFLOW_TRACKING_URI, else OUT/mlflow.db
+    runs = ufo_settings(cfg, steps, out, settings, uri=uri)
+    fresh_runs(out, list(runs), overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"steps": steps, "tasks": list(cfg.tasks), "settings": {}, "launcher": launcher,
+                              "metrics": {t: primary_key(cfg, t) for t in cfg.tasks}}
+    for name, raw in runs.items():
+        run_cfg = config_from_dict(raw, f"bench ufo ({name})")
+        log(f"== {name}: " + ", ".join(f"{t} {run_cfg.train.path_policy if run_cfg.train.path_policy != 'fixed' else p}"
+                                       for t, p in ((t, run_cfg.path_of(t)) for t in run_cfg.tasks)))
+        start = time.perf_counter()
+        if launcher:
+            config = out / f"{name}.yaml"
+            config.write_text(yaml.safe_dump(raw, sort_keys=False))
+            args = launcher.split() + ["-m", "ufo.cli", "train", str(config)]
+            if args[0] in ("torchrun", "deepspeed"):
+                args[0] = str(Path(sys.executable).with_name(args[0]))
+            done = subprocess.run(args, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise ConfigError(f"bench ufo: the {name} run failed ({' '.join(args)}): "
+                                  + (done.stderr.strip().splitlines() or ["no output"])[-1])
+        else:
+            train(run_cfg, log=lambda line: log("   " + line) if line.startswith(("step", "path:", "learned")) else None)
+        seconds = time.perf_counter() - start
+        records = [json.loads(line) for line in (out / name / "history.jsonl").read_text().splitlines() if line]
+        rates = [r["samples_per_s"] for r in records if "samples_per_s" in r]
+        late = rates[len(rates) * 3 // 4:] or rates
+        entry: dict[str, Any] = {"s_per_step": seconds / steps, "late_samples_per_s": statistics.mean(late)
+                                 if late else None, "tasks": {}}
+        for task in run_cfg.tasks:
+            report = eval_target(out / name, task, log=lambda _: None)
+            entry["tasks"][task] = {"primary": report["primary"], "path": report["path"], "metrics": report["metrics"]}
+        if run_cfg.train.path_policy == "learned":
+            marker = json.loads(next(iter(sorted((out / name / "checkpoints").glob("step*/ufo.json")))).read_text())
+            entry["open_blocks"] = {t: p.count("?") for t, p in marker["path_policy"]["decided"].items()}
+        log("   " + "  ".join(f"{t} {v['primary']:.4f} ({v['path']})" for t, v in entry["tasks"].items()))
+        result["settings"][name] = entry
+    result["table"] = _ufo_table(result)
+    (out / "ufo.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_ufo(result, UFO_LABELS, out / "ufo.png")
+    _log_ufo(cfg, result, out, uri)
+    return result
+
+
+def _ufo_table(r: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """setting -> task -> the task's headline metric (the `alone` column from each task's own run)."""
+    table: dict[str, dict[str, float]] = {}
+    for name, entry in r["settings"].items():
+        setting = "alone" if name.startswith("alone-") else name
+        for task, v in entry["tasks"].items():
+            table.setdefault(setting, {})[task] = v["primary"]
+    return table
+
+
+def _log_ufo(cfg: UfoConfig, r: dict[str, Any], out: Path, uri: str) -> None:
+    """The comparison as one MLflow run beside the settings' runs: each cell a metric, the JSON and PNG."""
+    tracking = cfg.tracking.model_copy(update={"enabled": True, "uri": uri, "run_name": "bench-ufo",
+                                               "experiment": f"ufo-bench-{out.name}", "system_metrics_every": 0})
+    tracker = Tracker(cfg.model_copy(update={"tracking": tracking}), out, say=lambda _: None,
+                      params={"steps": r["steps"], "settings": ",".join(r["settings"])})
+    tracker.log_metrics(r["steps"], {metric_name(f"{s}/{t}/{r['metrics'][t]}"): v
+                                     for s, row in r["table"].items() for t, v in row.items()}
+                        | {f"{name}/s_per_step": e["s_per_step"] for name, e in r["settings"].items()})
+    for file in ("ufo.json", "ufo.png"):
+        tracker.log_artifact(out / file)
+    tracker.close()
+
+
+def format_ufo_bench(r: dict[str, Any]) -> str:
+    tasks, table = r["tasks"], r["table"]
+    settings = [s for s in UFO_SETTINGS if s in table]
+    lines = [f"ufo bench ufo: {r['steps']} steps per run; each task by its protocol's headline metric",
+             f"  {'setting':<28}" + "".join(f"{t + ' ' + r['metrics'][t]:>20}" for t in tasks) + f"{'s/step':>9}"]
+    for s in settings:
+        runs = [e for n, e in r["settings"].items() if n == s or (s == "alone" and n.startswith("alone-"))]
+        seconds = statistics.mean(e["s_per_step"] for e in runs)
+        lines.append(f"  {UFO_LABELS[s]:<28}" + "".join(f"{table[s].get(t, float('nan')):>20.4f}" for t in tasks)
+                     + f"{seconds:>9.3f}")
+    for name in ("learned", "learned_both"):
+        e = r["settings"].get(name)
+        if e:
+            paths = " ".join(f"{t}={v['path']}" for t, v in e["tasks"].items())
+            lines.append(f"  {name}: paths {paths}; open blocks at the end {e.get('open_blocks')}; "
+                         f"late samples/s {e['late_samples_per_s']:.0f}")
+    if "learned" in r["settings"] and "learned_both" in r["settings"]:
+        a, b = r["settings"]["learned"]["late_samples_per_s"], r["settings"]["learned_both"]["late_samples_per_s"]
+        lines.append(f"  once settled, a learned step runs at {a / b:.2f}x the samples/s of both FFNs always")
+    return "\n".join(lines)
