@@ -53,6 +53,19 @@ def long_run(tmp_path: Path, **train_args) -> Path:
     return config
 
 
+def one_process_run(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """A plain `ufo train` (one process, no launcher) of a long run, started and past its second step."""
+    config = long_run(tmp_path)
+    log = tmp_path / "run.log"
+    run = launch([sys.executable, "-m", "ufo.cli", "train", str(config)], log)
+    try:
+        wait_for(log, "step 2/", run)
+    except BaseException:
+        run.kill()
+        raise
+    return run, config
+
+
 def assert_nothing_left(tag: str) -> None:
     deadline = time.time() + 60
     while ufo_processes(tag) and time.time() < deadline:
@@ -262,11 +275,8 @@ def test_export_never_creates_or_calls_a_store_its_checkpoint_names(tmp_path, ca
 
 @pytest.mark.dist
 def test_a_one_process_run_listens_on_no_network_address(tmp_path):
-    config = long_run(tmp_path)
-    log = tmp_path / "run.log"
-    run = launch([sys.executable, "-m", "ufo.cli", "train", str(config)], log)
+    run, _ = one_process_run(tmp_path)
     try:
-        wait_for(log, "step 2/", run)
         listening = [c.laddr for c in psutil.Process(run.pid).net_connections(kind="inet")
                      if c.status == psutil.CONN_LISTEN]
     finally:
@@ -416,11 +426,9 @@ def test_a_full_disk_under_two_ranks_fails_every_rank_alike_with_the_reason(tmp_
 # two runs on one out_dir, a full disk during export, resuming with a changed config, bad data over resumes
 
 def test_a_second_run_on_a_live_runs_out_dir_is_refused_and_a_killed_one_blocks_nothing(tmp_path):
-    config = long_run(tmp_path)
-    log = tmp_path / "first.log"
-    first = launch([sys.executable, "-m", "ufo.cli", "train", str(config)], log)
+    first, config = one_process_run(tmp_path)
+    log = tmp_path / "run.log"
     try:
-        wait_for(log, "step 2/", first)
         raw = yaml.safe_load(config.read_text())
         with pytest.raises(UfoError) as refused:
             train(steps_of(raw, 4), log=lambda _: None)

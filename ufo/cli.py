@@ -15,7 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except UfoError as e:
-        print(f"ufo {args.command}: error: {e}", file=sys.stderr)
+        # one write: under a launcher every rank may report at once, into one unbuffered log
+        sys.stderr.write(f"ufo {args.command}: error: {e}\n")
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
         print(f"ufo {args.command}: interrupted", file=sys.stderr)

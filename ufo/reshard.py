@@ -163,7 +163,7 @@ def load_portable(engine, portable: dict, step: int, cfg: UfoConfig, layout: Lay
     """Put portable state into a freshly built engine, by parameter name."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    from ufo.placement import check_engine_version
+    from ufo.placement import check_engine_version  # imports DeepSpeed's MoE modules: only when resharding
 
     check_engine_version()  # the relinking in `_warm_up` and the step counters are 0.19.8's
     zero = cfg.deepspeed.zero_stage

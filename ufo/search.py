@@ -24,7 +24,7 @@ from ufo.config import ffns_on_path
 from ufo.data import task_loader
 from ufo.errors import UfoError
 from ufo.evaluate import PRIMARY, eval_sets, measure, primary
-from ufo.model import SupernetViT
+from ufo.model import SupernetViT, subnet_args
 
 Log = Callable[[str], None]
 FORMAT = "ufo-path-search/1"
@@ -246,8 +246,6 @@ def subnet_params(cfg, task: str, depth: int, mlp_ratio: float) -> int:
     """Parameters of the exported timm subnet of that size (counted on the meta device)."""
     from timm.models.vision_transformer import VisionTransformer
 
-    from ufo.model import subnet_args
-
     with torch.device("meta"):
         vit = VisionTransformer(**subnet_args(cfg, task, depth, mlp_ratio))
     return sum(p.numel() for p in vit.parameters())
@@ -257,8 +255,6 @@ def subnet_latency_ms(cfg, task: str, depth: int, mlp_ratio: float, runs: int = 
     """Milliseconds of one image through the exported timm subnet of that size, on this machine: the
     fastest of `runs` (other load on the machine only ever adds time)."""
     from timm.models.vision_transformer import VisionTransformer
-
-    from ufo.model import subnet_args
 
     vit = VisionTransformer(**subnet_args(cfg, task, depth, mlp_ratio)).eval()
     x = torch.randn(1, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)

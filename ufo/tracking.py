@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ufo.config import UfoConfig
+from ufo.errors import ExportError
+from ufo.export import FILES, load_subnet
 
 Log = Callable[[str], None]
 BATCH_METRICS, BATCH_PARAMS = 1000, 100  # MLflow's limits per log_batch call
@@ -318,8 +320,6 @@ def register_subnets(checkpoint: Path, exports: list, name: str, say: Log = prin
     exported, a python_function flavour over the pytorch one, the input/output signature (batch size
     free) and an input example; the task, path, parameters and verification figures as the version's
     tags. Returns the model versions; errors are one line and leave the subnet on disk as it is."""
-    from ufo.errors import ExportError
-
     found = _checkpoint_run(checkpoint, uri, say)
     if found is None:
         raise ExportError(f"--register {name}: no MLflow store to register in: the checkpoint's marker names no "
@@ -361,9 +361,6 @@ def _register_one(e, client, run_id: str, checkpoint: Path, registered: str, say
     import onnx
     import torch
     from mlflow.models import Model, infer_signature
-
-    from ufo.errors import ExportError
-    from ufo.export import FILES, load_subnet
 
     module, config = load_subnet(e.out_dir)
     c, size = config["model_args"].get("in_chans", 3), config["model_args"].get("img_size", 224)
