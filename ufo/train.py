@@ -122,6 +122,8 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
     out = Path(t.out_dir)
     layout = make_layout(cfg, world)
     lock = _claim(out, rank)
+    run: _Run | None = None
+    status = "FAILED"
     try:
         if rank == 0:
             (out / "config.yaml").write_text(cfg.to_yaml())
@@ -157,11 +159,7 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
         tracker = run.tracker
         meter = Meter(tasks)
         start_step, started = step, time.perf_counter()
-    except BaseException:
-        lock.release()
-        raise
-    status = "FAILED"
-    try:
+
         with Stop() as signals:
             while step < t.steps:
                 paths, sizes, gates = policy.paths_at(step), elastic.sizes_at(step), policy.gates_at(step)
@@ -202,7 +200,7 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
                     status = "KILLED"
                     return result
         result.step = step
-        result.metrics = _finish(run, step) or result.metrics
+        result.metrics = _finish(run, step)
         status = "FINISHED"
         return result
     finally:
