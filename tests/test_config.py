@@ -156,3 +156,23 @@ def test_ffns_on_path_follows_the_path_policy(tiny_config_file):
     message = error_of(tiny_config_file, ["model.ffns=on_path", "train.path_policy=sample"])
     assert message.startswith(f"{tiny_config_file}: model.ffns: on_path builds only the FFNs on the configured")
     assert message.endswith("(from --set model.ffns=on_path)")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["tasks.digits.neck=bnneck"], "tasks.digits.neck: the triplet loss and the BNNeck are for retrieval tasks"),
+    (["tasks.digits.triplet.margin=0.3"], "tasks.digits.triplet: the triplet loss and the BNNeck are for retrieval"),
+    (["tasks.person.id_loss_weight=0"], "tasks.person.id_loss_weight: with the ID loss off (0) the task needs a "
+                                        "triplet loss"),
+])
+def test_the_reid_recipe_keys_are_checked_at_load(tiny_config_file, overrides, message):
+    import re
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(tiny_config_file, overrides)
+
+
+def test_the_reid_recipe_keys_load(tiny_config_file):
+    cfg = load_config(tiny_config_file, ["tasks.person.neck=bnneck", "tasks.person.triplet.margin=0",
+                                         "tasks.person.id_loss_weight=0.5"])
+    person = cfg.tasks["person"]
+    assert (person.neck, person.triplet.margin, person.triplet.weight, person.id_loss_weight) == ("bnneck", 0, 1, 0.5)

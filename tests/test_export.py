@@ -13,6 +13,7 @@ import ufo.export
 from ufo.checkpoint import load_supernet, read_checkpoint
 from ufo.errors import ExportError
 from ufo.export import export_all_tasks, export_subnet
+from ufo.model import TaskSlice
 
 
 def rebuild_with_timm_alone(directory):
@@ -195,3 +196,38 @@ def test_the_streamed_safetensors_file_reads_back_with_safetensors(tmp_path):
         assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
     with safe_open(tmp_path / "m.safetensors", framework="pt") as f:
         assert f.metadata() == {"format": "pt"}
+
+
+def test_a_bnneck_is_folded_into_the_subnets_head_and_matches_the_supernet(tmp_path):
+    import copy
+
+    from tiny import TINY
+    from ufo.checkpoint import init_supernet, save_supernet
+    from ufo.config import config_from_dict
+    from ufo.export import load_subnet
+
+    raw = copy.deepcopy(TINY)
+    raw["tasks"]["person"].update(neck="bnneck", triplet={"weight": 1.0, "margin": 0.0})
+    cfg = config_from_dict(raw, "test")
+    model = init_supernet(cfg).train()
+    neck = model.heads["person"].neck
+    assert neck is not None and not neck.bias.requires_grad  # fast-reid's BNNeck: bias frozen at 0
+    with torch.no_grad():  # training batches move the running statistics; a trained scale
+        for _ in range(3):
+            model(torch.randn(8, 3, 16, 16) * 2 + 1, [TaskSlice("person", "STST", 8)])
+        neck.weight.uniform_(0.5, 2.0)
+    assert neck.running_mean.abs().max() > 0.01
+    ckpt = save_supernet(model, cfg, tmp_path / "supernet.safetensors")
+    result = export_subnet(ckpt, "person", tmp_path / "subnet", log=lambda _: None)
+    assert result.max_abs_diff["safetensors"] <= 1e-5  # export's own verification, eval mode
+    vit, config = rebuild_with_timm_alone(tmp_path / "subnet")  # a plain timm ViT: no BatchNorm in it
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in vit.modules())
+    x = torch.randn(6, 3, 16, 16)
+    deployed, _ = load_subnet(tmp_path / "subnet")
+    with torch.no_grad():
+        want = load_supernet(read_checkpoint(ckpt)).eval().forward_task(x, "person", "STST")
+        assert (F.normalize(vit(x), dim=-1) - want).abs().max() < 1e-5
+        assert (deployed(x) - want).abs().max() < 1e-5
+        unfolded = model.eval().heads["person"].embed  # without the fold the outputs differ
+        assert (F.normalize(unfolded(model.forward_features(x, [TaskSlice("person", "STST", 6)])), dim=-1)
+                - want).abs().max() > 1e-3

@@ -140,11 +140,16 @@ def reference_step(raw: dict, world: int, accumulation: int = 1) -> dict:
     policy = PathPolicy(t.path_policy, {task: cfg.path_of(task) for task in cfg.tasks}, t.seed, steps=t.steps,
                         temperature=(t.path.temperature.start, t.path.temperature.end))
     paths, gates = policy.paths_at(0), policy.gates_at(0)
+    coupled = any(tc.neck != "none" or tc.triplet is not None for tc in cfg.tasks.values())
     for rows in micro:
         images = torch.cat([x for t in cfg.tasks for x, _ in rows[t]])
         labels = torch.cat([y for t in cfg.tasks for _, y in rows[t]])
         slices = [TaskSlice(t, paths[t], sum(len(y) for _, y in rows[t]), gate=gates.get(t)) for t in cfg.tasks]
-        losses = model(images, slices, labels)
+        if coupled:  # a BNNeck normalizes, and the triplet loss mines, one rank's slice at a time
+            losses = [sum(model(x, [TaskSlice(t, paths[t], len(y))], y, reduction="sum")[0]
+                          for x, y in rows[t] if len(y)) / sum(len(y) for _, y in rows[t]) for t in cfg.tasks]
+        else:
+            losses = model(images, slices, labels)
         weights = reference_weights(cfg, losses, features.pop())
         loss = sum(w * loss for w, loss in zip(weights, losses))
         if gates:  # every block is open: the expected task-specific blocks of every task, at their cost
@@ -180,7 +185,9 @@ STEP_CASES = [
     (1, *TP, 1, "realtime"), (0, *TP, 1, "gradnorm_static"), (3, *TP, 1, "gradnorm_static"),
     (2, *MIXED, 2, "gradnorm_static"),
     # learned paths: every block open, Gumbel straight-through gates, the logits' own lr, a path cost
-    (0, *MIXED, 1, "learned"), (3, *MIXED, 2, "learned"), (1, *TP, 1, "learned")]
+    (0, *MIXED, 1, "learned"), (3, *MIXED, 2, "learned"), (1, *TP, 1, "learned"),
+    # the re-id recipe: BNNeck and batch-hard triplet loss, each rank normalizing and mining its own slice
+    (0, *TP, 1, "reid"), (1, *MIXED, 1, "reid"), (3, *MIXED, 2, "reid")]
 
 
 def step_run(tmp_path: Path, case: tuple) -> dict:
@@ -194,6 +201,12 @@ def step_run(tmp_path: Path, case: tuple) -> dict:
     if weighting == "learned":
         raw["train"].update(weighting={"name": "static"}, path_policy="learned",
                             path={"lr": 0.3, "task_block_cost": 0.05})
+    if weighting == "reid":  # a BNNeck over a slice of 6 rows scales gradients up: a smaller step, same test
+        raw["train"].update(weighting={"name": "static"}, lr=0.05)
+        for task, margin in (("face", 0.3), ("person", 0.0)):  # a hard margin and the soft one
+            if task in raw["tasks"]:
+                raw["tasks"][task].update(neck="bnneck", triplet={"weight": 1.5, "margin": margin},
+                                          id_loss_weight=0.5)
     return raw
 
 

@@ -454,6 +454,7 @@ def _read_module_files(tag_dir: Path, marker: dict, cfg: UfoConfig, tasks: list[
             state.update({canonical_name(k): v for k, v in _load(file).items()})
     if marker.get("precision", "fp32") == "fp32":
         return state  # the module's weights are the fp32 weights
+    untrained = untrained_names(cfg, tasks)
     if marker.get("zero_stage", 0) == 0:  # DeepSpeed's bf16/fp16 optimizer keeps the masters whole, by position
         masters = _load(tag_dir / "mp_rank_00_model_states.pt")["optimizer"]["fp32_groups"]
         names = marker.get("param_group_names")
@@ -470,6 +471,8 @@ def _read_module_files(tag_dir: Path, marker: dict, cfg: UfoConfig, tasks: list[
         flat = shard["single_partition_of_fp32_groups"][group]
         pieces.setdefault(key, []).append(flat.narrow(0, fragment.start, fragment.numel))
     for key, tensor in state.items():
+        if key in untrained:
+            continue  # no master weights: as the module saved it
         flat = torch.cat(pieces.get(key, [torch.zeros(0)]))
         if flat.numel() != tensor.numel():
             raise CheckpointError(f"{tag_dir}: the ZeRO shards hold {flat.numel()} of the {tensor.numel()} "
@@ -495,6 +498,14 @@ def zero_fragments(tag_dir: Path, marker: dict, keys: Container[str]) -> Iterato
                 key = canonical_name(name)
                 if key in keys and rank in groups.get(task_of(key), world):
                     yield key, shard, group, fragment
+
+
+def untrained_names(cfg: UfoConfig, tasks: Sequence[str]) -> set[str]:
+    """The supernet's tensors the optimizer does not hold: buffers (a BNNeck's running statistics) and
+    frozen parameters (its bias)."""
+    with torch.device("meta"):
+        model = SupernetViT.from_config(cfg, list(tasks))
+    return {n for n, _ in model.named_buffers()} | {n for n, p in model.named_parameters() if not p.requires_grad}
 
 
 def task_of(name: str) -> str | None:

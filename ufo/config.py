@@ -56,6 +56,15 @@ class ElasticConfig(Section):
     mlp_ratios: tuple[float, ...] = ()  # FFN hidden widths as ratios of model.embed_dim, e.g. [1.0, 2.0, 4.0]
 
 
+class TripletConfig(Section):
+    """Batch-hard triplet loss beside the ID loss (Hermans et al. 2017, as fast-reid's
+    `MODEL.LOSSES.TRI`): on the embedding before the neck, mined within a rank's slice of the task."""
+
+    weight: float = Field(1.0, ge=0)  # fast-reid's TRI.SCALE
+    margin: float = Field(0.3, ge=0)  # 0: the soft margin, log(1 + exp(d_ap - d_an))
+    norm_feat: bool = False  # cosine distances of L2-normalized embeddings instead of Euclidean ones
+
+
 class TaskConfig(Section):
     """One learning problem: its kind, classes, loss weight, path, head and data."""
 
@@ -70,6 +79,12 @@ class TaskConfig(Section):
     margin_scale: float = Field(30.0, gt=0)
     margin_value: float = Field(0.35, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    id_loss_weight: float = Field(1.0, ge=0)  # the margin softmax's (ID loss) weight; 0 with a triplet: triplet only
+    triplet: TripletConfig | None = None  # retrieval: batch-hard triplet loss beside the ID loss
+    # retrieval: `bnneck` puts a BatchNorm1d (bias frozen) after the embedding: the triplet loss reads
+    # the embedding before it, the ID loss and the deployed embedding after it (folded into the
+    # subnet's head at export)
+    neck: Literal["none", "bnneck"] = "none"
     # WebDataset shards: a directory (its manifest.json, else its *.tar), a brace/glob pattern,
     # or pipe:/URL specs that webdataset opens
     shards: str | None = None
@@ -459,6 +474,13 @@ def _check(cfg: UfoConfig, source: str, overridden: Mapping[str, str]) -> UfoCon
         if task.kind == "classification" and task.embedding_dim is not None:
             raise fail(f"{key}.embedding_dim",
                        "only retrieval tasks have an embedding; remove it or set kind: retrieval")
+        if task.kind == "classification" and (task.triplet is not None or task.neck != "none"):
+            which = "triplet" if task.triplet is not None else "neck"
+            raise fail(f"{key}.{which}", "the triplet loss and the BNNeck are for retrieval tasks (embeddings); "
+                                         "remove it or set kind: retrieval")
+        if task.id_loss_weight == 0 and (task.triplet is None or task.triplet.weight == 0):
+            raise fail(f"{key}.id_loss_weight", "with the ID loss off (0) the task needs a triplet loss "
+                                                "(tasks.<t>.triplet with a weight > 0)")
         if task.elastic is not None:
             bad_depth = [d for d in task.elastic.depths if not 1 <= d <= m.depth]
             if bad_depth:

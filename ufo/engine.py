@@ -77,6 +77,8 @@ def param_groups(model: SupernetViT, cfg: UfoConfig) -> list[dict]:
     t, depth = cfg.train, len(model.blocks)
     groups: dict[tuple, dict] = {}
     for raw_name, param in model.named_parameters():
+        if not param.requires_grad:  # frozen (a BNNeck's bias): no optimizer state, no update
+            continue
         name = canonical_name(raw_name)
         ndim = len(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 partition's own shape is flat
         if name.startswith("path_logits."):

@@ -171,6 +171,10 @@ def load_portable(engine, portable: dict, step: int, cfg: UfoConfig, layout: Lay
         _warm_up(engine, cfg, layout, rank)
     module = engine.module
     missing = []
+    for name, buffer in module.named_buffers():  # a BNNeck's running statistics
+        entry = portable.get(canonical_name(name))
+        if entry is not None:
+            buffer.copy_(entry["param"].view(buffer.shape).to(buffer.dtype))
     for name, param in module.named_parameters():
         key = canonical_name(name)
         entry = portable.get(key)
@@ -178,6 +182,10 @@ def load_portable(engine, portable: dict, step: int, cfg: UfoConfig, layout: Lay
             missing.append(key)
             continue
         value = entry["param"]
+        if not param.requires_grad:  # frozen: no master weights, no optimizer state
+            with torch.no_grad():
+                param.copy_(value.view(param.shape).to(param.dtype))
+            continue
         if zero == 0 and cfg.deepspeed.precision == "fp32":
             with torch.no_grad():
                 param.copy_(value.view(param.shape))

@@ -35,6 +35,7 @@ import torch.distributed as dist
 import ufo
 from ufo.checkpoint import (
     _marker,
+    canonical_name,
     check_step_files,
     clean_checkpoints,
     find_training_checkpoint,
@@ -42,6 +43,7 @@ from ufo.checkpoint import (
     rng_state,
     save_training_checkpoint,
     set_rng_state,
+    task_of,
 )
 from ufo.config import UfoConfig, config_changes, data_plan_changes, flatten
 from ufo.data import MixedLoader, TaskLoader, endless, label_counts, task_loader
@@ -49,7 +51,7 @@ from ufo.data.shards import check_task_data
 from ufo.engine import build_engine
 from ufo.errors import UfoError
 from ufo.evaluate import evaluate_engine
-from ufo.layout import Layout, init_distributed, make_layout
+from ufo.layout import Layout, init_distributed, make_layout, task_groups
 from ufo.model import SupernetViT, TaskSlice
 from ufo.model.paths import OPEN, ElasticPolicy, PathPolicy
 from ufo.model.supernet import apply_heads
@@ -240,7 +242,30 @@ def _decide_paths(run: _Run, step: int) -> None:
                 f"from now on only its {'FFN-task' if letter == 'T' else 'FFN-shared'} runs there")
 
 
+def _sync_running_stats(run: _Run) -> None:
+    """Each task's BNNeck running statistics made the mean over the ranks that serve the task (each
+    rank's BatchNorm normalizes its own slice, as fast-reid's per-GPU BN does, and so tracks its own
+    statistics): what is evaluated and checkpointed is the same on every rank."""
+    if all(tc.neck == "none" for tc in run.cfg.tasks.values()):
+        return
+    layout, sharded = run.layout, run.layout.placement == "task_sharded"
+    groups = task_groups(layout) if sharded else {}
+    buffers = sorted((canonical_name(name), b) for name, b in run.engine.module.named_buffers()
+                     if name.endswith(("running_mean", "running_var")))
+    for key, buffer in buffers:
+        task = task_of(key)
+        serving = layout.groups[task]
+        if sharded:  # only the task's ranks hold it
+            dist.all_reduce(buffer, group=groups[task])
+        else:  # every rank holds it: the others add nothing
+            if run.rank not in serving:
+                buffer.zero_()
+            dist.all_reduce(buffer)
+        buffer /= len(serving)
+
+
 def _evaluate(run: _Run, step: int, paths: dict[str, str]) -> dict[str, dict[str, float]]:
+    _sync_running_stats(run)
     metrics = evaluate_engine(run.engine, run.cfg, run.layout, run.rank, paths, run.dtype, run.say)
     if run.tracker:
         run.tracker.log_metrics(step, eval_metrics(metrics))
@@ -251,6 +276,7 @@ def _save(run: _Run, step: int) -> Path:
     """A checkpoint of the step: the engine's state, every rank's own state (data position, RNG,
     weighting, the run's bad data so far) and the marker's meta (config, layout, paths, MLflow run)."""
     t = run.cfg.train
+    _sync_running_stats(run)
     state = {"step": step, "data": run.loader.state_dict(), "rng": rng_state(),
              "weighting": {"name": run.weighting.name, "state": run.weighting.state_dict()},
              "param_groups": run.group_names,  # what resuming on other ranks matches by name

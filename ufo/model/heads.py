@@ -1,18 +1,23 @@
 """Task heads, one per task kind, on the pooled feature of the supernet.
 
 classification: a linear layer (logits). retrieval: a linear embedding whose L2-normalized
-output is deployed, trained through a margin softmax (CosFace or ArcFace) over class centers.
+output is deployed, trained through a margin softmax (CosFace or ArcFace) over class centers (the
+ID loss), optionally with a batch-hard triplet loss beside it and a BNNeck between the two (as
+fast-reid's `EmbeddingHead`: the triplet reads the embedding before the BatchNorm, the ID loss and
+the deployed embedding after it).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ufo.config import TaskConfig
+from ufo.config import TaskConfig, TripletConfig
+from ufo.model.losses import triplet_loss
 
 
 class ClassificationHead(nn.Module):
@@ -29,6 +34,12 @@ class ClassificationHead(nn.Module):
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing, reduction=reduction)
+
+    def losses(self, features: torch.Tensor, labels: torch.Tensor,
+               reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+        """The training loss of the rows, and their logits."""
+        logits = self(features)
+        return self.loss(logits, labels, reduction), logits
 
     @torch.no_grad()
     def hits(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -67,20 +78,53 @@ class MarginSoftmax(nn.Module):
         return (cos.argmax(dim=-1) == labels).sum()
 
 
-class RetrievalHead(nn.Module):
-    deployed = "embed"
+class BNNeck(nn.BatchNorm1d):
+    """fast-reid's BNNeck: a BatchNorm1d whose bias is frozen at 0. A batch of fewer than two rows (an
+    empty slice, which every rank still passes) is normalized by the running statistics, which it
+    leaves as they are."""
 
-    def __init__(self, dim: int, embedding_dim: int, num_classes: int, margin: str, scale: float, value: float):
+    EPS = 1e-5  # BatchNorm1d's: export folds with it
+
+    def __init__(self, dim: int):
+        super().__init__(dim, eps=self.EPS)
+        self.bias.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] < 2:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
+
+class RetrievalHead(nn.Module):
+    deployed = "embed"  # with a neck: the neck folded into it at export (`fold_bnneck`)
+
+    def __init__(self, dim: int, embedding_dim: int, num_classes: int, margin: str, scale: float, value: float,
+                 neck: str = "none", triplet: TripletConfig | None = None, id_loss_weight: float = 1.0):
         super().__init__()
         self.embed = nn.Linear(dim, embedding_dim)
+        self.neck = BNNeck(embedding_dim) if neck == "bnneck" else None
         self.margin = MarginSoftmax(embedding_dim, num_classes, margin, scale, value)
+        self.triplet, self.id_loss_weight = triplet, id_loss_weight
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features: (B, C) -> L2-normalized embedding (B, embedding_dim)."""
-        return F.normalize(self.embed(features), dim=-1)
+        z = self.embed(features)
+        return F.normalize(self.neck(z) if self.neck is not None else z, dim=-1)
 
     def loss(self, embedding: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         return self.margin(embedding, labels, reduction)
+
+    def losses(self, features: torch.Tensor, labels: torch.Tensor,
+               reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+        """The training loss of the rows (ID loss on the embedding after the neck, triplet loss on the one
+        before it), and their deployed embeddings."""
+        z = self.embed(features)
+        embedding = F.normalize(self.neck(z) if self.neck is not None else z, dim=-1)
+        loss = self.id_loss_weight * self.margin(embedding, labels, reduction)
+        if self.triplet is not None and self.triplet.weight:
+            loss = loss + self.triplet.weight * triplet_loss(z, labels, self.triplet.margin, self.triplet.norm_feat,
+                                                             reduction)
+        return loss, embedding
 
     def hits(self, embedding: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.margin.hits(embedding, labels)
@@ -89,8 +133,17 @@ class RetrievalHead(nn.Module):
 def build_head(task: TaskConfig, dim: int) -> nn.Module:
     if task.kind == "classification":
         return ClassificationHead(dim, task.num_classes, task.label_smoothing)
-    return RetrievalHead(dim, head_out_dim(task, dim), task.num_classes,
-                         task.margin, task.margin_scale, task.margin_value)
+    return RetrievalHead(dim, head_out_dim(task, dim), task.num_classes, task.margin, task.margin_scale,
+                         task.margin_value, task.neck, task.triplet, task.id_loss_weight)
+
+
+def fold_bnneck(weight: torch.Tensor, bias: torch.Tensor,
+                neck: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear layer followed by a BNNeck in eval mode (its `weight`, `bias`, `running_mean`,
+    `running_var`), as one linear layer: BN(W x + b) = g (W x + b - mu) / sqrt(var + eps) + beta."""
+    scale = neck["weight"].double() / (neck["running_var"].double() + BNNeck.EPS).sqrt()
+    folded_bias = (bias.double() - neck["running_mean"].double()) * scale + neck["bias"].double()
+    return (weight.double() * scale[:, None]).to(weight.dtype).contiguous(), folded_bias.to(bias.dtype)
 
 
 def head_out_dim(task: TaskConfig, dim: int) -> int:

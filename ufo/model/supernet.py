@@ -18,7 +18,7 @@ from torch import nn
 
 from ufo.config import ModelConfig, TaskConfig, UfoConfig, ffns_on_path
 from ufo.model.ffn import SHARED, MultiPathFFN, Route
-from ufo.model.heads import MarginSoftmax, build_head, head_out_dim
+from ufo.model.heads import MarginSoftmax, build_head, fold_bnneck, head_out_dim
 from ufo.model.paths import OPEN, PathLogits
 
 
@@ -310,12 +310,11 @@ def apply_heads(heads: nn.ModuleDict, features: torch.Tensor, slices: Sequence[T
     results, start = [], 0
     for s in slices:
         head = heads[s.task]
-        out = head(features[start:start + s.size])
         if labels is None:
-            results.append(out)
+            results.append(head(features[start:start + s.size]))
         else:
             y = labels[start:start + s.size]
-            loss = head.loss(out, y, reduction)
+            loss, out = head.losses(features[start:start + s.size], y, reduction)
             results.append((loss, head.hits(out, y)) if hits else loss)
         start += s.size
     return results
@@ -326,7 +325,7 @@ def subnet_state_dict(state: Mapping[str, torch.Tensor], task: str, path: str, d
     """Rename a supernet state dict into the timm ViT state dict of `task` on `path`.
 
     Keeps the shared parts, each block's FFN on the path, and the task head's deployed layer
-    (as timm's `head`); drops every other FFN and head. An elastic subnet keeps only the first
+    (as timm's `head`, a BNNeck after it folded in); drops every other FFN and head. An elastic subnet keeps only the first
     `depth` blocks and the first `hidden` units of each FFN (rows of fc1, columns of fc2).
     """
     out = {}
@@ -356,6 +355,9 @@ def subnet_state_dict(state: Mapping[str, torch.Tensor], task: str, path: str, d
             out[key] = tensor.contiguous()
             continue
         out[name] = tensor
+    neck = {k[len(f"heads.{task}.neck."):]: v for k, v in state.items() if k.startswith(f"heads.{task}.neck.")}
+    if neck:  # a BNNeck after the deployed layer: folded into it, so the subnet stays a plain ViT
+        out["head.weight"], out["head.bias"] = fold_bnneck(out["head.weight"], out["head.bias"], neck)
     return out
 
 
