@@ -128,3 +128,26 @@ def test_a_run_takes_what_its_config_builds_from_a_supernet_with_every_ffn(tiny_
     with pytest.raises(CheckpointError, match="does not match the config: it lacks blocks.0.mlp.task.face"):
         load_supernet(narrow, config=tiny_cfg.model_copy(update={"model": tiny_cfg.model.model_copy(
             update={"ffns": "all"})}))
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_a_bf16_checkpoint_with_a_bnneck_is_read_with_its_statistics_and_exported(tmp_path, stage):
+    """Buffers and frozen parameters have no fp32 masters: they are read as the module saved them."""
+    from test_train import tiny_run
+    from ufo.config import config_from_dict
+    from ufo.export import export_subnet
+    from ufo.train import train
+
+    raw = tiny_run(tmp_path, ("person", "digits"), steps=2, eval_every=0, layout="mixed")
+    raw["tasks"]["person"].update(neck="bnneck", triplet={"margin": 0.0})
+    raw["deepspeed"] = {"zero_stage": stage, "precision": "bf16"}
+    result = train(config_from_dict(raw, "test"), log=lambda _: None)
+    module = result.engine.module
+    ckpt = read_checkpoint(tmp_path / "run")
+    stats = {k: v for k, v in ckpt.state_dict.items() if ".neck." in k}
+    assert set(stats) == {f"heads.person.neck.{n}" for n in ("weight", "bias", "running_mean", "running_var",
+                                                               "num_batches_tracked")}
+    assert torch.equal(stats["heads.person.neck.running_mean"], module.heads["person"].neck.running_mean.cpu())
+    assert stats["heads.person.neck.weight"].dtype == torch.float32  # the master, not the bf16 copy
+    done = export_subnet(ckpt, "person", tmp_path / "subnet", log=lambda _: None)
+    assert done.max_abs_diff["safetensors"] <= 1e-4

@@ -325,3 +325,20 @@ def test_a_decided_block_runs_only_its_choice(tiny_cfg):
     again.load_state_dict(state)
     assert again.paths_at(9) == policy.paths_at(9) and again.best_paths() == policy.best_paths()
     assert torch.equal(again.gates_at(5)["person"][0], policy.gates_at(5)["person"][0])
+
+
+def test_the_bnneck_is_torchs_batchnorm_with_a_frozen_bias_and_leaves_its_statistics_on_an_empty_slice():
+    from ufo.model.heads import BNNeck
+
+    neck, bn = BNNeck(5), torch.nn.BatchNorm1d(5)
+    bn.load_state_dict(neck.state_dict())
+    x = torch.randn(7, 5) * 3 + 2
+    assert torch.allclose(neck(x), bn(x), atol=1e-6)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.allclose(getattr(neck, name).float(), getattr(bn, name).float(), atol=1e-6), name
+    before = neck.running_mean.clone()
+    assert neck(torch.zeros(0, 5)).shape == (0, 5) and torch.equal(neck.running_mean, before)
+    assert not neck.bias.requires_grad
+    neck.eval(), bn.eval()
+    assert torch.allclose(neck(x), bn(x), atol=1e-6)
+    assert neck(x.bfloat16()).dtype == torch.bfloat16

@@ -70,6 +70,8 @@ def _rank_main(rank: int, world: int, port: int, raws: dict | list[dict], out: s
         for name, param in result.engine.module.named_parameters():
             full = safe_get_full_fp32_param(param)  # None without ZeRO: the parameter is whole
             params[canonical_name(name)] = (param if full is None else full).detach().clone()
+        for name, buffer in result.engine.module.named_buffers():  # a BNNeck's running statistics
+            params[canonical_name(name)] = buffer.detach().clone()
         torch.save(params, where / f"params{rank}.pt")
         torch.save(result.weighting.state_dict(), where / f"weighting{rank}.pt")
     leave()  # once: DeepSpeed keeps its groups of the first run for the next ones
@@ -235,6 +237,21 @@ def test_one_distributed_step_equals_one_big_process(step_runs, case):
     ckpt = read_checkpoint(raw["train"]["out_dir"])  # and export's reader consolidates the same weights
     for name, want in expected.items():
         assert (ckpt.state_dict[name] - want.detach()).abs().max().item() < 2e-5, name
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("case", [c for c in STEP_CASES if c[4] == "reid"],
+                         ids=lambda c: f"zero{c[0]}-{c[1]}-accum{c[3]}")
+def test_a_bnnecks_running_statistics_are_the_same_on_every_rank_and_checkpointed(step_runs, case):
+    raw, replicas = step_runs.get(case)
+    ckpt = read_checkpoint(raw["train"]["out_dir"])
+    stats = [k for k in replicas[0] if k.endswith(("running_mean", "running_var"))]
+    assert stats
+    for key in stats:  # each rank normalized its own slice; their statistics were averaged before the save
+        assert torch.equal(replicas[0][key], replicas[1][key]), key
+        assert torch.allclose(ckpt.state_dict[key], replicas[0][key]), key
+        assert not torch.equal(replicas[0][key], torch.zeros_like(replicas[0][key]) if "mean" in key
+                               else torch.ones_like(replicas[0][key])), key  # and they moved
 
 
 _init_cache: dict = {}

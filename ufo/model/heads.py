@@ -79,9 +79,10 @@ class MarginSoftmax(nn.Module):
 
 
 class BNNeck(nn.BatchNorm1d):
-    """fast-reid's BNNeck: a BatchNorm1d whose bias is frozen at 0. A batch of fewer than two rows (an
-    empty slice, which every rank still passes) is normalized by the running statistics, which it
-    leaves as they are."""
+    """fast-reid's BNNeck: a BatchNorm1d whose bias is frozen at 0, computed in fp32 whatever the
+    engine's precision (DeepSpeed's bf16 module keeps some of its tensors in fp32). A training batch
+    of fewer than two rows (an empty slice, which every rank still passes) is normalized by the
+    running statistics, which it leaves as they are."""
 
     EPS = 1e-5  # BatchNorm1d's: export folds with it
 
@@ -90,9 +91,18 @@ class BNNeck(nn.BatchNorm1d):
         self.bias.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and x.shape[0] < 2:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        return super().forward(x)
+        xf = x.float()
+        if self.training and x.shape[0] >= 2:  # torch's BatchNorm: biased variance normalizes, unbiased is tracked
+            mean, var = xf.mean(dim=0), xf.var(dim=0, unbiased=False)
+            with torch.no_grad():
+                n, m = x.shape[0], self.momentum
+                self.running_mean.mul_(1 - m).add_((m * mean).to(self.running_mean.dtype))
+                self.running_var.mul_(1 - m).add_((m * var * n / (n - 1)).to(self.running_var.dtype))
+                self.num_batches_tracked.add_(1)
+        else:
+            mean, var = self.running_mean.float(), self.running_var.float()
+        y = (xf - mean) / (var + self.eps).sqrt() * self.weight.float() + self.bias.float()
+        return y.to(x.dtype)
 
 
 class RetrievalHead(nn.Module):
