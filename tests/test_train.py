@@ -208,7 +208,7 @@ def step_run(tmp_path: Path, case: tuple) -> dict:
         for task, margin in (("face", 0.3), ("person", 0.0)):  # a hard margin and the soft one
             if task in raw["tasks"]:
                 raw["tasks"][task].update(neck="bnneck", triplet={"weight": 1.5, "margin": margin},
-                                          id_loss_weight=0.5)
+                                          id_loss_weight=0.5, sampler="pk", instances=3)  # P 2 x K 3
     return raw
 
 

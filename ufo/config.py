@@ -85,6 +85,10 @@ class TaskConfig(Section):
     # the embedding before it, the ID loss and the deployed embedding after it (folded into the
     # subnet's head at export)
     neck: Literal["none", "bnneck"] = "none"
+    # training batches: `random` (shuffled samples), or `pk`: P identities x K (`instances`) samples each,
+    # P = the micro-batch / K (fast-reid's identity sampler; `ufo/data/sampler.py`)
+    sampler: Literal["random", "pk"] = "random"
+    instances: int = Field(4, gt=0)
     # WebDataset shards: a directory (its manifest.json, else its *.tar), a brace/glob pattern,
     # or pipe:/URL specs that webdataset opens
     shards: str | None = None
@@ -478,6 +482,10 @@ def _check(cfg: UfoConfig, source: str, overridden: Mapping[str, str]) -> UfoCon
             which = "triplet" if task.triplet is not None else "neck"
             raise fail(f"{key}.{which}", "the triplet loss and the BNNeck are for retrieval tasks (embeddings); "
                                          "remove it or set kind: retrieval")
+        if task.sampler == "pk" and cfg.train.micro_batch_size % task.instances:
+            raise fail(f"{key}.instances", f"sampler pk takes P identities x K = {task.instances} samples a batch; "
+                                           f"the micro-batch {cfg.train.micro_batch_size} is not a multiple of it",
+                       related="train.micro_batch_size")
         if task.id_loss_weight == 0 and (task.triplet is None or task.triplet.weight == 0):
             raise fail(f"{key}.id_loss_weight", "with the ID loss off (0) the task needs a triplet loss "
                                                 "(tasks.<t>.triplet with a weight > 0)")

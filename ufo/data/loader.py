@@ -40,6 +40,7 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ufo.config import UfoConfig
+from ufo.data.sampler import SampleRef, index_shards, pk_plan, rank_batches, read_sample
 from ufo.data.shards import Shard, probe_shard, resolve_shards
 from ufo.errors import DataError
 from ufo.metrics import META_KEYS, default_protocol
@@ -246,6 +247,34 @@ class _TaskStream(IterableDataset):
         return self.transform(image), label
 
 
+class _PKStream(_TaskStream):
+    """sampler pk: each worker's share of one rank's batches, read from the index by seeking."""
+
+    def __init__(self, loader: "TaskLoader", epoch: int, skip: int):
+        super().__init__(loader, epoch, skip)
+        self.batches = loader.pk_refs()
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = ((info.id if info else 0) + self.skip) % self.num_workers
+        problems: list[tuple[str, str | None, str]] = []
+        files: dict = {}
+        try:
+            for j in range(worker, self.nb, self.num_workers):
+                if j < self.skip:  # consumed before the saved position
+                    continue
+                chunk = []
+                for ref in self.batches[j]:
+                    try:
+                        chunk.append(read_sample(ref, files))
+                    except OSError as e:
+                        problems.append((ref.shard, ref.key, f"unreadable: {reason_of(e)}"))
+                yield self._decode(chunk, j, problems)
+        finally:
+            for f in files.values():
+                f.close()
+
+
 def category(reason: str) -> str:
     """The kind of a bad sample's reason, for counting: `unreadable`, `bad label`, `undecodable image`..."""
     if reason.startswith("bad label"):
@@ -291,7 +320,8 @@ class TaskLoader:
     def __init__(self, task: str, shards: str | Sequence[str] | Sequence[Shard], *, batch_size: int,
                  transform: Callable, rank_in_group: int = 0, group_size: int = 1, num_workers: int = 0,
                  seed: int = 0, mode: str = "exact", shuffle_buffer: int = 1000, num_classes: int | None = None,
-                 samples_per_epoch: int | None = None, meta_keys: Sequence[str] = (), log: Log = _stderr):
+                 samples_per_epoch: int | None = None, meta_keys: Sequence[str] = (), sampler: str = "random",
+                 instances: int = 4, log: Log = _stderr):
         if not 0 <= rank_in_group < group_size:
             raise ValueError(f"rank_in_group {rank_in_group} is not in a group of {group_size}")
         if mode not in ("exact", "resampled"):
@@ -328,6 +358,39 @@ class TaskLoader:
         self.bad_samples: Counter = Counter()  # reason -> samples skipped since this loader was made
         self._epoch_problems: Counter = Counter()
         self._epoch_samples = 0
+        # sampler pk: P identities x K (`instances`) samples a batch, from an index of the shards
+        # (`ufo/data/sampler.py`); `pk_offset`: the plan's batches taken by earlier splits of the epoch
+        self.sampler, self.instances, self.pk_offset = sampler, instances, 0
+        if sampler == "pk":
+            self._index_for_pk()
+        elif sampler != "random":
+            raise ValueError(f"sampler {sampler!r}: choose random or pk")
+
+    def _index_for_pk(self) -> None:
+        if self.batch_size % self.instances:
+            raise DataError(f"task {self.task}: sampler pk takes batches of P identities x K = {self.instances} "
+                            f"samples; the batch size {self.batch_size} is not a multiple of {self.instances}")
+        self._refs, self._labels, skipped = index_shards(self.task, self.shards)
+        self.bad_samples.update(skipped)
+        identities = len(set(self._labels))
+        if identities < self.batch_size // self.instances:
+            raise DataError(f"task {self.task}: sampler pk needs {self.batch_size // self.instances} identities a "
+                            f"batch ({self.batch_size} / K {self.instances}); its shards hold {identities}")
+        self._plans: dict[int, list[list[int]]] = {}
+
+    def _pk_plan(self) -> list[list[int]]:
+        if self.epoch not in self._plans:
+            self._plans = {self.epoch: pk_plan(self._labels, self.batch_size // self.instances, self.instances,
+                                               self.seed, self.epoch)}
+        return self._plans[self.epoch]
+
+    def _pk_batches(self) -> list[int]:
+        return rank_batches(len(self._pk_plan()), self.group_size, self.rank_in_group, self.pk_offset)
+
+    def pk_refs(self) -> list[list[SampleRef]]:
+        """sampler pk: this rank's batches of the current epoch, as the samples to read."""
+        plan = self._pk_plan()
+        return [[self._refs[i] for i in plan[b]] for b in self._pk_batches()]
 
     def _readable(self, shards: list[Shard]) -> list[Shard]:
         """Local shards that cannot be opened are left out with a warning; all of them: an error."""
@@ -349,6 +412,8 @@ class TaskLoader:
     @property
     def batches_per_epoch(self) -> int:
         """Batches of the current epoch (the same on every rank of the group)."""
+        if self.sampler == "pk":
+            return len(self._pk_batches())
         if not self.splits:
             return self.full_batches_per_epoch
         return batches_per_epoch(len(self._remaining()), self.group_size, self.batch_size)
@@ -360,6 +425,8 @@ class TaskLoader:
         state: dict[str, Any] = {"epoch": self.epoch, "batches": self.position}
         if self.splits:
             state["splits"] = [list(split) for split in self.splits]
+        if self.pk_offset:
+            state["pk_offset"] = self.pk_offset
         return state
 
     def load_state_dict(self, state: Mapping[str, Any], group_size: int | None = None) -> None:
@@ -375,7 +442,11 @@ class TaskLoader:
         """
         splits = [(int(g), int(b)) for g, b in state.get("splits", [])]
         self.splits, self.epoch, self.position = splits, int(state["epoch"]), int(state["batches"])
-        if group_size is not None and group_size != self.group_size and self.mode == "exact" and self.position:
+        self.pk_offset = int(state.get("pk_offset", 0))
+        if self.sampler == "pk" and group_size is not None and group_size != self.group_size and self.position:
+            # the old ranks took the plan's first `position` x `group_size` batches after the offset
+            self.pk_offset, self.position = self.pk_offset + self.position * group_size, 0
+        elif group_size is not None and group_size != self.group_size and self.mode == "exact" and self.position:
             before = self.group_size
             self.group_size = group_size  # the plan of the ranks that saved the position
             self.splits, self.position = splits + [(group_size, self.position)], 0
@@ -433,7 +504,7 @@ class TaskLoader:
         return self.batches_per_epoch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        stream = _TaskStream(self, self.epoch, self.position)
+        stream = (_PKStream if self.sampler == "pk" else _TaskStream)(self, self.epoch, self.position)
         # its own generator: a DataLoader otherwise draws its seed from the global torch RNG, which
         # would make the trainer's randomness (drop path) depend on when epochs start
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, generator=torch.Generator())
@@ -471,7 +542,7 @@ class TaskLoader:
             if self._epoch_samples == 0:
                 (shard, reason), _ = self._epoch_problems.most_common(1)[0]
                 raise DataError(f"task {self.task}: no sample of the epoch could be used ({shard}: {reason})")
-        self.epoch, self.position, self.splits = self.epoch + 1, 0, []
+        self.epoch, self.position, self.splits, self.pk_offset = self.epoch + 1, 0, [], 0
         self._epoch_problems.clear()
         self._epoch_samples = 0
 
@@ -543,4 +614,5 @@ def task_loader(cfg: UfoConfig, task: str, *, rank_in_group: int = 0, group_size
         # an evaluation split's labels are its own identities or pair indices, not the training classes
         num_classes=t.num_classes if train or protocol == "classification" else None,
         samples_per_epoch=t.samples_per_epoch if train else None,
-        meta_keys=() if train else META_KEYS[protocol], log=log)
+        meta_keys=() if train else META_KEYS[protocol], sampler=t.sampler if train else "random",
+        instances=t.instances, log=log)
