@@ -280,6 +280,9 @@ def _info(args: argparse.Namespace) -> None:
     print(f"{args.config}: ViT depth {m.depth}, width {m.embed_dim}, {m.num_heads} heads, "
           f"mlp_ratio {m.mlp_ratio:g}, {m.img_size}px / patch {m.patch_size}; tasks: {', '.join(cfg.tasks)}")
     print(format_params(count_params(model, {t: cfg.path_of(t) for t in cfg.tasks})))
+    print("  training recipe per task (per rank):")
+    for task, tc in cfg.tasks.items():
+        print(f"    {task:<12} {tc.recipe(cfg.train.micro_batch_size)}")
     if args.world is not None:
         from ufo.memory import format_plan, memory_plan
 

@@ -106,6 +106,22 @@ class TaskConfig(Section):
     hflip: float | None = Field(None, ge=0, le=1)  # overrides data.hflip for this task
     elastic: ElasticConfig | None = None  # elastic depth / FFN width training (None: full size only)
 
+    def recipe(self, micro_batch_size: int) -> str:
+        """How the task trains, in a few words (`ufo info`)."""
+        parts = [f"batch {micro_batch_size}" + (f" = {micro_batch_size // self.instances} identities x "
+                                                f"{self.instances}" if self.sampler == "pk" else " random")]
+        if self.kind == "classification":
+            parts.append("cross-entropy" + (f" (smoothing {self.label_smoothing:g})" if self.label_smoothing else ""))
+        else:
+            if self.id_loss_weight:
+                parts.append(f"{self.margin} x{self.id_loss_weight:g}")
+            if self.triplet is not None and self.triplet.weight:
+                margin = f"margin {self.triplet.margin:g}" if self.triplet.margin else "soft margin"
+                parts.append(f"triplet ({margin}) x{self.triplet.weight:g}")
+            if self.neck != "none":
+                parts.append(self.neck)
+        return ", ".join(parts)
+
     @field_validator("path")
     @classmethod
     def _path_letters(cls, path: str | None) -> str | None:

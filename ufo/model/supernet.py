@@ -356,7 +356,7 @@ def subnet_state_dict(state: Mapping[str, torch.Tensor], task: str, path: str, d
             continue
         out[name] = tensor
     neck = {k[len(f"heads.{task}.neck."):]: v for k, v in state.items() if k.startswith(f"heads.{task}.neck.")}
-    if neck:  # a BNNeck after the deployed layer: folded into it, so the subnet stays a plain ViT
+    if "running_var" in neck:  # a BNNeck after the deployed layer: folded into it, so the subnet stays a plain ViT
         out["head.weight"], out["head.bias"] = fold_bnneck(out["head.weight"], out["head.bias"], neck)
     return out
 
