@@ -189,7 +189,9 @@ STEP_CASES = [
     # learned paths: every block open, Gumbel straight-through gates, the logits' own lr, a path cost
     (0, *MIXED, 1, "learned"), (3, *MIXED, 2, "learned"), (1, *TP, 1, "learned"),
     # the re-id recipe: BNNeck and batch-hard triplet loss, each rank normalizing and mining its own slice
-    (0, *TP, 1, "reid"), (1, *MIXED, 1, "reid"), (3, *MIXED, 2, "reid")]
+    (0, *TP, 1, "reid"), (1, *MIXED, 1, "reid"), (3, *MIXED, 2, "reid"),
+    # every task its own micro-batch
+    (0, *TP, 1, "batches"), (2, *MIXED, 2, "batches")]
 
 
 def step_run(tmp_path: Path, case: tuple) -> dict:
@@ -203,6 +205,11 @@ def step_run(tmp_path: Path, case: tuple) -> dict:
     if weighting == "learned":
         raw["train"].update(weighting={"name": "static"}, path_policy="learned",
                             path={"lr": 0.3, "task_block_cost": 0.05})
+    if weighting == "batches":
+        raw["train"]["weighting"] = {"name": "static"}
+        for task, batch in (("face", 4), ("person", 9), ("digits", 3)):
+            if task in raw["tasks"]:
+                raw["tasks"][task]["micro_batch_size"] = batch
     if weighting == "reid":  # a BNNeck over a slice of 6 rows scales gradients up: a smaller step, same test
         raw["train"].update(weighting={"name": "static"}, lr=0.05)
         for task, margin in (("face", 0.3), ("person", 0.0)):  # a hard margin and the soft one

@@ -89,6 +89,8 @@ class TaskConfig(Section):
     # P = the micro-batch / K (fast-reid's identity sampler; `ufo/data/sampler.py`)
     sampler: Literal["random", "pk"] = "random"
     instances: int = Field(4, gt=0)
+    # samples of this task per rank per micro-step (default train.micro_batch_size), in either layout
+    micro_batch_size: int | None = Field(None, gt=0)
     # WebDataset shards: a directory (its manifest.json, else its *.tar), a brace/glob pattern,
     # or pipe:/URL specs that webdataset opens
     shards: str | None = None
@@ -295,6 +297,10 @@ class UfoConfig(Section):
         """The task's configured path (always set once loaded)."""
         return self.tasks[task].path  # type: ignore[return-value]
 
+    def batch_of(self, task: str) -> int:
+        """The task's micro-batch per rank: its own, else `train.micro_batch_size`."""
+        return self.tasks[task].micro_batch_size or self.train.micro_batch_size
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain JSON-able data (what checkpoints and MLflow store)."""
         return self.model_dump(mode="json")
@@ -498,10 +504,10 @@ def _check(cfg: UfoConfig, source: str, overridden: Mapping[str, str]) -> UfoCon
             which = "triplet" if task.triplet is not None else "neck"
             raise fail(f"{key}.{which}", "the triplet loss and the BNNeck are for retrieval tasks (embeddings); "
                                          "remove it or set kind: retrieval")
-        if task.sampler == "pk" and cfg.train.micro_batch_size % task.instances:
+        if task.sampler == "pk" and cfg.batch_of(name) % task.instances:
             raise fail(f"{key}.instances", f"sampler pk takes P identities x K = {task.instances} samples a batch; "
-                                           f"the micro-batch {cfg.train.micro_batch_size} is not a multiple of it",
-                       related="train.micro_batch_size")
+                                           f"the micro-batch {cfg.batch_of(name)} is not a multiple of it",
+                       related=f"{key}.micro_batch_size" if task.micro_batch_size else "train.micro_batch_size")
         if task.id_loss_weight == 0 and (task.triplet is None or task.triplet.weight == 0):
             raise fail(f"{key}.id_loss_weight", "with the ID loss off (0) the task needs a triplet loss "
                                                 "(tasks.<t>.triplet with a weight > 0)")
@@ -546,7 +552,7 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 # what a task's data position (epoch, batches taken) was planned from: after a change, the position
 # no longer names the same samples (all tasks' for a run-wide key, the task's own for a task's key)
 DATA_PLAN_KEYS = ("train.micro_batch_size", "train.seed", "data.mode", "data.shuffle_buffer", "data.num_workers")
-TASK_DATA_PLAN_KEYS = ("shards", "samples_per_epoch")
+TASK_DATA_PLAN_KEYS = ("shards", "samples_per_epoch", "micro_batch_size", "sampler", "instances")
 
 
 def config_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, tuple[str, str]]:

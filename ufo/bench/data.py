@@ -25,8 +25,7 @@ def bench_data(cfg: UfoConfig, workers: Sequence[int] = (0, 1, 2), batches: int 
     """Decoded samples/s of each task's train loader per worker count, against what one training
     step of the supernet (fwd+bwd+AdamW on one task's micro-batch, as a task-parallel rank runs)
     consumes per second."""
-    batch = cfg.train.micro_batch_size
-    result: dict[str, Any] = {"micro_batch_size": batch, "configured_workers": cfg.data.num_workers, "tasks": {},
+    result: dict[str, Any] = {"micro_batch_size": cfg.train.micro_batch_size, "configured_workers": cfg.data.num_workers, "tasks": {},
                               "without_shards": [t for t, c in cfg.tasks.items() if c.shards is None]}
     with_shards = [t for t, c in cfg.tasks.items() if c.shards is not None]
     if not with_shards or not workers:
@@ -36,6 +35,7 @@ def bench_data(cfg: UfoConfig, workers: Sequence[int] = (0, 1, 2), batches: int 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     m = cfg.model
     for task in with_shards:
+        batch = cfg.batch_of(task)
         images = torch.randn(batch, m.in_chans, m.img_size, m.img_size)
         labels = torch.randint(cfg.tasks[task].num_classes, (batch,))
         slices = [TaskSlice(task, cfg.path_of(task), batch)]
@@ -61,7 +61,7 @@ def bench_data(cfg: UfoConfig, workers: Sequence[int] = (0, 1, 2), batches: int 
                 samples += len(next(stream)["labels"])
             rates[w] = samples / (time.perf_counter() - start)
             del stream
-        result["tasks"][task] = {"train_step_samples_per_s": consume,
+        result["tasks"][task] = {"micro_batch_size": batch, "train_step_samples_per_s": consume,
                                  "loader_samples_per_s": rates,
                                  "ratio": {w: r / consume for w, r in rates.items()}}
     result["target"] = 3.0

@@ -606,7 +606,7 @@ def task_loader(cfg: UfoConfig, task: str, *, rank_in_group: int = 0, group_size
         raise DataError(f"task {task}: tasks.{task}.{'shards' if train else 'eval_shards'} is not set")
     protocol = protocol or default_protocol(t.kind)
     return TaskLoader(
-        task, spec, batch_size=batch_size or cfg.train.micro_batch_size, transform=build_transform(cfg, task, train),
+        task, spec, batch_size=batch_size or cfg.batch_of(task), transform=build_transform(cfg, task, train),
         rank_in_group=rank_in_group, group_size=group_size,
         num_workers=cfg.data.num_workers if num_workers is None else num_workers,
         seed=cfg.train.seed, mode=cfg.data.mode if train else "exact",
