@@ -56,6 +56,16 @@ class ElasticConfig(Section):
     mlp_ratios: tuple[float, ...] = ()  # FFN hidden widths as ratios of model.embed_dim, e.g. [1.0, 2.0, 4.0]
 
 
+class AugmentConfig(Section):
+    """A task's own training augmentation: each key set here replaces `data`'s for this task."""
+
+    scale: tuple[float, float] | None = None
+    hflip: float | None = Field(None, ge=0, le=1)
+    color_jitter: float | None = None
+    auto_augment: str | None = None
+    re_prob: float | None = Field(None, ge=0, le=1)  # random erasing: the re-id recipe's 0.5
+
+
 class TripletConfig(Section):
     """Batch-hard triplet loss beside the ID loss (Hermans et al. 2017, as fast-reid's
     `MODEL.LOSSES.TRI`): on the embedding before the neck, mined within a rank's slice of the task."""
@@ -105,7 +115,8 @@ class TaskConfig(Section):
     samples_per_epoch: int | None = Field(None, gt=0)
     ranks: int | None = Field(None, gt=0)  # task_parallel: ranks serving this task (default: by weight)
     ffn_lr_scale: float = Field(1.0, ge=0)  # this task's FFN-task MLPs' lr as a fraction of the run's
-    hflip: float | None = Field(None, ge=0, le=1)  # overrides data.hflip for this task
+    hflip: float | None = Field(None, ge=0, le=1)  # overrides data.hflip for this task (as augment.hflip)
+    augment: AugmentConfig = AugmentConfig()  # this task's training augmentation, over data's
     elastic: ElasticConfig | None = None  # elastic depth / FFN width training (None: full size only)
 
     def recipe(self, micro_batch_size: int) -> str:
@@ -122,6 +133,10 @@ class TaskConfig(Section):
                 parts.append(f"triplet ({margin}) x{self.triplet.weight:g}")
             if self.neck != "none":
                 parts.append(self.neck)
+        own = {k: v for k, v in self.augment.model_dump().items() if v is not None}
+        if own:
+            parts.append("augment " + " ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                                               for k, v in own.items()))
         return ", ".join(parts)
 
     @field_validator("path")
@@ -147,11 +162,12 @@ class DataConfig(Section):
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     interpolation: Literal["bilinear", "bicubic", "nearest"] = "bicubic"
     crop_pct: float = Field(1.0, gt=0, le=1)
-    # training augmentation (timm.data.create_transform)
+    # training augmentation (timm.data.create_transform); a task may override each (tasks.<t>.augment)
     scale: tuple[float, float] = (0.6, 1.0)
     hflip: float = Field(0.5, ge=0, le=1)
     color_jitter: float | None = None
     auto_augment: str | None = None
+    re_prob: float = Field(0.0, ge=0, le=1)  # random erasing (timm's RandomErasing, per-pixel noise)
 
 
 WEIGHTING_PARAMS = {  # which strategies read which keys of train.weighting

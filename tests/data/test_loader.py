@@ -251,3 +251,27 @@ def test_a_damaged_shard_without_a_manifest_is_counted_in_exact_mode_with_a_plai
     assert "missing" not in loader.bad_samples
     text = "\n".join(messages)
     assert "unreadable: " in text and "<" not in text and " @ " not in text, text
+
+
+def test_a_tasks_augmentation_overrides_the_datas_and_random_erasing_erases(tmp_path):
+    from ufo.config import config_from_dict
+    from ufo.data.loader import augmentation, build_transform
+
+    cfg = config_from_dict({"model": {"img_size": 16, "patch_size": 4, "embed_dim": 32, "num_heads": 2},
+                            "data": {"hflip": 0.0, "scale": [1.0, 1.0]},
+                            "tasks": {"person": {"kind": "retrieval", "num_classes": 5,
+                                                 "augment": {"re_prob": 1.0, "hflip": 0.5}},
+                                      "digits": {"kind": "classification", "num_classes": 5, "hflip": 0.0}}},
+                           "test")
+    assert augmentation(cfg, "person") == {"scale": (1.0, 1.0), "hflip": 0.5, "color_jitter": None,
+                                           "auto_augment": None, "re_prob": 1.0}
+    assert augmentation(cfg, "digits")["re_prob"] == 0.0
+    from PIL import Image
+
+    image = Image.new("RGB", (16, 16), (128, 128, 128))
+    torch.manual_seed(0)
+    erased = build_transform(cfg, "person", train=True)(image)
+    plain = build_transform(cfg, "digits", train=True)(image)
+    assert torch.allclose(plain, torch.full_like(plain, plain[0, 0, 0]))  # a flat image stays flat
+    assert (erased != plain).any() and erased.std() > 0.1  # a rectangle of noise
+    assert not any("Erasing" in type(t).__name__ for t in build_transform(cfg, "person", train=False).transforms)

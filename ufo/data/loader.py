@@ -53,13 +53,26 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def augmentation(cfg: UfoConfig, task: str) -> dict[str, Any]:
+    """The task's training augmentation: `data`'s keys, with what `tasks.<task>.augment` (and the
+    older `tasks.<task>.hflip`) sets in their place."""
+    d, tc = cfg.data, cfg.tasks[task]
+    out = {"scale": d.scale, "hflip": d.hflip, "color_jitter": d.color_jitter, "auto_augment": d.auto_augment,
+           "re_prob": d.re_prob}
+    if tc.hflip is not None:
+        out["hflip"] = tc.hflip
+    out.update({k: v for k, v in tc.augment.model_dump().items() if v is not None})
+    return out
+
+
 def build_transform(cfg: UfoConfig, task: str, train: bool) -> Callable:
-    """timm's train or eval transform for a task, from the data and model sections."""
+    """timm's train or eval transform for a task, from the data and model sections and its augmentation."""
     m, d = cfg.model, cfg.data
-    hflip = cfg.tasks[task].hflip if cfg.tasks[task].hflip is not None else d.hflip
+    a = augmentation(cfg, task)
     return create_transform(
-        input_size=(m.in_chans, m.img_size, m.img_size), is_training=train, scale=d.scale,
-        hflip=hflip, vflip=0.0, color_jitter=d.color_jitter or 0.0, auto_augment=d.auto_augment,
+        input_size=(m.in_chans, m.img_size, m.img_size), is_training=train, scale=a["scale"],
+        hflip=a["hflip"], vflip=0.0, color_jitter=a["color_jitter"] or 0.0, auto_augment=a["auto_augment"],
+        re_prob=a["re_prob"], re_mode="pixel", re_count=1,
         interpolation=d.interpolation, mean=d.mean, std=d.std, crop_pct=d.crop_pct,
     )
 
