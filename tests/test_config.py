@@ -163,6 +163,8 @@ def test_ffns_on_path_follows_the_path_policy(tiny_config_file):
     (["tasks.digits.triplet.margin=0.3"], "tasks.digits.triplet: the triplet loss and the BNNeck are for retrieval"),
     (["tasks.person.id_loss_weight=0"], "tasks.person.id_loss_weight: with the ID loss off (0) the task needs a "
                                         "triplet loss"),
+    (["tasks.person.augment.cutmix=1.0"], "tasks.person.augment.cutmix: mixes classes into soft targets: for "
+                                          "classification tasks only"),
 ])
 def test_the_reid_recipe_keys_are_checked_at_load(tiny_config_file, overrides, message):
     import re

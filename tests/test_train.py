@@ -123,17 +123,22 @@ def reference_step(raw: dict, world: int, accumulation: int = 1) -> dict:
     cfg = config_from_dict(raw, "test")
     layout = make_layout(cfg, world)
     micro = [{t: [] for t in cfg.tasks} for _ in range(accumulation)]
+    mixed = [{t: [] for t in cfg.tasks} for _ in range(accumulation)]  # mixup/cutmix soft targets
     for rank in range(world):
         stream = iter(_make_loader(cfg, layout, rank))
-        for rows in micro:
+        for rows, soft in zip(micro, mixed):
             batch = next(stream)
             if "slices" in batch:
                 start = 0
                 for task, n in batch["slices"]:
                     rows[task].append((batch["images"][start:start + n], batch["labels"][start:start + n]))
+                    if task in batch["targets"]:
+                        soft[task].append(batch["targets"][task])
                     start += n
             else:
                 rows[batch["task"]].append((batch["images"], batch["labels"]))
+                if "targets" in batch:
+                    soft[batch["task"]].append(batch["targets"])
     torch.manual_seed(cfg.train.seed)
     model = init_supernet(cfg)
     features: list = []
@@ -143,10 +148,11 @@ def reference_step(raw: dict, world: int, accumulation: int = 1) -> dict:
                         temperature=(t.path.temperature.start, t.path.temperature.end))
     paths, gates = policy.paths_at(0), policy.gates_at(0)
     coupled = any(tc.neck != "none" or tc.triplet is not None for tc in cfg.tasks.values())
-    for rows in micro:
+    for rows, soft in zip(micro, mixed):
         images = torch.cat([x for t in cfg.tasks for x, _ in rows[t]])
         labels = torch.cat([y for t in cfg.tasks for _, y in rows[t]])
-        slices = [TaskSlice(t, paths[t], sum(len(y) for _, y in rows[t]), gate=gates.get(t)) for t in cfg.tasks]
+        slices = [TaskSlice(t, paths[t], sum(len(y) for _, y in rows[t]), gate=gates.get(t),
+                            targets=torch.cat(soft[t]) if soft[t] else None) for t in cfg.tasks]
         if coupled:  # a BNNeck normalizes, and the triplet loss mines, one rank's slice at a time
             losses = [sum(model(x, [TaskSlice(t, paths[t], len(y))], y, reduction="sum")[0]
                           for x, y in rows[t] if len(y)) / sum(len(y) for _, y in rows[t]) for t in cfg.tasks]
@@ -190,7 +196,7 @@ STEP_CASES = [
     (0, *MIXED, 1, "learned"), (3, *MIXED, 2, "learned"), (1, *TP, 1, "learned"),
     # the re-id recipe: BNNeck and batch-hard triplet loss, each rank normalizing and mining its own slice
     (0, *TP, 1, "reid"), (1, *MIXED, 1, "reid"), (3, *MIXED, 2, "reid"),
-    # every task its own micro-batch
+    # every task its own micro-batch; mixup and cutmix for the classification task
     (0, *TP, 1, "batches"), (2, *MIXED, 2, "batches")]
 
 
@@ -207,9 +213,10 @@ def step_run(tmp_path: Path, case: tuple) -> dict:
                             path={"lr": 0.3, "task_block_cost": 0.05})
     if weighting == "batches":
         raw["train"]["weighting"] = {"name": "static"}
-        for task, batch in (("face", 4), ("person", 9), ("digits", 3)):
+        for task, batch in (("face", 4), ("person", 9), ("digits", 5)):
             if task in raw["tasks"]:
                 raw["tasks"][task]["micro_batch_size"] = batch
+        raw["tasks"]["digits"].update(augment={"mixup": 0.8, "cutmix": 1.0}, label_smoothing=0.1)
     if weighting == "reid":  # a BNNeck over a slice of 6 rows scales gradients up: a smaller step, same test
         raw["train"].update(weighting={"name": "static"}, lr=0.05)
         for task, margin in (("face", 0.3), ("person", 0.0)):  # a hard margin and the soft one

@@ -64,6 +64,10 @@ class AugmentConfig(Section):
     color_jitter: float | None = None
     auto_augment: str | None = None
     re_prob: float | None = Field(None, ge=0, le=1)  # random erasing: the re-id recipe's 0.5
+    # classification only: timm's Mixup on each training batch (alpha of the Beta distribution; 0 off;
+    # both set: one or the other per batch, half and half), with soft targets and their cross-entropy
+    mixup: float = Field(0.0, ge=0)
+    cutmix: float = Field(0.0, ge=0)
 
 
 class TripletConfig(Section):
@@ -133,7 +137,7 @@ class TaskConfig(Section):
                 parts.append(f"triplet ({margin}) x{self.triplet.weight:g}")
             if self.neck != "none":
                 parts.append(self.neck)
-        own = {k: v for k, v in self.augment.model_dump().items() if v is not None}
+        own = {k: v for k, v in self.augment.model_dump().items() if v is not None and v != 0.0}
         if own:
             parts.append("augment " + " ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
                                                for k, v in own.items()))
@@ -520,6 +524,11 @@ def _check(cfg: UfoConfig, source: str, overridden: Mapping[str, str]) -> UfoCon
             which = "triplet" if task.triplet is not None else "neck"
             raise fail(f"{key}.{which}", "the triplet loss and the BNNeck are for retrieval tasks (embeddings); "
                                          "remove it or set kind: retrieval")
+        if task.kind != "classification" and (task.augment.mixup or task.augment.cutmix):
+            which = "mixup" if task.augment.mixup else "cutmix"
+            raise fail(f"{key}.augment.{which}", "mixes classes into soft targets: for classification tasks only "
+                                                 "(a retrieval task's margin softmax and triplet need one identity "
+                                                 "a sample)")
         if task.sampler == "pk" and cfg.batch_of(name) % task.instances:
             raise fail(f"{key}.instances", f"sampler pk takes P identities x K = {task.instances} samples a batch; "
                                            f"the micro-batch {cfg.batch_of(name)} is not a multiple of it",

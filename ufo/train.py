@@ -604,8 +604,12 @@ def _slices(batch: dict, tasks: list[str], paths: dict[str, str],
     """A slice of every task, in config order; empty for the tasks this batch does not hold."""
     rows = dict(batch["slices"]) if "slices" in batch else {batch["task"]: len(batch["labels"])}
     gates = gates or {}
-    return [TaskSlice(task, paths[task], rows.get(task, 0), *elastic.get(task, (None, None)), gates.get(task))
-            for task in tasks]
+    targets = batch.get("targets")  # mixup/cutmix soft targets: a task loader's, or a mixed batch's per task
+    if isinstance(targets, torch.Tensor):
+        targets = {batch["task"]: targets}
+    targets = targets or {}
+    return [TaskSlice(task, paths[task], rows.get(task, 0), *elastic.get(task, (None, None)), gates.get(task),
+                      targets.get(task)) for task in tasks]
 
 
 @torch.no_grad()

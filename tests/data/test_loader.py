@@ -275,3 +275,40 @@ def test_a_tasks_augmentation_overrides_the_datas_and_random_erasing_erases(tmp_
     assert torch.allclose(plain, torch.full_like(plain, plain[0, 0, 0]))  # a flat image stays flat
     assert (erased != plain).any() and erased.std() > 0.1  # a rectangle of noise
     assert not any("Erasing" in type(t).__name__ for t in build_transform(cfg, "person", train=False).transforms)
+
+
+def test_mixup_and_cutmix_mix_a_classification_batch_into_soft_targets_seeded(tmp_path):
+    from ufo.config import config_from_dict
+    from ufo.data import task_loader
+
+    out = write_synth(tmp_path / "shapes", samples=28, maxcount=30)  # 4 batches of 7: odd ones
+    raw = {"model": {"img_size": 16, "patch_size": 4, "embed_dim": 32, "num_heads": 2},
+           "data": {"num_workers": 0, "shuffle_buffer": 0},
+           "tasks": {"shapes": {"kind": "classification", "num_classes": 5, "shards": str(out),
+                                "label_smoothing": 0.1, "augment": {"mixup": 0.8}}},
+           "train": {"micro_batch_size": 7}}
+    batches = list(task_loader(config_from_dict(raw, "test"), "shapes"))
+    again = list(task_loader(config_from_dict(raw, "test"), "shapes"))
+    plain = list(task_loader(config_from_dict({**raw, "tasks": {"shapes": {**raw["tasks"]["shapes"], "augment": {}}}},
+                                              "test"), "shapes"))
+    assert [len(b["labels"]) for b in batches] == [7, 7, 7, 7]
+
+    def smoothed(labels):
+        return torch.nn.functional.one_hot(labels, 5).float() * 0.9 + 0.1 / 5
+
+    lams = []
+    for b, a, p in zip(batches, again, plain):
+        assert torch.equal(b["images"], a["images"]) and torch.equal(b["targets"], a["targets"])  # seeded per batch
+        assert torch.equal(b["labels"], p["labels"])  # the hard labels stay (counts, accuracy)
+        assert b["targets"].shape == (len(b["labels"]), 5)
+        assert torch.allclose(b["targets"].sum(dim=1), torch.ones(len(b["labels"])))
+        # timm's mixup targets: lam of each row's smoothed one-hot plus 1 - lam of its pair's (i, 5 - i)
+        y = b["labels"][:-1]
+        own, pair = smoothed(y), smoothed(y.flip(0))
+        lam = float(((b["targets"][:-1] - pair) * (own - pair)).sum() / (own - pair).pow(2).sum().clamp_min(1e-12))
+        assert torch.allclose(b["targets"][:-1], lam * own + (1 - lam) * pair, atol=1e-6)
+        lams.append(lam)
+        assert b["targets"][-1].argmax() == b["labels"][-1] and b["targets"][-1].max() == pytest.approx(0.92)
+        assert not torch.equal(b["images"][:-1], p["images"][:-1]) and torch.equal(b["images"][-1], p["images"][-1])
+    assert "targets" not in plain[0]
+    assert min(lams) < 0.95 and len(set(lams)) == 4  # a lam drawn per batch

@@ -61,8 +61,21 @@ def augmentation(cfg: UfoConfig, task: str) -> dict[str, Any]:
            "re_prob": d.re_prob}
     if tc.hflip is not None:
         out["hflip"] = tc.hflip
-    out.update({k: v for k, v in tc.augment.model_dump().items() if v is not None})
+    out.update({k: v for k, v in tc.augment.model_dump().items() if v is not None and k not in ("mixup", "cutmix")})
     return out
+
+
+def batch_mixer(cfg: UfoConfig, task: str) -> Callable | None:
+    """timm's Mixup for the task's training batches (mixup and/or cutmix), or None: it mixes a batch's
+    images in place and turns its labels into soft targets (with the task's label smoothing)."""
+    tc = cfg.tasks[task]
+    a = tc.augment
+    if not (a.mixup or a.cutmix):
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, label_smoothing=tc.label_smoothing,
+                 num_classes=tc.num_classes)
 
 
 def build_transform(cfg: UfoConfig, task: str, train: bool) -> Callable:
@@ -121,7 +134,7 @@ class _TaskStream(IterableDataset):
         self.seed, self.transform, self.num_classes = loader.seed, loader.transform, loader.num_classes
         self.shuffle_buffer, self.num_workers = loader.shuffle_buffer, max(1, loader.num_workers)
         self.total, self.nb = loader.samples_per_epoch, loader.batches_per_epoch
-        self.epoch, self.skip, self.meta_keys = epoch, skip, loader.meta_keys
+        self.epoch, self.skip, self.meta_keys, self.mixer = epoch, skip, loader.meta_keys, loader.mixer
         # exact mode: this rank's samples of the epoch, as positions in the epoch's order (None: its
         # contiguous share; a list after a resume on another number of ranks, see `TaskLoader.resplit`)
         self.positions = loader.plan_positions()
@@ -219,8 +232,22 @@ class _TaskStream(IterableDataset):
         }
         if self.meta_keys:
             batch["meta"] = torch.tensor(metas, dtype=torch.long).reshape(len(metas), len(self.meta_keys))
+        if self.mixer is not None and len(images) >= 2:
+            with _seeded(_seed(self.seed, self.epoch, self.rank, index, 5)):
+                # timm mixes pairs (i, B-1-i) of an even batch: an odd batch's last sample stays as it is
+                even = len(images) - len(images) % 2
+                mixed, targets = batch["images"][:even].clone(), batch["labels"][:even]
+                mixed, soft = self.mixer(mixed, targets)
+                batch["images"][:even] = mixed
+                batch["targets"] = torch.cat([soft, self.mixer_targets(batch["labels"][even:])])
         problems.clear()
         return batch
+
+    def mixer_targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """Unmixed labels as the mixer's soft targets (its label smoothing only)."""
+        from timm.data.mixup import mixup_target
+
+        return mixup_target(labels, self.mixer.num_classes, 1.0, self.mixer.label_smoothing)
 
     def _meta(self, sample: dict) -> list[int]:
         if not self.meta_keys:
@@ -334,7 +361,7 @@ class TaskLoader:
                  transform: Callable, rank_in_group: int = 0, group_size: int = 1, num_workers: int = 0,
                  seed: int = 0, mode: str = "exact", shuffle_buffer: int = 1000, num_classes: int | None = None,
                  samples_per_epoch: int | None = None, meta_keys: Sequence[str] = (), sampler: str = "random",
-                 instances: int = 4, log: Log = _stderr):
+                 instances: int = 4, mixer: Callable | None = None, log: Log = _stderr):
         if not 0 <= rank_in_group < group_size:
             raise ValueError(f"rank_in_group {rank_in_group} is not in a group of {group_size}")
         if mode not in ("exact", "resampled"):
@@ -342,7 +369,7 @@ class TaskLoader:
         self.task, self.mode, self.log = task, mode, log
         self.rank_in_group, self.group_size, self.batch_size = rank_in_group, group_size, batch_size
         self.num_workers, self.seed, self.shuffle_buffer = num_workers, seed, shuffle_buffer
-        self.transform, self.num_classes = transform, num_classes
+        self.transform, self.num_classes, self.mixer = transform, num_classes, mixer
         # integer fields of each sample's .json an evaluation protocol needs (camera, pair, ...): a batch's
         # "meta" is their (n, len) tensor; a sample without one of them is a bad sample
         self.meta_keys = tuple(meta_keys)
@@ -594,6 +621,7 @@ class MixedLoader:
                 "labels": torch.cat([p["labels"] for p in parts]),
                 "slices": [(p["task"], len(p["labels"])) for p in parts],
                 "keys": [k for p in parts for k in p["keys"]],
+                "targets": {p["task"]: p["targets"] for p in parts if "targets" in p},
                 "epoch": self.epoch, "index": self.position - 1,
             }
         self.epoch, self.position = self.epoch + 1, 0
@@ -628,4 +656,4 @@ def task_loader(cfg: UfoConfig, task: str, *, rank_in_group: int = 0, group_size
         num_classes=t.num_classes if train or protocol == "classification" else None,
         samples_per_epoch=t.samples_per_epoch if train else None,
         meta_keys=() if train else META_KEYS[protocol], sampler=t.sampler if train else "random",
-        instances=t.instances, log=log)
+        instances=t.instances, mixer=batch_mixer(cfg, task) if train else None, log=log)

@@ -35,11 +35,15 @@ class ClassificationHead(nn.Module):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing, reduction=reduction)
 
-    def losses(self, features: torch.Tensor, labels: torch.Tensor,
-               reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
-        """The training loss of the rows, and their logits."""
+    def losses(self, features: torch.Tensor, labels: torch.Tensor, reduction: str = "mean",
+               targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training loss of the rows, and their logits; with soft `targets` (mixup, cutmix: timm's
+        targets, label smoothing included) their cross-entropy, as timm's SoftTargetCrossEntropy."""
         logits = self(features)
-        return self.loss(logits, labels, reduction), logits
+        if targets is None:
+            return self.loss(logits, labels, reduction), logits
+        per_row = -(targets.to(logits.device, torch.float32) * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
+        return (per_row.sum() if reduction == "sum" else per_row.mean()), logits
 
     @torch.no_grad()
     def hits(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -124,8 +128,8 @@ class RetrievalHead(nn.Module):
     def loss(self, embedding: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         return self.margin(embedding, labels, reduction)
 
-    def losses(self, features: torch.Tensor, labels: torch.Tensor,
-               reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+    def losses(self, features: torch.Tensor, labels: torch.Tensor, reduction: str = "mean",
+               targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The training loss of the rows (ID loss on the embedding after the neck, triplet loss on the one
         before it), and their deployed embeddings."""
         z = self.embed(features)

@@ -38,6 +38,8 @@ class TaskSlice(NamedTuple):
     hidden: int | None = None
     # a learned path's open blocks (OPEN in `path`): the step's (Gumbel noise (depth, 2), temperature)
     gate: tuple[torch.Tensor, float] | None = None
+    # a classification slice mixed by mixup/cutmix: its soft targets (size, classes), in place of labels
+    targets: torch.Tensor | None = None
 
 
 def vit_args(model: ModelConfig) -> dict[str, Any]:
@@ -314,7 +316,7 @@ def apply_heads(heads: nn.ModuleDict, features: torch.Tensor, slices: Sequence[T
             results.append(head(features[start:start + s.size]))
         else:
             y = labels[start:start + s.size]
-            loss, out = head.losses(features[start:start + s.size], y, reduction)
+            loss, out = head.losses(features[start:start + s.size], y, reduction, s.targets)
             results.append((loss, head.hits(out, y)) if hits else loss)
         start += s.size
     return results
