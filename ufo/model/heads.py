@@ -125,9 +125,6 @@ class RetrievalHead(nn.Module):
         z = self.embed(features)
         return F.normalize(self.neck(z) if self.neck is not None else z, dim=-1)
 
-    def loss(self, embedding: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        return self.margin(embedding, labels, reduction)
-
     def losses(self, features: torch.Tensor, labels: torch.Tensor, reduction: str = "mean",
                targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The training loss of the rows (ID loss on the embedding after the neck, triplet loss on the one
