@@ -36,7 +36,8 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from timm.data import create_transform
+from timm.data import Mixup, create_transform
+from timm.data.mixup import mixup_target
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ufo.config import UfoConfig
@@ -72,8 +73,6 @@ def batch_mixer(cfg: UfoConfig, task: str) -> Callable | None:
     a = tc.augment
     if not (a.mixup or a.cutmix):
         return None
-    from timm.data import Mixup
-
     return Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, label_smoothing=tc.label_smoothing,
                  num_classes=tc.num_classes)
 
@@ -245,8 +244,6 @@ class _TaskStream(IterableDataset):
 
     def mixer_targets(self, labels: torch.Tensor) -> torch.Tensor:
         """Unmixed labels as the mixer's soft targets (its label smoothing only)."""
-        from timm.data.mixup import mixup_target
-
         return mixup_target(labels, self.mixer.num_classes, 1.0, self.mixer.label_smoothing)
 
     def _meta(self, sample: dict) -> list[int]:

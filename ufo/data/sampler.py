@@ -98,12 +98,16 @@ def pk_plan(labels: Sequence[int], identities: int, instances: int, seed: int, e
         cut[-1] = cut[-1] + [rng.choice(by_id[pid]) for _ in range(instances - len(cut[-1]))]
         groups[pid] = cut
     batches = []
-    while any(groups.values()):
-        left = [pid for pid in pids if groups[pid]]
+    left = [pid for pid in pids if groups[pid]]  # identities with groups left, in order
+    while left:
         chosen = rng.sample(left, min(identities, len(left)))
-        others = [pid for pid in pids if pid not in chosen]
         batch = [groups[pid].pop() for pid in chosen]
-        batch += [fresh(pid) for pid in rng.sample(others, identities - len(chosen))]
+        if len(chosen) < identities:  # the epoch's last batches: filled with fresh groups of others
+            taken = set(chosen)
+            others = [pid for pid in pids if pid not in taken]
+            batch += [fresh(pid) for pid in rng.sample(others, identities - len(chosen))]
+        if any(not groups[pid] for pid in chosen):
+            left = [pid for pid in left if groups[pid]]
         batches.append([i for group in batch for i in group])
     return batches
 
