@@ -67,7 +67,8 @@ def test_console_script_runs(tmp_path):
 def test_info_prints_each_tasks_training_recipe(capsys, tiny_config_file):
     code, out, _ = run(capsys, "info", tiny_config_file, "--set", "tasks.person.sampler=pk", "--set",
                        "tasks.person.instances=4", "--set", "tasks.person.neck=bnneck", "--set",
-                       "tasks.person.triplet.margin=0.3", "--set", "train.micro_batch_size=32")
+                       "tasks.person.triplet.margin=0.3", "--set", "train.micro_batch_size=32",
+                       "--set", "tasks.person.img_size=[16, 8]")
     assert code == 0
-    assert "person       batch 32 = 8 identities x 4, cosface x1, triplet (margin 0.3) x1, bnneck" in out, out
-    assert "digits       batch 32 random, cross-entropy" in out
+    assert "person       16x8 px, batch 32 = 8 identities x 4, cosface x1, triplet (margin 0.3) x1, bnneck" in out, out
+    assert "digits       16x16 px, batch 32 random, cross-entropy" in out

@@ -165,12 +165,25 @@ def test_ffns_on_path_follows_the_path_policy(tiny_config_file):
                                         "triplet loss"),
     (["tasks.person.augment.cutmix=1.0"], "tasks.person.augment.cutmix: mixes classes into soft targets: for "
                                           "classification tasks only"),
+    (["tasks.person.img_size=[16, 6]"], "tasks.person.img_size: 6 is not a positive multiple of model.patch_size 4 "
+                                        "(from --set tasks.person.img_size=[16, 6])"),
+    (["tasks.person.img_size=[16, 8, 4]"], "tasks.person.img_size"),
 ])
 def test_the_reid_recipe_keys_are_checked_at_load(tiny_config_file, overrides, message):
     import re
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(tiny_config_file, overrides)
+
+
+def test_a_tasks_input_size_is_its_own_or_the_models(tiny_config_file):
+    cfg = load_config(tiny_config_file, ["tasks.person.img_size=[16, 8]", "tasks.digits.img_size=12"])
+    assert (cfg.size_of("person"), cfg.size_of("digits"), cfg.size_of("face")) == ((16, 8), (12, 12), (16, 16))
+    assert cfg.dynamic_size() and not load_config(tiny_config_file, ["tasks.person.img_size=16"]).dynamic_size()
+    for name, sizes in (("ufo_vit_b", {"person": (256, 128), "vehicle": (256, 256), "face": (112, 112),
+                                       "product": (224, 224)}),):
+        shipped = load_config(REPO / "configs" / f"{name}.yaml")
+        assert {t: shipped.size_of(t) for t in shipped.tasks} == sizes
 
 
 def test_the_reid_recipe_keys_load(tiny_config_file):

@@ -74,10 +74,11 @@ def test_a_reid_part_without_cameras_counts_its_samples_as_bad(tmp_path):
     assert "skipped 12 bad samples" in lines[-1]
 
 
-@pytest.fixture
-def checkpoint_and_subnet(tmp_path):
+@pytest.fixture(params=[16], ids=["square"])
+def checkpoint_and_subnet(tmp_path, request):
     data = persons(tmp_path / "persons")
-    cfg = config_from_dict(config(tmp_path, eval_shards={"query": data["query"], "gallery": data["gallery"]}), "t")
+    cfg = config_from_dict(config(tmp_path, eval_shards={"query": data["query"], "gallery": data["gallery"]},
+                                  img_size=request.param), "t")
     ckpt = save_supernet(init_supernet(cfg), cfg, tmp_path / "ckpt" / "supernet.safetensors")
     export_subnet(ckpt, "person", tmp_path / "subnet", log=lambda _: None)
     return ckpt, tmp_path / "subnet", data
@@ -101,6 +102,7 @@ def by_hand(ckpt: Path, data: dict[str, str]) -> dict[str, float]:
     return reid(q, qi, qc, g, gi, gc)
 
 
+@pytest.mark.parametrize("checkpoint_and_subnet", [16, [16, 8]], ids=["square", "16x8"], indirect=True)
 def test_ufo_eval_measures_a_checkpoint_and_its_deployed_subnet_alike(checkpoint_and_subnet, tmp_path, capsys):
     ckpt, subnet, data = checkpoint_and_subnet
     expected = by_hand(ckpt, data)

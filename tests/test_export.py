@@ -231,3 +231,37 @@ def test_a_bnneck_is_folded_into_the_subnets_head_and_matches_the_supernet(tmp_p
         unfolded = model.eval().heads["person"].embed  # without the fold the outputs differ
         assert (F.normalize(unfolded(model.forward_features(x, [TaskSlice("person", "STST", 6)])), dim=-1)
                 - want).abs().max() > 1e-3
+
+
+def test_a_task_of_its_own_input_size_exports_a_plain_vit_of_that_size(tmp_path):
+    import copy
+
+    from tiny import TINY
+    from ufo.checkpoint import init_supernet, save_supernet
+    from ufo.config import config_from_dict
+    from ufo.export import load_subnet
+
+    raw = copy.deepcopy(TINY)
+    raw["tasks"]["person"]["img_size"] = [16, 8]  # people: taller than wide (256 x 128 at full size)
+    raw["tasks"]["digits"]["img_size"] = 12
+    raw["export"]["formats"] = ["safetensors", "onnx", "torchscript"]
+    cfg = config_from_dict(raw, "test")
+    model = init_supernet(cfg)
+    assert model.pos_embed.shape == (1, 1 + 4 * 4, 32)  # the supernet keeps model.img_size's grid
+    ckpt = save_supernet(model, cfg, tmp_path / "supernet.safetensors")
+    for task, (h, w) in (("person", (16, 8)), ("digits", (12, 12))):
+        result = export_subnet(ckpt, task, tmp_path / task, log=lambda _: None)
+        assert max(result.max_abs_diff.values()) <= 1e-5, result.max_abs_diff  # every format verified
+        vit, config = rebuild_with_timm_alone(tmp_path / task)
+        assert vit.pos_embed.shape == (1, 1 + h // 4 * (w // 4), 32)  # resampled once, at export
+        hub = timm.create_model(f"local-dir:{tmp_path / task}", pretrained=True).eval()  # timm's own loader
+        assert timm.data.resolve_data_config({}, model=hub)["input_size"] == (3, h, w)  # what users preprocess to
+        x = torch.randn(5, 3, h, w)
+        deployed, _ = load_subnet(tmp_path / task)
+        with torch.no_grad():
+            want = load_supernet(read_checkpoint(ckpt)).eval().forward_task(x, task, cfg.path_of(task))
+            assert (deployed(x) - want).abs().max() <= 1e-5
+            assert torch.equal(hub(x), vit(x))
+        session = onnxruntime.InferenceSession(str(tmp_path / task / "model.onnx"))
+        got = session.run(None, {"images": x.numpy()})[0]
+        assert np.abs(got - want.numpy()).max() <= 1e-4

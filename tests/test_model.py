@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from timm.models.vision_transformer import VisionTransformer
 
+from ufo.config import config_from_dict
 from ufo.model import (
     MarginSoftmax,
     SupernetViT,
@@ -72,6 +73,37 @@ def test_grouped_forward_equals_per_task_forwards(supernet, tiny_cfg):
             alone = supernet.forward_task(x[start:start + s.size], s.task, s.path)
             torch.testing.assert_close(out, alone, atol=1e-5, rtol=1e-5)
             start += s.size
+
+
+def test_tasks_of_different_input_sizes_run_as_sub_batches_each_as_it_would_alone(tiny_cfg):
+    raw = tiny_cfg.to_dict()
+    raw["tasks"]["person"]["img_size"] = [16, 8]  # 4 x 2 patches; face keeps model.img_size, digits 3 x 3
+    raw["tasks"]["digits"]["img_size"] = 12
+    cfg = config_from_dict(raw, "test")
+    torch.manual_seed(0)
+    model = SupernetViT.from_config(cfg).eval()
+    assert model.pos_embed.shape[1] == 1 + 16 and cfg.dynamic_size()
+    g = torch.Generator().manual_seed(1)
+    rows = {"face": 3, "person": 2, "digits": 4}
+    x = [torch.randn(n, 3, *cfg.size_of(t), generator=g) for t, n in rows.items()]
+    slices = [TaskSlice(t, cfg.path_of(t), n) for t, n in rows.items()]
+    seen = []
+    model.head_drop.register_forward_hook(lambda _, __, out: seen.append(out.shape[0]))
+    outs = model(x, slices)
+    assert seen == [9]  # the heads read every row at once, in slice order, after the sub-batches
+    for xi, s, out in zip(x, slices, outs):
+        alone = model.forward_task(xi, s.task, s.path)
+        torch.testing.assert_close(out, alone, atol=1e-5, rtol=1e-5)
+    # the position embedding is resampled per size and learns from every task
+    sum(o.sum() for o in outs).backward()
+    assert model.pos_embed.grad.abs().sum() > 0
+    # an empty slice still runs its sizes' modules on zero rows; a tensor per slice is required
+    outs = model([x[0], x[1][:0], x[2]], [slices[0], slices[1]._replace(size=0), slices[2]])
+    assert outs[1].shape == (0, model.heads["person"].embed.out_features)
+    with pytest.raises(ValueError, match="2 image tensors for 3 slices"):
+        model(x[:2], slices)
+    with pytest.raises(ValueError, match="slice of task 'person' has 5 rows, its images 2"):
+        model(x, [slices[0], slices[1]._replace(size=5), slices[2]])
 
 
 def test_paths_change_the_output(supernet, tiny_cfg):

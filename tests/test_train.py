@@ -130,8 +130,11 @@ def reference_step(raw: dict, world: int, accumulation: int = 1) -> dict:
             batch = next(stream)
             if "slices" in batch:
                 start = 0
-                for task, n in batch["slices"]:
-                    rows[task].append((batch["images"][start:start + n], batch["labels"][start:start + n]))
+                for i, (task, n) in enumerate(batch["slices"]):
+                    # one batch, or one tensor per task when the tasks' input sizes differ
+                    images = batch["images"][i] if isinstance(batch["images"], list) else \
+                        batch["images"][start:start + n]
+                    rows[task].append((images, batch["labels"][start:start + n]))
                     if task in batch["targets"]:
                         soft[task].append(batch["targets"][task])
                     start += n
@@ -149,7 +152,7 @@ def reference_step(raw: dict, world: int, accumulation: int = 1) -> dict:
     paths, gates = policy.paths_at(0), policy.gates_at(0)
     coupled = any(tc.neck != "none" or tc.triplet is not None for tc in cfg.tasks.values())
     for rows, soft in zip(micro, mixed):
-        images = torch.cat([x for t in cfg.tasks for x, _ in rows[t]])
+        images = [torch.cat([x for x, _ in rows[t]]) for t in cfg.tasks]  # a tensor per task: sizes may differ
         labels = torch.cat([y for t in cfg.tasks for _, y in rows[t]])
         slices = [TaskSlice(t, paths[t], sum(len(y) for _, y in rows[t]), gate=gates.get(t),
                             targets=torch.cat(soft[t]) if soft[t] else None) for t in cfg.tasks]
@@ -196,8 +199,8 @@ STEP_CASES = [
     (0, *MIXED, 1, "learned"), (3, *MIXED, 2, "learned"), (1, *TP, 1, "learned"),
     # the re-id recipe: BNNeck and batch-hard triplet loss, each rank normalizing and mining its own slice
     (0, *TP, 1, "reid"), (1, *MIXED, 1, "reid"), (3, *MIXED, 2, "reid"),
-    # every task its own micro-batch; mixup and cutmix for the classification task
-    (0, *TP, 1, "batches"), (2, *MIXED, 2, "batches")]
+    # every task its own micro-batch and input size; mixup and cutmix for the classification task
+    (0, *TP, 1, "batches"), (3, *MIXED, 2, "batches")]
 
 
 def step_run(tmp_path: Path, case: tuple) -> dict:
@@ -216,7 +219,9 @@ def step_run(tmp_path: Path, case: tuple) -> dict:
         for task, batch in (("face", 4), ("person", 9), ("digits", 5)):
             if task in raw["tasks"]:
                 raw["tasks"][task]["micro_batch_size"] = batch
-        raw["tasks"]["digits"].update(augment={"mixup": 0.8, "cutmix": 1.0}, label_smoothing=0.1)
+        raw["tasks"]["digits"].update(augment={"mixup": 0.8, "cutmix": 1.0}, label_smoothing=0.1, img_size=12)
+        if "person" in raw["tasks"]:  # and its own input size: face 16 x 16, person 16 x 8, digits 12 x 12
+            raw["tasks"]["person"]["img_size"] = [16, 8]
     if weighting == "reid":  # a BNNeck over a slice of 6 rows scales gradients up: a smaller step, same test
         raw["train"].update(weighting={"name": "static"}, lr=0.05)
         for task, margin in (("face", 0.3), ("person", 0.0)):  # a hard margin and the soft one

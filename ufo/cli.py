@@ -282,7 +282,7 @@ def _info(args: argparse.Namespace) -> None:
     print(format_params(count_params(model, {t: cfg.path_of(t) for t in cfg.tasks})))
     print("  training recipe per task (per rank):")
     for task, tc in cfg.tasks.items():
-        print(f"    {task:<12} {tc.recipe(cfg.batch_of(task))}")
+        print(f"    {task:<12} {tc.recipe(cfg.batch_of(task), cfg.size_of(task))}")
     if args.world is not None:
         from ufo.memory import format_plan, memory_plan
 

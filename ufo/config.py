@@ -105,6 +105,10 @@ class TaskConfig(Section):
     instances: int = Field(4, gt=0)
     # samples of this task per rank per micro-step (default train.micro_batch_size), in either layout
     micro_batch_size: int | None = Field(None, gt=0)
+    # this task's input size: an int (square) or [height, width] (people: [256, 128]); default
+    # model.img_size. The supernet's position embedding stays at model.img_size's grid and is
+    # resampled to the task's (timm's dynamic image size); the task's subnet takes it resampled.
+    img_size: int | tuple[int, int] | None = None
     # WebDataset shards: a directory (its manifest.json, else its *.tar), a brace/glob pattern,
     # or pipe:/URL specs that webdataset opens
     shards: str | None = None
@@ -123,9 +127,9 @@ class TaskConfig(Section):
     augment: AugmentConfig = AugmentConfig()  # this task's training augmentation, over data's
     elastic: ElasticConfig | None = None  # elastic depth / FFN width training (None: full size only)
 
-    def recipe(self, micro_batch_size: int) -> str:
+    def recipe(self, micro_batch_size: int, size: tuple[int, int]) -> str:
         """How the task trains, in a few words (`ufo info`)."""
-        parts = [f"batch {micro_batch_size}" + (f" = {micro_batch_size // self.instances} identities x "
+        parts = [f"{size[0]}x{size[1]} px", f"batch {micro_batch_size}" + (f" = {micro_batch_size // self.instances} identities x "
                                                 f"{self.instances}" if self.sampler == "pk" else " random")]
         if self.kind == "classification":
             parts.append("cross-entropy" + (f" (smoothing {self.label_smoothing:g})" if self.label_smoothing else ""))
@@ -320,6 +324,16 @@ class UfoConfig(Section):
     def batch_of(self, task: str) -> int:
         """The task's micro-batch per rank: its own, else `train.micro_batch_size`."""
         return self.tasks[task].micro_batch_size or self.train.micro_batch_size
+
+    def size_of(self, task: str) -> tuple[int, int]:
+        """The task's input (height, width): its own img_size, else `model.img_size`."""
+        size = self.tasks[task].img_size or self.model.img_size
+        return (size, size) if isinstance(size, int) else tuple(size)  # type: ignore[return-value]
+
+    def dynamic_size(self) -> bool:
+        """Whether some task's input size is not model.img_size (the supernet resamples its position
+        embedding per input size)."""
+        return any(self.size_of(t) != (self.model.img_size,) * 2 for t in self.tasks)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain JSON-able data (what checkpoints and MLflow store)."""
@@ -517,6 +531,10 @@ def _check(cfg: UfoConfig, source: str, overridden: Mapping[str, str]) -> UfoCon
         if len(path) != m.depth:
             raise fail(f"{key}.path", f"path {path!r} has {len(path)} blocks but model.depth is {m.depth}",
                        related="model.depth")
+        for side in (task.img_size,) if isinstance(task.img_size, int) else task.img_size or ():
+            if side <= 0 or side % m.patch_size:
+                raise fail(f"{key}.img_size", f"{side} is not a positive multiple of model.patch_size "
+                                              f"{m.patch_size}", related="model.patch_size")
         if task.kind == "classification" and task.embedding_dim is not None:
             raise fail(f"{key}.embedding_dim",
                        "only retrieval tasks have an embedding; remove it or set kind: retrieval")

@@ -75,7 +75,7 @@ def evaluate_task(cfg, task: str, forward: Callable[[torch.Tensor], torch.Tensor
             for batch in loader:
                 images = batch["images"]
                 if images.ndim != 4:
-                    images = torch.zeros(0, m.in_chans, m.img_size, m.img_size)
+                    images = torch.zeros(0, m.in_chans, *cfg.size_of(task))
                 out = forward(images)
                 if flip:
                     out = out + forward(torch.flip(images, dims=[3]))
@@ -226,12 +226,13 @@ def _subnet_config(config: dict, task: str, where: Path) -> dict:
     kind = info["kind"]
     classes = args.get("num_classes", 2) if kind == "classification" else 2
     depth = args["depth"]
+    size = args.get("img_size", 224)  # an int, or [height, width]
     return {
-        "model": {"img_size": args.get("img_size", 224), "patch_size": args.get("patch_size", 16),
+        "model": {"img_size": size if isinstance(size, int) else size[0], "patch_size": args.get("patch_size", 16),
                   "in_chans": args.get("in_chans", 3), "embed_dim": args["embed_dim"], "depth": depth,
                   "num_heads": args["num_heads"], "mlp_ratio": args.get("mlp_ratio", 4.0)},
         "tasks": {task: {"kind": kind, "num_classes": max(2, classes), "path": "S" * depth,
-                         "eval_shards": eval_shards}},
+                         "eval_shards": eval_shards, "img_size": size}},
         "data": {k: pre[k] for k in ("mean", "std", "interpolation", "crop_pct") if k in pre},
     }
 

@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Sequence
 import timm
 import torch
 from safetensors.torch import load_file
+from timm.layers import resample_abs_pos_embed
 from timm.models._hub import save_config_for_hf
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -140,6 +141,12 @@ def build_subnet(supernet: SupernetViT, cfg: UfoConfig, task: str, path: str,
         vit = timm.create_model(_architecture(cfg), pretrained=False, weight_init="skip", **args)
     state = subnet_state_dict(supernet.state_dict(), task, path, supernet.heads[task].deployed, e.depth,
                               e.hidden(cfg))
+    if vit.patch_embed.grid_size != supernet.patch_embed.grid_size:
+        # the task's own input size: the position embedding resampled as the supernet resamples it in
+        # every forward (timm's dynamic image size), once, so the subnet is a plain fixed-size ViT
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=list(vit.patch_embed.grid_size),
+                                                    old_size=list(supernet.patch_embed.grid_size),
+                                                    num_prefix_tokens=supernet.num_prefix_tokens)
     vit.load_state_dict(state, strict=True, assign=True)
     return vit.eval()
 
@@ -168,7 +175,7 @@ def _write_subnet(supernet: SupernetViT, ckpt: Checkpoint, task: str, path: str,
     vit = build_subnet(supernet, cfg, task, path, e)
     params = sum(p.numel() for p in vit.parameters())
     args = subnet_args(cfg, task, e.depth, e.mlp_ratio)
-    preprocessing = dict(input_size=[cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size],
+    preprocessing = dict(input_size=[cfg.model.in_chans, *cfg.size_of(task)],
                          mean=list(cfg.data.mean), std=list(cfg.data.std),
                          interpolation=cfg.data.interpolation, crop_pct=cfg.data.crop_pct)
     tmp.mkdir(parents=True, exist_ok=True)
@@ -176,14 +183,14 @@ def _write_subnet(supernet: SupernetViT, ckpt: Checkpoint, task: str, path: str,
     save_config_for_hf(vit, str(tmp / "config.json"), model_args=args, data_config=preprocessing)
     deployed = DeployedSubnet(vit, normalize=(kind == "retrieval")).eval()
     if "onnx" in formats:
-        _write_onnx(deployed, tmp / FILES["onnx"], cfg)
+        _write_onnx(deployed, tmp / FILES["onnx"], cfg, task)
     if "torchscript" in formats:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.jit.script(deployed).save(str(tmp / FILES["torchscript"]))
     written = _Written(SubnetExport(task, kind, path, final, params), tmp, final, args, preprocessing, e)
     if verify:
-        written.images = torch.randn(4, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size,
+        written.images = torch.randn(4, cfg.model.in_chans, *cfg.size_of(task),
                                      generator=torch.Generator().manual_seed(cfg.train.seed))
         with torch.no_grad():
             written.reference = supernet.forward_task(written.images, task, path, e.depth, e.hidden(cfg))
@@ -253,12 +260,12 @@ def write_safetensors(state: dict[str, torch.Tensor], file: Path) -> None:
                 f.write(memoryview(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy()))
 
 
-def _write_onnx(deployed: DeployedSubnet, file: Path, cfg: UfoConfig) -> None:
+def _write_onnx(deployed: DeployedSubnet, file: Path, cfg: UfoConfig, task: str) -> None:
     try:
         import onnxscript  # noqa: F401  (the exporter needs it)
     except ImportError:
         raise ExportError("ONNX export needs the onnx extra: pip install 'ufo[onnx]'") from None
-    example = torch.zeros(2, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
+    example = torch.zeros(2, cfg.model.in_chans, *cfg.size_of(task))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(deployed, (example,), dynamo=True, verbose=False, external_data=False,

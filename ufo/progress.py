@@ -121,7 +121,7 @@ class Meter:
 
 
 def progress_line(step: int, steps: int, losses: dict[str, float], weights: dict[str, float], rate: float, scheduler,
-              paths: dict[str, str], policy: str, eta: float, tokens: int) -> str:
+              paths: dict[str, str], policy: str, eta: float, tokens: float) -> str:
     lr = scheduler.get_last_lr()[0] if scheduler is not None else float("nan")
     parts = [f"step {step}/{steps}",
              "loss (weight) " + " ".join(f"{t} {v:.3f} ({weights[t]:.3g})" for t, v in losses.items()),

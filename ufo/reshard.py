@@ -231,7 +231,7 @@ def _warm_up(engine, cfg: UfoConfig, layout: Layout, rank: int) -> None:
     m = cfg.model
     held = layout.held(rank)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
-    images = torch.zeros(len(held), m.in_chans, m.img_size, m.img_size, device=engine.device, dtype=dtype)
+    images = [torch.zeros(1, m.in_chans, *cfg.size_of(task), device=engine.device, dtype=dtype) for task in held]
     labels = torch.zeros(len(held), dtype=torch.long, device=engine.device)
     slices = [TaskSlice(task, cfg.path_of(task), 1) for task in held]
     scheduler, engine.lr_scheduler = engine.lr_scheduler, None  # the schedule is the checkpoint's

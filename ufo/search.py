@@ -257,7 +257,7 @@ def subnet_latency_ms(cfg, task: str, depth: int, mlp_ratio: float, runs: int = 
     from timm.models.vision_transformer import VisionTransformer
 
     vit = VisionTransformer(**subnet_args(cfg, task, depth, mlp_ratio)).eval()
-    x = torch.randn(1, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
+    x = torch.randn(1, cfg.model.in_chans, *cfg.size_of(task))
     times = []
     with torch.no_grad():
         for i in range(runs + 3):

@@ -364,7 +364,8 @@ def _register_one(e, client, run_id: str, checkpoint: Path, registered: str, say
 
     module, config = load_subnet(e.out_dir)
     c, size = config["model_args"].get("in_chans", 3), config["model_args"].get("img_size", 224)
-    example = torch.randn(2, c, size, size, generator=torch.Generator().manual_seed(0))
+    h, w = (size, size) if isinstance(size, int) else size  # an int, or [height, width]
+    example = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         output = module(example)
     signature = infer_signature(example.numpy(), output.numpy())

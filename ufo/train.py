@@ -151,8 +151,7 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
         step, resume = _resume(run)
         if step >= t.steps:
             say(f"already trained {step} of {t.steps} steps")
-        m = cfg.model
-        tokens = (m.img_size // m.patch_size) ** 2 + 1
+        tokens = tokens_per_sample(cfg)
         batches = endless(loader)
         run.history = history = History(out / "history.jsonl", step, write=rank == 0)
         result = TrainResult(step, None, resume, engine=engine, weighting=weighting, history=history.records)
@@ -168,7 +167,7 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
                 seen = StepMean(len(tasks))
                 for _ in range(t.gradient_accumulation_steps):
                     batch, slices, counts = _next_batch(batches, held, paths, sizes, tasks, device, run.empty, gates)
-                    images, labels = _on_device(batch, cfg, device, dtype)
+                    images, labels = _on_device(batch, slices, cfg, device, dtype)
                     obs, weights, counts = micro_step(engine, images, labels, slices, weighting, world, features,
                                                       tasks, clip, counts, path_cost)
                     seen.add(obs, counts)
@@ -226,12 +225,23 @@ def _claim(out: Path, rank: int) -> RunLock:
     return lock
 
 
-def _on_device(batch: dict, cfg: UfoConfig, device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _on_device(batch: dict, slices: list[TaskSlice], cfg: UfoConfig, device,
+               dtype: torch.dtype) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
+    """The batch's images (one tensor, or one per slice when the tasks' input sizes differ) and labels."""
     images = batch["images"]
+    if isinstance(images, list):
+        return [x.to(device=device, dtype=dtype) for x in images], batch["labels"].to(device)
     if images.ndim != 4:  # every sample of this batch was bad
-        m = cfg.model
-        images = torch.zeros(0, m.in_chans, m.img_size, m.img_size)
+        images = torch.zeros(0, cfg.model.in_chans, *cfg.size_of(slices[0].task))
     return images.to(device=device, dtype=dtype), batch["labels"].to(device)
+
+
+def tokens_per_sample(cfg: UfoConfig) -> float:
+    """Tokens (patches + class token) per sample, averaged over the tasks by their micro-batches."""
+    m, tasks = cfg.model, list(cfg.tasks)
+    tokens = [cfg.size_of(t)[0] // m.patch_size * (cfg.size_of(t)[1] // m.patch_size) + 1 for t in tasks]
+    batches = [cfg.batch_of(t) for t in tasks]
+    return sum(n * b for n, b in zip(tokens, batches)) / sum(batches)
 
 
 def _decide_paths(run: _Run, step: int) -> None:
@@ -470,7 +480,7 @@ def _open_tracker(cfg: UfoConfig, out: Path, resume: Path | None, layout: Layout
     return tracker
 
 
-def micro_step(engine, images: torch.Tensor, labels: torch.Tensor, slices: list[TaskSlice], weighting: Weighting,
+def micro_step(engine, images: torch.Tensor | list[torch.Tensor], labels: torch.Tensor, slices: list[TaskSlice], weighting: Weighting,
                world: int, features: list | None = None, tasks: list[str] | None = None,
                clip: Callable[[], object] | None = None, counts: torch.Tensor | None = None,
                path_cost: dict[str, float] | None = None) -> tuple[Observation, torch.Tensor, torch.Tensor]:
@@ -486,7 +496,7 @@ def micro_step(engine, images: torch.Tensor, labels: torch.Tensor, slices: list[
     loss per expected task-specific open block, so that the ranks' gradients average to the cost.
     """
     tasks = tasks or [s.task for s in slices]
-    T, device = len(tasks), images.device
+    T, device = len(tasks), labels.device
     at = torch.tensor([tasks.index(s.task) for s in slices], dtype=torch.long)
 
     def per_task(values: list) -> torch.Tensor:  # this rank's values of its slices, at their tasks' places

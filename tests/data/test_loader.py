@@ -187,6 +187,34 @@ def test_mixed_batches_hold_a_contiguous_slice_of_every_task(tmp_path, transform
     assert mixed.state_dict()["tasks"]["shapes"] == {"epoch": 1, "batches": 0}
 
 
+def test_tasks_of_their_own_input_sizes_come_as_a_tensor_per_task(tmp_path):
+    from ufo.config import config_from_dict
+    from ufo.data import task_loader
+
+    a = write_synth(tmp_path / "a", task="shapes", samples=20)
+    b = write_synth(tmp_path / "b", task="items", generator="instances", samples=7)
+    cfg = config_from_dict({"model": {"img_size": 16, "patch_size": 4, "embed_dim": 32, "num_heads": 2},
+                            "tasks": {"shapes": {"kind": "classification", "num_classes": 5, "shards": str(a)},
+                                      "items": {"kind": "retrieval", "num_classes": 7, "shards": str(b),
+                                                "img_size": [16, 8]}},
+                            "data": {"num_workers": 0}}, "test")
+    loaders = {t: task_loader(cfg, t, batch_size=4 if t == "shapes" else 2) for t in cfg.tasks}
+    assert loaders["items"].input_shape == (3, 16, 8)
+    for batch in MixedLoader(loaders):
+        shapes, items = batch["images"]  # one per task, in config order
+        assert [x.shape[0] for x in batch["images"]] == [n for _, n in batch["slices"]]
+        assert shapes.shape[1:] == (3, 16, 16) and items.shape[1:] == (3, 16, 8)
+    # an empty batch (every sample bad) keeps its task's shape: every rank runs the same sub-batches
+    from ufo.data.loader import _TaskStream
+
+    assert _TaskStream(loaders["items"], 0, 0)._decode([], 0, [])["images"].shape == (0, 3, 16, 8)
+    # tasks of one size share one batch tensor, as before
+    same = config_from_dict({**cfg.to_dict(), "tasks": {**cfg.to_dict()["tasks"], "items": {
+        **cfg.to_dict()["tasks"]["items"], "img_size": 16}}}, "test")
+    loaders = {t: task_loader(same, t, batch_size=2) for t in same.tasks}
+    assert next(iter(MixedLoader(loaders)))["images"].shape == (4, 3, 16, 16)
+
+
 def test_pipe_specs_in_resampled_mode(shards, transform):
     spec = f"pipe:cat {shards}/shapes-{{000000..000007}}.tar"
     with pytest.raises(DataError, match="exact mode needs every shard's sample count"):

@@ -82,7 +82,7 @@ def build_transform(cfg: UfoConfig, task: str, train: bool) -> Callable:
     m, d = cfg.model, cfg.data
     a = augmentation(cfg, task)
     return create_transform(
-        input_size=(m.in_chans, m.img_size, m.img_size), is_training=train, scale=a["scale"],
+        input_size=(m.in_chans, *cfg.size_of(task)), is_training=train, scale=a["scale"],
         hflip=a["hflip"], vflip=0.0, color_jitter=a["color_jitter"] or 0.0, auto_augment=a["auto_augment"],
         re_prob=a["re_prob"], re_mode="pixel", re_count=1,
         interpolation=d.interpolation, mean=d.mean, std=d.std, crop_pct=d.crop_pct,
@@ -134,6 +134,7 @@ class _TaskStream(IterableDataset):
         self.shuffle_buffer, self.num_workers = loader.shuffle_buffer, max(1, loader.num_workers)
         self.total, self.nb = loader.samples_per_epoch, loader.batches_per_epoch
         self.epoch, self.skip, self.meta_keys, self.mixer = epoch, skip, loader.meta_keys, loader.mixer
+        self.input_shape = loader.input_shape
         # exact mode: this rank's samples of the epoch, as positions in the epoch's order (None: its
         # contiguous share; a list after a resume on another number of ranks, see `TaskLoader.resplit`)
         self.positions = loader.plan_positions()
@@ -226,7 +227,7 @@ class _TaskStream(IterableDataset):
                 metas.append(meta)
         batch = {
             "task": self.task, "epoch": self.epoch, "index": index, "keys": keys,
-            "images": torch.stack(images) if images else torch.empty(0),
+            "images": torch.stack(images) if images else torch.empty(0, *self.input_shape),
             "labels": torch.tensor(labels, dtype=torch.long), "problems": list(problems),
         }
         if self.meta_keys:
@@ -358,7 +359,8 @@ class TaskLoader:
                  transform: Callable, rank_in_group: int = 0, group_size: int = 1, num_workers: int = 0,
                  seed: int = 0, mode: str = "exact", shuffle_buffer: int = 1000, num_classes: int | None = None,
                  samples_per_epoch: int | None = None, meta_keys: Sequence[str] = (), sampler: str = "random",
-                 instances: int = 4, mixer: Callable | None = None, log: Log = _stderr):
+                 instances: int = 4, mixer: Callable | None = None, input_shape: Sequence[int] = (),
+                 log: Log = _stderr):
         if not 0 <= rank_in_group < group_size:
             raise ValueError(f"rank_in_group {rank_in_group} is not in a group of {group_size}")
         if mode not in ("exact", "resampled"):
@@ -367,6 +369,7 @@ class TaskLoader:
         self.rank_in_group, self.group_size, self.batch_size = rank_in_group, group_size, batch_size
         self.num_workers, self.seed, self.shuffle_buffer = num_workers, seed, shuffle_buffer
         self.transform, self.num_classes, self.mixer = transform, num_classes, mixer
+        self.input_shape = tuple(input_shape)  # (C, H, W) of the transform's images: an empty batch's shape
         # integer fields of each sample's .json an evaluation protocol needs (camera, pair, ...): a batch's
         # "meta" is their (n, len) tensor; a sample without one of them is a bad sample
         self.meta_keys = tuple(meta_keys)
@@ -612,9 +615,8 @@ class MixedLoader:
         while self.position < self.batches_per_epoch:
             parts = [next(stream) for stream in streams.values()]
             self.position += 1
-            held = [p["images"] for p in parts if len(p["labels"])]
             yield {
-                "images": torch.cat(held) if held else torch.empty(0),  # every task's slice empty
+                "images": self._images(parts),
                 "labels": torch.cat([p["labels"] for p in parts]),
                 "slices": [(p["task"], len(p["labels"])) for p in parts],
                 "keys": [k for p in parts for k in p["keys"]],
@@ -622,6 +624,16 @@ class MixedLoader:
                 "epoch": self.epoch, "index": self.position - 1,
             }
         self.epoch, self.position = self.epoch + 1, 0
+
+
+    @staticmethod
+    def _images(parts: list[dict]) -> torch.Tensor | list[torch.Tensor]:
+        """The tasks' images as one batch, or one tensor per task when their input sizes differ (the
+        supernet runs each size as a sub-batch)."""
+        shaped = [p["images"] for p in parts if p["images"].ndim == 4]
+        if len({x.shape[1:] for x in shaped}) > 1:
+            return [p["images"] for p in parts]
+        return torch.cat(shaped) if shaped else torch.empty(0)  # empty: every task's slice
 
 
 def endless(loader: TaskLoader | MixedLoader) -> Iterator[dict[str, Any]]:
@@ -653,4 +665,5 @@ def task_loader(cfg: UfoConfig, task: str, *, rank_in_group: int = 0, group_size
         num_classes=t.num_classes if train or protocol == "classification" else None,
         samples_per_epoch=t.samples_per_epoch if train else None,
         meta_keys=() if train else META_KEYS[protocol], sampler=t.sampler if train else "random",
-        instances=t.instances, mixer=batch_mixer(cfg, task) if train else None, log=log)
+        instances=t.instances, mixer=batch_mixer(cfg, task) if train else None,
+        input_shape=(cfg.model.in_chans, *cfg.size_of(task)), log=log)

@@ -62,7 +62,9 @@ def vit_args(model: ModelConfig) -> dict[str, Any]:
 def subnet_args(cfg: UfoConfig, task: str, depth: int | None = None, mlp_ratio: float | None = None) -> dict[str, Any]:
     """Arguments that rebuild `task`'s subnet: `VisionTransformer(**subnet_args(cfg, task))`; an elastic
     subnet keeps the first `depth` blocks with FFNs of `mlp_ratio`."""
-    args = dict(vit_args(cfg.model), num_classes=head_out_dim(cfg.tasks[task], cfg.model.embed_dim))
+    h, w = cfg.size_of(task)
+    args = dict(vit_args(cfg.model), num_classes=head_out_dim(cfg.tasks[task], cfg.model.embed_dim),
+                img_size=h if h == w else [h, w])
     if depth is not None:
         args["depth"] = depth
     if mlp_ratio is not None:
@@ -194,7 +196,7 @@ class SupernetViT(VisionTransformer):
         paths = {t: cfg.path_of(t) for t in cfg.tasks} if ffns_on_path(cfg) else None
         return cls(cfg.tasks, task_ffn_init=cfg.model.task_ffn_init, held=held, gather=gather, paths=paths,
                    learned=cfg.train.path_policy == "learned", drop_path_rate=cfg.model.drop_path_rate,
-                   **vit_args(cfg.model))
+                   dynamic_img_size=cfg.dynamic_size(), **vit_args(cfg.model))
 
     def lacks(self, task: str, path: str) -> str:
         """What `task` on `path` needs that this supernet does not build ("" if nothing)."""
@@ -206,38 +208,45 @@ class SupernetViT(VisionTransformer):
                         "FFNs on its configured paths (model.ffns: on_path)")
         return ""
 
-    def routes(self, slices: Sequence[TaskSlice], batch: int) -> list[list[Route]]:
-        """For each block, which FFN each slice's rows take."""
+    def routes(self, slices: Sequence[TaskSlice], batch: int,
+               gates: Mapping[str, torch.Tensor] | None = None) -> list[list[Route]]:
+        """For each block, which FFN each slice's rows take (`gates`: the step's, when the slices are
+        one sub-batch of several)."""
         if sum(s.size for s in slices) != batch:
             raise ValueError(f"slices cover {sum(s.size for s in slices)} rows, the batch has {batch}")
         depth = len(self.blocks)
         bounds, start = [], 0
         for s in slices:
-            if s.task not in self.task_kinds:
-                raise KeyError(f"unknown task {s.task!r}; the supernet has {', '.join(self.task_kinds)}")
-            if s.task not in self.held:
-                raise KeyError(f"task {s.task!r} is not held here (task-sharded: this supernet holds "
-                               f"{', '.join(self.held)})")
-            if len(s.path) != depth or set(s.path) - {"S", "T", OPEN}:
-                raise ValueError(f"path {s.path!r} for task {s.task!r} is not {depth} letters of S/T")
-            if OPEN in s.path and (s.gate is None or self.path_logits is None):
-                raise ValueError(f"path {s.path!r} of task {s.task!r} has open blocks ({OPEN}) but "
-                                 + ("no gate" if self.path_logits is not None else "this supernet learns no path"))
-            if s.depth is not None and not 1 <= s.depth <= depth:
-                raise ValueError(f"elastic depth {s.depth} for task {s.task!r} is not in 1..{depth}")
-            width = self.blocks[0].mlp.hidden_features
-            if s.hidden is not None and not 1 <= s.hidden <= width:
-                raise ValueError(f"elastic FFN width {s.hidden} for task {s.task!r} is not in 1..{width}")
-            if self.paths is not None and s.path != self.paths[s.task] and OPEN not in s.path:
-                missing = self.lacks(s.task, s.path)
-                if missing:
-                    raise KeyError(missing)
+            self._check(s)
             bounds.append((start, start + s.size))
             start += s.size
-        gates = self._gates(slices)
+        gates = self._gates(slices) if gates is None else gates
         return [[Route(SHARED if s.path[i] == "S" else s.task, a, b, s.hidden,
                        gates[s.task][i] if s.path[i] == OPEN else None) for s, (a, b) in zip(slices, bounds)]
                 for i in range(depth)]
+
+    def _check(self, s: TaskSlice) -> None:
+        """A slice this supernet can run, or the error that says why not."""
+        depth = len(self.blocks)
+        if s.task not in self.task_kinds:
+            raise KeyError(f"unknown task {s.task!r}; the supernet has {', '.join(self.task_kinds)}")
+        if s.task not in self.held:
+            raise KeyError(f"task {s.task!r} is not held here (task-sharded: this supernet holds "
+                           f"{', '.join(self.held)})")
+        if len(s.path) != depth or set(s.path) - {"S", "T", OPEN}:
+            raise ValueError(f"path {s.path!r} for task {s.task!r} is not {depth} letters of S/T")
+        if OPEN in s.path and (s.gate is None or self.path_logits is None):
+            raise ValueError(f"path {s.path!r} of task {s.task!r} has open blocks ({OPEN}) but "
+                             + ("no gate" if self.path_logits is not None else "this supernet learns no path"))
+        if s.depth is not None and not 1 <= s.depth <= depth:
+            raise ValueError(f"elastic depth {s.depth} for task {s.task!r} is not in 1..{depth}")
+        width = self.blocks[0].mlp.hidden_features
+        if s.hidden is not None and not 1 <= s.hidden <= width:
+            raise ValueError(f"elastic FFN width {s.hidden} for task {s.task!r} is not in 1..{width}")
+        if self.paths is not None and s.path != self.paths[s.task] and OPEN not in s.path:
+            missing = self.lacks(s.task, s.path)
+            if missing:
+                raise KeyError(missing)
 
     def _gates(self, slices: Sequence[TaskSlice]) -> dict[str, torch.Tensor]:
         """Each gated slice's straight-through gates (depth, 2) from its task's path logits, which are
@@ -249,9 +258,46 @@ class SupernetViT(VisionTransformer):
                 gates[s.task], self.path_probs[s.task] = self.path_logits[s.task](*s.gate)
         return gates
 
-    def forward_features(self, images: torch.Tensor, slices: Sequence[TaskSlice]) -> torch.Tensor:
-        """images: (B, C, H, W) -> pooled features (B, embed_dim)."""
-        routes = self.routes(slices, images.shape[0])
+    def forward_features(self, images: torch.Tensor | Sequence[torch.Tensor],
+                         slices: Sequence[TaskSlice]) -> torch.Tensor:
+        """images -> pooled features (B, embed_dim), the slices' rows in order.
+
+        `images` is one (B, C, H, W) batch, or one (rows, C, H, W) tensor per slice when the tasks'
+        input sizes differ: the slices of one size then run through the blocks together, a sub-batch
+        per size in the order the sizes first appear. Every rank of a run has the same tasks at the
+        same sizes (empty slices included), so every rank calls the same modules in the same order.
+        """
+        if isinstance(images, torch.Tensor):
+            return self.head_drop(self._trunk(images, slices, self.routes(slices, images.shape[0])))
+        if len(images) != len(slices):
+            raise ValueError(f"{len(images)} image tensors for {len(slices)} slices: give one per slice")
+        for x, s in zip(images, slices):
+            if x.shape[0] != s.size:
+                raise ValueError(f"slice of task {s.task!r} has {s.size} rows, its images {x.shape[0]}")
+        for s in slices:
+            self._check(s)
+        gates = self._gates(slices)  # once per step: a task's gates are the same in every sub-batch
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, x in enumerate(images):
+            groups.setdefault(tuple(x.shape[-2:]), []).append(i)
+        pooled: list[torch.Tensor] = list(images)
+        for members in groups.values():
+            sub = [slices[i] for i in members]
+            rows = self._trunk(torch.cat([images[i] for i in members]), sub,
+                               self.routes(sub, sum(s.size for s in sub), gates))
+            for i, part in zip(members, rows.split([s.size for s in sub])):
+                pooled[i] = part
+        # one head_drop over every row: what the heads read (and a forward hook captures) in slice order
+        return self.head_drop(torch.cat(pooled))
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic_img_size and x.shape[0] == 0:  # timm's view(B, -1, C) cannot size zero rows
+            return super()._pos_embed(torch.cat([x, x.new_zeros(1, *x.shape[1:])]))[:0]
+        return super()._pos_embed(x)
+
+    def _trunk(self, images: torch.Tensor, slices: Sequence[TaskSlice], routes: list[list[Route]]) -> torch.Tensor:
+        """Images of one size -> pooled, normed features (timm's forward_features and forward_head
+        up to head_drop), each slice's rows on its route."""
         x = self.patch_embed(images)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
@@ -262,7 +308,7 @@ class SupernetViT(VisionTransformer):
             else:
                 x = self._partial_block(block, x, block_routes, [s.depth is None or s.depth > i for s in slices])
         x = self.norm(x)
-        return self.forward_head(x, pre_logits=True)
+        return self.fc_norm(self.pool(x))
 
     @staticmethod
     def _partial_block(block: nn.Module, x: torch.Tensor, routes: Sequence[Route], active: Sequence[bool]):
