@@ -19,6 +19,14 @@ def test_shipped_configs_load(name):
         assert {t.kind for t in cfg.tasks.values()} == {"classification", "retrieval"}
 
 
+def test_the_vit_h_projection_loads():
+    from ufo.bench.scale import vit_h_config
+
+    cfg = vit_h_config(26)
+    assert (cfg.model.pretrained, cfg.model.embed_dim, cfg.model.depth, len(cfg.tasks)) == \
+        ("vit_huge_patch14_224.mae", 1280, 32, 26)
+
+
 def test_paper_configs_have_the_four_ufo_tasks():
     for name, depth, width in [("ufo_vit_b", 12, 768), ("ufo_vit_l", 24, 1024)]:
         cfg = load_config(REPO / "configs" / f"{name}.yaml")

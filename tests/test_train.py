@@ -200,7 +200,9 @@ STEP_CASES = [
     # the re-id recipe: BNNeck and batch-hard triplet loss, each rank normalizing and mining its own slice
     (0, *TP, 1, "reid"), (1, *MIXED, 1, "reid"), (3, *MIXED, 2, "reid"),
     # every task its own micro-batch and input size; mixup and cutmix for the classification task
-    (0, *TP, 1, "batches"), (3, *MIXED, 2, "batches")]
+    (0, *TP, 1, "batches"), (3, *MIXED, 2, "batches"),
+    # from a pretrained ViT: every rank's start is timm's weights (ZeRO-3: loaded into the partitions)
+    (1, *TP, 1, "pretrained"), (3, *MIXED, 1, "pretrained")]
 
 
 def step_run(tmp_path: Path, case: tuple) -> dict:
@@ -222,6 +224,14 @@ def step_run(tmp_path: Path, case: tuple) -> dict:
         raw["tasks"]["digits"].update(augment={"mixup": 0.8, "cutmix": 1.0}, label_smoothing=0.1, img_size=12)
         if "person" in raw["tasks"]:  # and its own input size: face 16 x 16, person 16 x 8, digits 12 x 12
             raw["tasks"]["person"]["img_size"] = [16, 8]
+    if weighting == "pretrained":  # the start: a timm ViT's weights, read as released ones are (tests/test_pretrained.py)
+        from test_pretrained import released
+
+        name = "vit_tiny_patch16_224.augreg_in21k"
+        file = released(name, tmp_path / "released.safetensors")
+        raw["model"] = {"pretrained": name, "pretrained_file": str(file), "depth": 4, "img_size": 16, "patch_size": 4,
+                        "task_ffn_init": "random"}
+        raw["train"].update(weighting={"name": "static"}, lr=0.05)  # 192 wide: a smaller step, same test
     if weighting == "reid":  # a BNNeck over a slice of 6 rows scales gradients up: a smaller step, same test
         raw["train"].update(weighting={"name": "static"}, lr=0.05)
         for task, margin in (("face", 0.3), ("person", 0.0)):  # a hard margin and the soft one
@@ -279,7 +289,7 @@ _init_cache: dict = {}
 def init_params(raw: dict) -> dict:
     from ufo.checkpoint import init_supernet
 
-    key = str(raw["tasks"]) + raw["train"].get("path_policy", "fixed")
+    key = str(raw["tasks"]) + str(raw["model"]) + raw["train"].get("path_policy", "fixed")
     if key not in _init_cache:
         cfg = config_from_dict(raw, "test")
         torch.manual_seed(cfg.train.seed)

@@ -18,6 +18,7 @@ ufo's own files hold nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,20 +29,19 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Container, Iterator, Sequence
+from typing import Any, Callable, Container, Iterator, Sequence
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 import ufo
 from ufo.atomic import atomic_file, remove_stale
 from ufo.config import UfoConfig, config_from_dict
 from ufo.errors import CheckpointError
 from ufo.layout import import_deepspeed
-from ufo.model import SupernetViT, supernet_state_from_vit, vit_args
+from ufo.model import SupernetViT, supernet_state_from_vit
 from ufo.model.supernet import Gather
 
 FORMAT = "ufo-supernet"
@@ -59,37 +59,61 @@ class Checkpoint:
 
 
 def init_supernet(cfg: UfoConfig, from_timm: str | Path | None = None,
-                  held: Sequence[str] | None = None, gather: Gather | None = None) -> SupernetViT:
-    """A freshly initialised supernet (seeded by `train.seed`), optionally from a plain timm ViT file;
-    with `held`, only those tasks' parts (the same values as in the whole supernet); `gather`, see
-    `SupernetViT`."""
+                  held: Sequence[str] | None = None, gather: Gather | None = None,
+                  say: Callable[[str], None] | None = None, pretrained: bool = True) -> SupernetViT:
+    """A freshly initialised supernet (seeded by `train.seed`), from `model.pretrained` when the config
+    names one (or from the plain timm ViT file `from_timm`); with `held`, only those tasks' parts (the
+    same values as in the whole supernet); `gather`, see `SupernetViT`. `say` hears where pretrained
+    weights came from and what was adapted; `pretrained` False leaves them to `load_pretrained`
+    (ZeRO-3 builds the supernet partitioned, and the pretrained ViT must not be)."""
     torch.manual_seed(cfg.train.seed)
     model = SupernetViT.from_config(cfg, held, gather)
     if from_timm is not None:
-        load_vit_weights(model, cfg, Path(from_timm))
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": str(from_timm)})})
+    if pretrained:
+        load_pretrained(model, cfg, gather, say)
     return model
 
 
-def load_vit_weights(model: SupernetViT, cfg: UfoConfig, file: Path) -> None:
-    """Load a plain timm ViT state dict into the supernet: shared parts by name, every FFN from the MLP."""
-    vit_state = read_state_dict_file(file)
-    # timm's own filter adapts foreign layouts and resamples patch and position embeddings
-    geometry = VisionTransformer(**vit_args(cfg.model), num_classes=0, weight_init="skip")
-    try:
-        vit_state = checkpoint_filter_fn(vit_state, geometry)
-    except Exception as e:  # shapes that cannot be adapted
-        raise CheckpointError(f"{file}: cannot adapt this ViT to the config's model: {e}") from None
+def load_pretrained(model: SupernetViT, cfg: UfoConfig, gather: Gather | None = None,
+                    say: Callable[[str], None] | None = None) -> None:
+    """`model.pretrained`'s weights into the supernet (nothing when the config names none); the source
+    and what was adapted are said and kept as `model.pretrained_note`."""
+    from ufo.pretrained import pretrained_vit
+
+    if not cfg.model.pretrained:
+        return
+    weights = pretrained_vit(cfg.model)
+    load_vit_weights(model, weights.state, weights.source, gather)
+    model.pretrained_note = f"{cfg.model.pretrained} from {weights.source}" + \
+        "".join(f"; {change}" for change in weights.changes)
+    if say:
+        say(f"pretrained: {model.pretrained_note}")
+
+
+def load_vit_weights(model: SupernetViT, vit_state: dict[str, torch.Tensor], source: str,
+                     gather: Gather | None = None) -> None:
+    """A plain timm ViT state dict (of the config's geometry) into the supernet: shared parts by name,
+    every FFN from the block's MLP; one module at a time through `gather` (ZeRO-3)."""
     mapped = supernet_state_from_vit(vit_state, model)
-    expected = {k: v for k, v in model.state_dict().items() if not k.startswith("heads.")}
-    missing = [k for k in expected if k not in mapped]
+    expected = {k: v for k, v in model.named_parameters() if not k.startswith("heads.")}
+    missing = [k for k in expected if k not in mapped and not k.startswith("path_logits.")]
     if missing:
-        raise CheckpointError(f"{file}: not a ViT of this config's architecture: it lacks {missing[0]}"
+        raise CheckpointError(f"{source}: not a ViT of this config's architecture: it lacks {missing[0]}"
                               + (f" and {len(missing) - 1} more keys" if len(missing) > 1 else ""))
-    for key, tensor in expected.items():
-        if mapped[key].shape != tensor.shape:
-            raise CheckpointError(f"{file}: {key} has shape {tuple(mapped[key].shape)} but the config's "
-                                  f"model needs {tuple(tensor.shape)} (check model.embed_dim, depth, mlp_ratio)")
-    model.load_state_dict({k: mapped[k].to(expected[k].dtype) for k in expected}, strict=False)
+    gather = gather or (lambda params: contextlib.nullcontext())
+    for name, module in model.named_modules():
+        params = [(f"{name}.{p}" if name else p, t) for p, t in module.named_parameters(recurse=False)]
+        params = [(n, t) for n, t in params if n in mapped]
+        if not params:
+            continue
+        with gather([t for _, t in params]), torch.no_grad():
+            for key, tensor in params:
+                if mapped[key].shape != tensor.shape:
+                    raise CheckpointError(f"{source}: {key} has shape {tuple(mapped[key].shape)} but the config's "
+                                          f"model needs {tuple(tensor.shape)} (check model.embed_dim, depth, "
+                                          "mlp_ratio)")
+                tensor.copy_(mapped[key])
 
 
 def read_state_dict_file(file: Path) -> dict[str, torch.Tensor]:

@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     config_args(p)
     p.add_argument("--out", type=Path, required=True, help="checkpoint file to write (.safetensors)")
     p.add_argument("--from-timm", type=Path, metavar="FILE",
-                   help="initialise from a plain timm ViT state dict (.safetensors/.pth); every FFN takes its MLP")
+                   help="initialise from a plain timm ViT state dict (.safetensors/.pth); every FFN takes its MLP "
+                        "(the same as --set model.pretrained=FILE)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
     p.set_defaults(run=_init)
 
@@ -230,13 +231,14 @@ def _init(args: argparse.Namespace) -> None:
     from ufo.checkpoint import init_supernet, save_supernet
     from ufo.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides) + ([f"model.pretrained={args.from_timm}"] if args.from_timm else [])
+    cfg = load_config(args.config, overrides)
     if args.out.exists() and not args.overwrite:
         raise UfoError(f"{args.out}: exists; pass --overwrite to replace it")
-    model = init_supernet(cfg, args.from_timm)
+    model = init_supernet(cfg, say=print)
     save_supernet(model, cfg, args.out, overwrite=args.overwrite)
     n = sum(p.numel() for p in model.parameters())
-    source = f"from {args.from_timm}" if args.from_timm else f"seed {cfg.train.seed}"
+    source = f"from {cfg.model.pretrained}" if cfg.model.pretrained else f"seed {cfg.train.seed}"
     print(f"wrote {args.out}: supernet of {len(cfg.tasks)} tasks, {n / 1e6:.2f} M parameters ({source})")
 
 

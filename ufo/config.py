@@ -38,6 +38,22 @@ class ModelConfig(Section):
     qkv_bias: bool = True
     init_values: float | None = None  # LayerScale; None leaves it out, as in timm
     global_pool: Literal["token", "avg"] = "token"
+    # timm's other ViT variants: register tokens, no position embedding on the prefix tokens (DINOv2
+    # with registers), a norm before the blocks (CLIP), a norm after pooling (fc_norm; None: timm's
+    # rule, with avg pooling), the FFN activation and the LayerNorm epsilon (CLIP: 1e-5)
+    reg_tokens: int = Field(0, ge=0)
+    no_embed_class: bool = False
+    pre_norm: bool = False
+    fc_norm: bool | None = None
+    act_layer: Literal["gelu", "gelu_tanh", "quick_gelu"] = "gelu"
+    norm_eps: float = Field(1e-6, gt=0)
+    # the supernet's start: a timm model name with its pretrained tag (vit_base_patch16_224.mae),
+    # loaded by timm's own pretrained machinery (the Hugging Face cache; `pretrained_file` for a local
+    # file of that model), or a path to a plain timm ViT state dict (.safetensors/.pth/.bin). With a
+    # name, the architecture keys above come from timm's definition of it (see ufo/pretrained.py);
+    # img_size, patch_size (resampled by timm) and depth (the first blocks) may differ.
+    pretrained: str | None = None
+    pretrained_file: str | None = None
     drop_path_rate: float = Field(0.0, ge=0, lt=1)
     # FFN-task MLPs start as copies of FFN-shared (UFO), or with their own random init.
     task_ffn_init: Literal["copy_shared", "random"] = "copy_shared"
@@ -497,6 +513,14 @@ def _check(cfg: UfoConfig, source: str, overridden: Mapping[str, str]) -> UfoCon
         hint = _from_override(key, overridden) or (_from_override(related, overridden) if related else "")
         return ConfigError(f"{source}: {key}: {msg}{hint}")
 
+    if cfg.model.pretrained or cfg.model.pretrained_file or cfg.model.norm_eps != 1e-6:
+        from ufo.pretrained import resolve_architecture  # timm's model definitions: loaded only when named
+
+        try:
+            cfg = cfg.model_copy(update={"model": resolve_architecture(cfg.model)})
+        except ConfigError as e:
+            key, _, msg = str(e).partition(": ")
+            raise fail(key, msg) from None
     m = cfg.model
     if m.img_size % m.patch_size:
         raise fail("model.patch_size", f"img_size {m.img_size} is not a multiple of patch_size {m.patch_size}")

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from ufo.checkpoint import canonical_name, init_supernet, load_supernet, read_checkpoint
+from ufo.checkpoint import canonical_name, init_supernet, load_pretrained, load_supernet, read_checkpoint
 from ufo.config import UfoConfig
 from ufo.errors import ConfigError
 from ufo.layout import Layout, import_deepspeed
@@ -123,11 +123,14 @@ def build_engine(cfg: UfoConfig, layout: Layout, rank: int, say: Log = print) ->
     if t.init:
         model = load_supernet(read_checkpoint(t.init, tasks=held), held, config=cfg)
     elif cfg.deepspeed.zero_stage == 3:  # each module partitioned as it is built: no rank ever holds it all
+        def gather(params):
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            model = init_supernet(cfg, held=held, gather=lambda params: deepspeed.zero.GatheredParameters(
-                params, modifier_rank=0))
+            model = init_supernet(cfg, held=held, gather=gather, pretrained=False)
+        load_pretrained(model, cfg, gather, say)  # the pretrained ViT is read whole, outside zero.Init
     else:
-        model = init_supernet(cfg, held=held)
+        model = init_supernet(cfg, held=held, say=say)
     clip = None
     if layout.placement == "task_sharded":
         from ufo import placement  # imports DeepSpeed's MoE modules: only runs that shard pay for it

@@ -29,6 +29,7 @@ from ufo.atomic import atomic_dir
 from ufo.checkpoint import Checkpoint, load_supernet, read_checkpoint, trained_path, write_failure
 from ufo.config import UfoConfig
 from ufo.errors import ExportError
+from ufo.pretrained import timm_name
 from ufo.model import SupernetViT, postprocess, subnet_args, subnet_state_dict
 
 FORMATS = ("safetensors", "onnx", "torchscript")
@@ -146,7 +147,8 @@ def build_subnet(supernet: SupernetViT, cfg: UfoConfig, task: str, path: str,
         # every forward (timm's dynamic image size), once, so the subnet is a plain fixed-size ViT
         state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=list(vit.patch_embed.grid_size),
                                                     old_size=list(supernet.patch_embed.grid_size),
-                                                    num_prefix_tokens=supernet.num_prefix_tokens)
+                                                    num_prefix_tokens=0 if supernet.no_embed_class
+                                                    else supernet.num_prefix_tokens)
     vit.load_state_dict(state, strict=True, assign=True)
     return vit.eval()
 
@@ -278,8 +280,7 @@ def _max_abs_diff(fmt: str, directory: Path, kind: str, images: torch.Tensor, re
     """Load one written format with no ufo code and compare its output on `images`."""
     if fmt == "safetensors":
         config = json.loads((directory / "config.json").read_text())
-        with torch.device("meta"):  # timm alone, holding only the file's tensors
-            vit = VisionTransformer(**config["model_args"])
+        vit = _timm_subnet(config)  # timm alone, holding only the file's tensors
         vit.load_state_dict(load_file(directory / FILES["safetensors"]), strict=True, assign=True)
         with torch.no_grad():
             output = postprocess(vit.eval()(images), kind)
@@ -299,14 +300,24 @@ def _max_abs_diff(fmt: str, directory: Path, kind: str, images: torch.Tensor, re
     return (output - reference).abs().max().item()
 
 
+def _timm_subnet(config: dict) -> VisionTransformer:
+    """The subnet's timm ViT on the meta device: `timm.create_model(architecture, **model_args)` (the
+    architecture's definition holds what model_args cannot: a CLIP's LayerNorm epsilon)."""
+    with torch.device("meta"):
+        return timm.create_model(config.get("architecture", "vit_base_patch16_224"), pretrained=False,
+                                 **config["model_args"])
+
+
 def load_subnet(directory: str | Path) -> tuple[DeployedSubnet, dict]:
-    """An exported subnet as deployed, with timm alone: `VisionTransformer(**model_args)` from its
-    config.json, its model.safetensors, and the task's postprocessing; and the config."""
+    """An exported subnet as deployed, with timm alone: `timm.create_model(architecture, **model_args)`
+    from its config.json (the architecture's definition holds what model_args cannot: a CLIP's
+    LayerNorm epsilon), its model.safetensors, and the task's postprocessing; and the config."""
     directory = Path(directory)
     file = directory / "config.json"
     try:
         config = json.loads(file.read_text())
-        args, kind = config["model_args"], config["ufo"]["kind"]
+        kind = config["ufo"]["kind"]
+        dict(config["model_args"])
     except FileNotFoundError:
         raise ExportError(f"{directory}: not an exported subnet (no config.json)") from None
     except (ValueError, KeyError, TypeError):
@@ -314,8 +325,10 @@ def load_subnet(directory: str | Path) -> tuple[DeployedSubnet, dict]:
     weights = directory / FILES["safetensors"]
     if not weights.is_file():
         raise ExportError(f"{directory}: no {FILES['safetensors']} (exported without the safetensors format)")
-    with torch.device("meta"):
-        vit = VisionTransformer(**args)
+    try:
+        vit = _timm_subnet(config)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ExportError(f"{file}: timm cannot build its architecture ({str(e).splitlines()[0]})") from None
     try:
         vit.load_state_dict(load_file(weights), strict=True, assign=True)
     except (RuntimeError, OSError) as e:
@@ -324,7 +337,11 @@ def load_subnet(directory: str | Path) -> tuple[DeployedSubnet, dict]:
 
 
 def _architecture(cfg: UfoConfig) -> str:
-    """A timm architecture name for config.json; every argument that matters is in model_args."""
+    """A timm architecture name for config.json: the pretrained model's (its definition holds what
+    model_args cannot, a LayerNorm epsilon), else a plain ViT's (every argument is in model_args)."""
+    name = timm_name(cfg.model)
+    if name:
+        return name
     size = {192: "tiny", 384: "small", 768: "base", 1024: "large"}.get(cfg.model.embed_dim, "base")
     return f"vit_{size}_patch16_224"
 

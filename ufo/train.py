@@ -156,7 +156,8 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
         run.history = history = History(out / "history.jsonl", step, write=rank == 0)
         result = TrainResult(step, None, resume, engine=engine, weighting=weighting, history=history.records)
         if rank == 0 and cfg.tracking.enabled:
-            run.tracker = _open_tracker(cfg, out, resume, layout, weighting, say)
+            run.tracker = _open_tracker(cfg, out, resume, layout, weighting, say,
+                                        getattr(engine.module, "pretrained_note", ""))
         tracker = run.tracker
         meter = Meter(tasks)
         start_step, started = step, time.perf_counter()
@@ -467,21 +468,22 @@ def _path_cost(cfg: UfoConfig, layout: Layout, rank: int) -> dict[str, float] | 
 
 
 def _open_tracker(cfg: UfoConfig, out: Path, resume: Path | None, layout: Layout, weighting: Weighting,
-                  say: Log) -> Tracker:
-    """Rank 0's MLflow run: a resumed training run continues the run its checkpoint names."""
+                  say: Log, pretrained: str = "") -> Tracker:
+    """Rank 0's MLflow run: a resumed training run continues the run its checkpoint names; `pretrained`:
+    where the start's weights came from and what was adapted (tag `ufo.pretrained`)."""
     run_id = json.loads((resume / "ufo.json").read_text()).get("mlflow_run_id") if resume else None
     tracker = Tracker(cfg, out, run_id=run_id, say=say, params=flatten(cfg.to_dict()),
                       artifacts=[out / "config.yaml"])
     tracker.set_tags({"ufo.version": ufo.__version__, "ufo.layout": layout.kind, "ufo.world_size": layout.world_size,
                       "ufo.weighting": weighting.name, "ufo.out_dir": str(out.resolve()),
-                      "ufo.path_policy": cfg.train.path_policy,
+                      "ufo.path_policy": cfg.train.path_policy, **({"ufo.pretrained": pretrained} if pretrained else {}),
                       **{f"ufo.path.{task}": cfg.path_of(task) for task in cfg.tasks},
                       **{f"ufo.ranks.{task}": ",".join(map(str, ranks)) for task, ranks in layout.groups.items()}})
     return tracker
 
 
-def micro_step(engine, images: torch.Tensor | list[torch.Tensor], labels: torch.Tensor, slices: list[TaskSlice], weighting: Weighting,
-               world: int, features: list | None = None, tasks: list[str] | None = None,
+def micro_step(engine, images: torch.Tensor | list[torch.Tensor], labels: torch.Tensor, slices: list[TaskSlice],
+               weighting: Weighting, world: int, features: list | None = None, tasks: list[str] | None = None,
                clip: Callable[[], object] | None = None, counts: torch.Tensor | None = None,
                path_cost: dict[str, float] | None = None) -> tuple[Observation, torch.Tensor, torch.Tensor]:
     """Forward, per-task losses over all ranks, weights, weighted backward and (at the accumulation

@@ -116,10 +116,14 @@ def _projection(cfg: UfoConfig, per_task: int) -> dict[str, Any]:
 
 def vit_h_config(tasks: int = 26, overrides: Sequence[str] = ()) -> UfoConfig:
     """ViT-H/14 at 224 px with `tasks` retrieval tasks (the ViT-B config's four heads, cycled): UFO's scale."""
-    base = load_config(Path(__file__).resolve().parents[1] / "configs" / "ufo_vit_b.yaml").to_dict()
+    base = load_config(Path(__file__).resolve().parents[2] / "configs" / "ufo_vit_b.yaml").to_dict()
     heads = list(base["tasks"].values())
     base["model"].update(embed_dim=1280, depth=32, num_heads=16, patch_size=14)
-    base["tasks"] = {f"task{i:02d}": {**heads[i % len(heads)], "path": "S" * 16 + "T" * 16} for i in range(tasks)}
+    if base["model"].get("pretrained"):  # the ViT-B config's start, at ViT-H's size
+        base["model"]["pretrained"] = "vit_huge_patch14_224.mae"
+    # at 224 px (the ViT-B tasks' own sizes are not multiples of 14 px patches)
+    base["tasks"] = {f"task{i:02d}": {**heads[i % len(heads)], "path": "S" * 16 + "T" * 16, "img_size": None}
+                     for i in range(tasks)}
     return config_from_dict(base, "vit-h", overrides)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from functools import partial
 from typing import Any, Callable, ContextManager, Mapping, NamedTuple, Sequence
 
 import torch
@@ -43,8 +44,9 @@ class TaskSlice(NamedTuple):
 
 
 def vit_args(model: ModelConfig) -> dict[str, Any]:
-    """timm `VisionTransformer` architecture arguments shared by the supernet and every subnet."""
-    return dict(
+    """timm `VisionTransformer` architecture arguments shared by the supernet and every subnet (plain
+    JSON: a subnet's config.json holds them). The LayerNorm epsilon is not among them: see `norm_layer`."""
+    args = dict(
         img_size=model.img_size,
         patch_size=model.patch_size,
         in_chans=model.in_chans,
@@ -57,6 +59,17 @@ def vit_args(model: ModelConfig) -> dict[str, Any]:
         global_pool=model.global_pool,
         class_token=True,
     )
+    variants = dict(reg_tokens=model.reg_tokens, no_embed_class=model.no_embed_class, pre_norm=model.pre_norm,
+                    fc_norm=model.fc_norm, act_layer=model.act_layer)
+    defaults = dict(reg_tokens=0, no_embed_class=False, pre_norm=False, fc_norm=None, act_layer="gelu")
+    args.update({k: v for k, v in variants.items() if v != defaults[k]})  # a plain ViT's args stay as they were
+    return args
+
+
+def norm_layer(model: ModelConfig) -> dict[str, Any]:
+    """The LayerNorm argument of a ViT whose epsilon is not timm's default (CLIP's 1e-5), else nothing.
+    A subnet's config.json carries it through its architecture name (the pretrained model's)."""
+    return {} if model.norm_eps == 1e-6 else {"norm_layer": partial(nn.LayerNorm, eps=model.norm_eps)}
 
 
 def subnet_args(cfg: UfoConfig, task: str, depth: int | None = None, mlp_ratio: float | None = None) -> dict[str, Any]:
@@ -143,6 +156,7 @@ class SupernetViT(VisionTransformer):
         # train.path_policy learned: each held task's path logits (zeros: both choices equal at the start)
         self.path_logits = nn.ModuleDict({name: PathLogits(len(self.blocks)) for name in held}) if learned else None
         self.path_probs: dict[str, torch.Tensor] = {}  # the latest forward's softmax(logits), with their gradient
+        self.pretrained_note = ""  # where pretrained weights came from, what was adapted (ufo.checkpoint)
         if self.cls_token.is_meta:
             return  # shapes only (parameter counts)
         gather = gather or (lambda params: contextlib.nullcontext())
@@ -196,7 +210,7 @@ class SupernetViT(VisionTransformer):
         paths = {t: cfg.path_of(t) for t in cfg.tasks} if ffns_on_path(cfg) else None
         return cls(cfg.tasks, task_ffn_init=cfg.model.task_ffn_init, held=held, gather=gather, paths=paths,
                    learned=cfg.train.path_policy == "learned", drop_path_rate=cfg.model.drop_path_rate,
-                   dynamic_img_size=cfg.dynamic_size(), **vit_args(cfg.model))
+                   dynamic_img_size=cfg.dynamic_size(), **vit_args(cfg.model), **norm_layer(cfg.model))
 
     def lacks(self, task: str, path: str) -> str:
         """What `task` on `path` needs that this supernet does not build ("" if nothing)."""
