@@ -317,7 +317,8 @@ def load_subnet(directory: str | Path) -> tuple[DeployedSubnet, dict]:
     try:
         config = json.loads(file.read_text())
         kind = config["ufo"]["kind"]
-        dict(config["model_args"])
+        if not isinstance(config["model_args"], dict):
+            raise TypeError("model_args")
     except FileNotFoundError:
         raise ExportError(f"{directory}: not an exported subnet (no config.json)") from None
     except (ValueError, KeyError, TypeError):
