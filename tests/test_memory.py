@@ -51,5 +51,50 @@ def test_info_prints_the_plan(tiny_config_file, capsys):
     assert main(["info", str(tiny_config_file), "--world", "6", "--zero", "2"]) == 0
     out = capsys.readouterr().out
     assert "memory plan per rank: 6 ranks, ZeRO 2" in out and "task_sharded  person" in out
+    assert "activations per rank per micro-step" in out and "mixed rank" in out
     assert main(["info", str(tiny_config_file), "--zero", "2"]) == 2
     assert "--zero applies to the memory plan" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_activation_checkpointing_keeps_the_gradients_and_the_plan_counts_what_it_saves(every):
+    import copy
+
+    from tiny import TINY
+    from ufo.checkpoint import init_supernet
+    from ufo.config import config_from_dict
+    from ufo.memory import activation_plan, format_activations, saved_activation_bytes
+    from ufo.model import TaskSlice
+
+    raw = copy.deepcopy(TINY)
+    raw["model"].update(drop_path_rate=0.2, ffns="all")  # drop path: its random draws are replayed
+    raw["tasks"]["person"]["img_size"] = [16, 8]
+    raw["train"] = {"micro_batch_size": 6}
+    counted, grads = {}, {}
+    for k in (0, every):
+        raw["train"]["activation_checkpointing"] = k
+        cfg = config_from_dict(raw, "test")
+        model = init_supernet(cfg).train()
+        torch.manual_seed(5)
+        x = [torch.randn(6, 3, *cfg.size_of(t)) for t in cfg.tasks]
+        y = torch.cat([torch.randint(cfg.tasks[t].num_classes, (6,)) for t in cfg.tasks])
+        slices = [TaskSlice("face", "SSTT", 6), TaskSlice("person", "STST", 6, depth=3),  # an elastic depth
+                  TaskSlice("digits", "TSSS", 6, hidden=40)]  # and width
+        torch.manual_seed(7)
+        sum(model(x, slices, y)).backward()
+        grads[k] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        for t in cfg.tasks:  # what the backward keeps, each task alone
+            images = torch.randn(6, 3, *cfg.size_of(t))
+            counted[k, t], _ = saved_activation_bytes(
+                lambda: model.forward_features(images, [TaskSlice(t, cfg.path_of(t), 6)]), model.parameters())
+    assert grads[0].keys() == grads[every].keys()
+    for name, g in grads[0].items():
+        assert torch.equal(g, grads[every][name]), name
+    plan = {a.task: a for a in activation_plan(cfg)}
+    for t in cfg.tasks:  # the plan's figures are what autograd keeps (to drop path's per-sample masks)
+        assert plan[t].full == pytest.approx(counted[0, t], rel=0.01)
+        assert plan[t].checkpointed - plan[t].recompute == pytest.approx(counted[every, t], rel=0.01)
+        assert counted[every, t] < counted[0, t] / (1.5 if every == 2 else 4)
+    assert plan["person"].size == (16, 8) and plan["person"].batch == 6
+    text = format_activations(cfg, list(plan.values()))
+    assert f"  {'person':<12} {'16x8 px x 6':>17} {plan['person'].full / 2**20:8.2f} M" in text

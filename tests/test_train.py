@@ -202,7 +202,9 @@ STEP_CASES = [
     # every task its own micro-batch and input size; mixup and cutmix for the classification task
     (0, *TP, 1, "batches"), (3, *MIXED, 2, "batches"),
     # from a pretrained ViT: every rank's start is timm's weights (ZeRO-3: loaded into the partitions)
-    (1, *TP, 1, "pretrained"), (3, *MIXED, 1, "pretrained")]
+    (1, *TP, 1, "pretrained"), (3, *MIXED, 1, "pretrained"),
+    # activation checkpointing under ZeRO-3 (the recompute fetches the blocks' partitions again)
+    (3, *MIXED, 2, "checkpointing")]
 
 
 def step_run(tmp_path: Path, case: tuple) -> dict:
@@ -232,6 +234,9 @@ def step_run(tmp_path: Path, case: tuple) -> dict:
         raw["model"] = {"pretrained": name, "pretrained_file": str(file), "depth": 4, "img_size": 16, "patch_size": 4,
                         "task_ffn_init": "random"}
         raw["train"].update(weighting={"name": "static"}, lr=0.05)  # 192 wide: a smaller step, same test
+    if weighting == "checkpointing":  # blocks 0 and 2 recomputed in the backward, two input sizes
+        raw["train"].update(weighting={"name": "static"}, activation_checkpointing=2)
+        raw["tasks"]["person"]["img_size"] = [16, 8]
     if weighting == "reid":  # a BNNeck over a slice of 6 rows scales gradients up: a smaller step, same test
         raw["train"].update(weighting={"name": "static"}, lr=0.05)
         for task, margin in (("face", 0.3), ("person", 0.0)):  # a hard margin and the soft one

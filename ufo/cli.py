@@ -189,6 +189,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--memory-config", type=Path, help="config for the ZeRO 0-3 memory figures "
                    "(e.g. configs/ufo_vit_b.yaml); none: skip them")
     b.add_argument("--memory-stages", default="0,1,2,3", help="ZeRO stages to measure")
+    b.add_argument("--memory-batch", type=int, default=1, help="samples of each task per rank in the memory runs")
+    b.add_argument("--memory-checkpointing", default="0", help="train.activation_checkpointing values to measure "
+                   "the memory with, e.g. 0,1 (off, every block)")
     b.add_argument("--json", action="store_true", help="print the result as JSON")
     b.set_defaults(run=_bench_train)
     b = benches.add_parser("scale", help="per-rank weights, optimizer state and bytes sent per step for 2, 4, 8 "
@@ -286,11 +289,12 @@ def _info(args: argparse.Namespace) -> None:
     for task, tc in cfg.tasks.items():
         print(f"    {task:<12} {tc.recipe(cfg.batch_of(task), cfg.size_of(task))}")
     if args.world is not None:
-        from ufo.memory import format_plan, memory_plan
+        from ufo.memory import activation_plan, format_activations, format_plan, memory_plan
 
         if args.world < 1:
             raise UfoError(f"--world {args.world}: give at least one rank")
         print(format_plan(cfg, args.world, args.zero, memory_plan(cfg, args.world, args.zero)))
+        print(format_activations(cfg, activation_plan(cfg)))
     elif args.zero is not None:
         raise UfoError("--zero applies to the memory plan: give --world N too")
 
@@ -449,7 +453,9 @@ def _bench_train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     memory = load_config(args.memory_config) if args.memory_config else None
     stages = [int(s) for s in args.memory_stages.split(",") if s.strip()]
-    result = bench_train(cfg, steps=args.steps, world=args.ranks, memory_config=memory, stages=stages)
+    checkpointing = [int(k) for k in args.memory_checkpointing.split(",") if k.strip()]
+    result = bench_train(cfg, steps=args.steps, world=args.ranks, memory_config=memory, stages=stages,
+                         memory_batch=args.memory_batch, checkpointing=checkpointing)
     show(result, format_train_bench, args.json)
 
 

@@ -261,6 +261,9 @@ class TrainConfig(Section):
     steps: int = Field(300, gt=0)  # optimizer steps
     micro_batch_size: int = Field(32, gt=0)  # samples per rank per micro-step (per task in mixed)
     gradient_accumulation_steps: int = Field(1, gt=0)
+    # activation checkpointing: 0 off; k: every k-th block (0, k, 2k, ...) keeps only its input and runs
+    # again in the backward (1 or true: every block); torch's non-reentrant checkpoint, any ZeRO stage
+    activation_checkpointing: int = Field(0, ge=0)
     # task_parallel: each rank serves one task; mixed: each micro-batch holds every task;
     # auto: task_parallel when there are at least as many ranks as tasks
     layout: Literal["auto", "task_parallel", "mixed"] = "auto"

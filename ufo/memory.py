@@ -1,18 +1,21 @@
 """The per-rank memory plan of a run before it is launched: weights, gradients and optimizer state
 of every rank, for each placement, from the config's parameter counts, the layout of N ranks and
-the ZeRO stage. Activations, buffers and the engine's own workspace are not counted.
+the ZeRO stage; and the activations a micro-step keeps for its backward, per task (its micro-batch
+at its input size), with and without activation checkpointing. Buffers and the engine's own
+workspace are not counted.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 import torch
 
 from ufo.config import UfoConfig, config_from_dict
 from ufo.errors import ConfigError
 from ufo.layout import Layout, make_layout
-from ufo.model import SupernetViT, count_params
+from ufo.model import SupernetViT, TaskSlice, count_params
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ def format_plan(cfg: UfoConfig, world: int, zero: int | None, plans: dict) -> st
     zero = cfg.deepspeed.zero_stage if zero is None else zero
     gib = 2 ** 30
     lines = [f"memory plan per rank: {world} ranks, ZeRO {zero}, {cfg.deepspeed.precision}, {cfg.train.optimizer} "
-             "(weights, gradients, optimizer state with fp32 masters; activations not counted)",
+             "(weights, gradients, optimizer state with fp32 masters; activations below)",
              f"  {'placement':<13} {'task':<12} {'ranks':>5} {'params':>14} {'weights':>10} {'grads':>10} "
              f"{'optimizer':>10} {'total':>10}"]
     for placement, rows in plans.items():
@@ -102,4 +105,97 @@ def format_plan(cfg: UfoConfig, world: int, zero: int | None, plans: dict) -> st
     if len(worst) == 2:
         lines.append(f"  largest rank: replicated {worst['replicated'] / gib:.2f} GiB, task_sharded "
                      f"{worst['task_sharded'] / gib:.2f} GiB ({worst['replicated'] / worst['task_sharded']:.2f}x less)")
+    return "\n".join(lines)
+
+
+def saved_activation_bytes(fn: Callable[[], Any], params: Iterable[torch.Tensor] = ()) -> tuple[int, Any]:
+    """Bytes autograd keeps for the backward while `fn` runs (each storage once; `params`, which the
+    backward reads but which exist anyway, left out), and fn's result: what activation
+    checkpointing saves, counted on any device."""
+    seen: dict[int, int] = {}
+    weights = {p.untyped_storage().data_ptr() for p in params}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = fn()
+    return sum(seen.values()), out
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Bytes one rank keeps for the backward of one task's micro-batch slice."""
+
+    task: str
+    size: tuple[int, int]
+    batch: int
+    full: float  # no checkpointing
+    checkpointed: float  # with train.activation_checkpointing (its k; every block when it is 0), at its peak:
+    recompute: float  # ... one block's activations, alive again while the backward recomputes it
+    every: int  # that k
+
+
+def activation_plan(cfg: UfoConfig) -> list[Activations]:
+    """Per task: what autograd keeps for the backward of its micro-batch at its input size, measured
+    on this machine by counting the tensors autograd saves (`saved_activation_bytes`) for models of
+    the config's width with one and two blocks (the blocks add alike; a checkpointed block keeps its
+    input only, and one block's activations live again during its recompute), scaled to the batch
+    and the engine's precision (bf16/fp16: half of fp32's bytes)."""
+    scale = 1.0 if cfg.deepspeed.precision == "fp32" else 0.5
+    every = cfg.train.activation_checkpointing or 1
+    depth = cfg.model.depth
+    plans = []
+    for task in cfg.tasks:
+        probe = 2  # samples measured; the bytes scale with the batch
+        base, block, block_input = _block_bytes(cfg, task, probe)
+        batch = cfg.batch_of(task)
+        per = batch / probe * scale
+        kept = len(range(0, depth, every))  # checkpointed blocks: 0, k, 2k, ...
+        full = (base + depth * block) * per
+        checkpointed = (base + (depth - kept) * block + kept * block_input + block) * per
+        plans.append(Activations(task, cfg.size_of(task), batch, full, checkpointed, block * per, every))
+    return plans
+
+
+def _block_bytes(cfg: UfoConfig, task: str, probe: int) -> tuple[float, float, float]:
+    """(everything but the blocks, one block, one block's input) bytes for `probe` samples of `task`,
+    from models of one and two blocks (the heads' few activations left out)."""
+    m = cfg.model
+    counted = []
+    for depth in (1, 2):
+        raw = cfg.to_dict()
+        raw["model"].update(depth=depth, pretrained=None, pretrained_file=None, ffns="all")
+        raw["train"].update(activation_checkpointing=0, path_policy="fixed")
+        raw["tasks"] = {task: {**raw["tasks"][task], "path": "S" * depth, "num_classes": 2, "elastic": None}}
+        torch.manual_seed(0)
+        model = SupernetViT.from_config(config_from_dict(raw, "activation plan")).train()
+        x = torch.randn(probe, m.in_chans, *cfg.size_of(task))
+        n, _ = saved_activation_bytes(lambda: model.forward_features(x, [TaskSlice(task, "S" * depth, probe)]),
+                                      model.parameters())
+        counted.append(n)
+    h, w = cfg.size_of(task)
+    tokens = (h // m.patch_size) * (w // m.patch_size) + 1 + m.reg_tokens
+    block = counted[1] - counted[0]
+    return counted[0] - block, block, probe * tokens * m.embed_dim * 4
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 2**30:8.2f} G" if n >= 2**28 else f"{n / 2**20:8.2f} M"
+
+
+def format_activations(cfg: UfoConfig, plans: list[Activations]) -> str:
+    k = cfg.train.activation_checkpointing
+    every = "every block" if (k or 1) == 1 else f"every {k}th block"
+    lines = [f"activations per rank per micro-step ({cfg.deepspeed.precision}; counted on this machine, heads "
+             f"left out), without and with checkpointing {every}" + ("" if k else " (train.activation_checkpointing)")]
+    for a in plans:
+        lines.append(f"  {a.task:<12} {f'{a.size[0]}x{a.size[1]} px x {a.batch}':>17} {_bytes(a.full)} "
+                     f"{_bytes(a.checkpointed)}")
+    # mixed: a rank runs every task's slice (task_parallel: its task's line); at most the sum
+    lines.append(f"  {'mixed rank':<12} {'every task':>17} {_bytes(sum(a.full for a in plans))} "
+                 f"{_bytes(sum(a.checkpointed for a in plans))}")
     return "\n".join(lines)

@@ -70,13 +70,17 @@ def _train_bench_rank(rank: int, world: int, port: int, raw: dict, steps: int, p
 
 
 def _spawn_bench(raw: dict, steps: int, plain: bool, world: int) -> list[dict]:
+    # random weights: a pretrained start changes neither speed nor memory, and needs its files
+    raw = {**raw, "model": {**raw["model"], "pretrained": None, "pretrained_file": None, "norm_eps": 1e-6}}
     return spawn_ranks(_train_bench_rank, (raw, steps, plain), world)
 
 
 def bench_train(cfg: UfoConfig, steps: int = 5, world: int = 2, memory_config: UfoConfig | None = None,
-                stages: Sequence[int] = (0, 1, 2, 3), memory_batch: int = 1) -> dict[str, Any]:
+                stages: Sequence[int] = (0, 1, 2, 3), memory_batch: int = 1,
+                checkpointing: Sequence[int] = (0,)) -> dict[str, Any]:
     """Training throughput, supernet vs plain ViT under the same DeepSpeed config (one run), and
-    peak memory per rank for each ZeRO stage on `memory_config` with a synthetic batch."""
+    peak memory per rank for each ZeRO stage on `memory_config` with a synthetic batch, for each
+    train.activation_checkpointing in `checkpointing` (0: off)."""
     ranks = _spawn_bench(cfg.to_dict(), steps, plain=True, world=world)
     sup, plain = ranks[0]["supernet"], ranks[0]["plain"]
     result: dict[str, Any] = {
@@ -86,14 +90,18 @@ def bench_train(cfg: UfoConfig, steps: int = 5, world: int = 2, memory_config: U
     }
     if memory_config is not None:
         for stage in stages:
-            raw = memory_config.to_dict()
-            raw["deepspeed"]["zero_stage"] = stage
-            raw["train"]["micro_batch_size"] = memory_batch
-            ranks = _spawn_bench(raw, 1, plain=False, world=world)
-            result["memory"][stage] = {"peak_bytes_per_rank": [r["peak_bytes"] for r in ranks],
-                                       "built_bytes_per_rank": [r["built_bytes"] for r in ranks],
-                                       "kind": ranks[0]["peak_kind"],
-                                       "supernet_params": ranks[0]["supernet"]["params"]}
+            for k in checkpointing:
+                raw = memory_config.to_dict()
+                raw["deepspeed"]["zero_stage"] = stage
+                raw["train"].update(micro_batch_size=memory_batch, activation_checkpointing=k)
+                for task in raw["tasks"].values():
+                    task["micro_batch_size"] = None  # every task at the one measured batch
+                ranks = _spawn_bench(raw, 1, plain=False, world=world)
+                result["memory"][f"{stage}" if not k else f"{stage}, checkpointing {k}"] = {
+                    "peak_bytes_per_rank": [r["peak_bytes"] for r in ranks],
+                    "built_bytes_per_rank": [r["built_bytes"] for r in ranks], "kind": ranks[0]["peak_kind"],
+                    "supernet_params": ranks[0]["supernet"]["params"]}
+        result["memory_batch"] = memory_batch
     return result
 
 

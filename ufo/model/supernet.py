@@ -13,6 +13,7 @@ from functools import partial
 from typing import Any, Callable, ContextManager, Mapping, NamedTuple, Sequence
 
 import torch
+import torch.utils.checkpoint
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer, get_init_weights_vit
 from torch import nn
@@ -157,6 +158,7 @@ class SupernetViT(VisionTransformer):
         self.path_logits = nn.ModuleDict({name: PathLogits(len(self.blocks)) for name in held}) if learned else None
         self.path_probs: dict[str, torch.Tensor] = {}  # the latest forward's softmax(logits), with their gradient
         self.pretrained_note = ""  # where pretrained weights came from, what was adapted (ufo.checkpoint)
+        self.checkpoint_every = 0  # train.activation_checkpointing: every k-th block recomputed in the backward
         if self.cls_token.is_meta:
             return  # shapes only (parameter counts)
         gather = gather or (lambda params: contextlib.nullcontext())
@@ -208,9 +210,11 @@ class SupernetViT(VisionTransformer):
     def from_config(cls, cfg: UfoConfig, held: Sequence[str] | None = None,
                     gather: Gather | None = None) -> "SupernetViT":
         paths = {t: cfg.path_of(t) for t in cfg.tasks} if ffns_on_path(cfg) else None
-        return cls(cfg.tasks, task_ffn_init=cfg.model.task_ffn_init, held=held, gather=gather, paths=paths,
+        model = cls(cfg.tasks, task_ffn_init=cfg.model.task_ffn_init, held=held, gather=gather, paths=paths,
                    learned=cfg.train.path_policy == "learned", drop_path_rate=cfg.model.drop_path_rate,
                    dynamic_img_size=cfg.dynamic_size(), **vit_args(cfg.model), **norm_layer(cfg.model))
+        model.checkpoint_every = cfg.train.activation_checkpointing
+        return model
 
     def lacks(self, task: str, path: str) -> str:
         """What `task` on `path` needs that this supernet does not build ("" if nothing)."""
@@ -316,16 +320,19 @@ class SupernetViT(VisionTransformer):
         x = self._pos_embed(x)
         x = self.patch_drop(x)
         x = self.norm_pre(x)
+        recompute = self.checkpoint_every and self.training and torch.is_grad_enabled()
         for i, (block, block_routes) in enumerate(zip(self.blocks, routes)):
+            run = _checkpointed if recompute and i % self.checkpoint_every == 0 else _called
             if all(s.depth is None or s.depth > i for s in slices):
-                x = block(x, block_routes)
+                x = run(block, x, block_routes)
             else:
-                x = self._partial_block(block, x, block_routes, [s.depth is None or s.depth > i for s in slices])
+                x = self._partial_block(block, x, block_routes, [s.depth is None or s.depth > i for s in slices], run)
         x = self.norm(x)
         return self.fc_norm(self.pool(x))
 
     @staticmethod
-    def _partial_block(block: nn.Module, x: torch.Tensor, routes: Sequence[Route], active: Sequence[bool]):
+    def _partial_block(block: nn.Module, x: torch.Tensor, routes: Sequence[Route], active: Sequence[bool],
+                       run: Callable | None = None):
         """Run a block on the rows of the slices still `active` at its depth; the others pass unchanged.
 
         Every slice keeps its route (with zero rows when inactive), so the same modules are called
@@ -337,7 +344,7 @@ class SupernetViT(VisionTransformer):
             rows.append(x[route.start:route.start + n])
             moved.append(route._replace(start=start, end=start + n))
             start += n
-        out = block(torch.cat(rows), moved)
+        out = (run or _called)(block, torch.cat(rows), moved)
         pieces, start = [], 0
         for route, on in zip(routes, active):
             n = route.end - route.start
@@ -364,6 +371,17 @@ class SupernetViT(VisionTransformer):
                      hidden: int | None = None) -> torch.Tensor:
         """The whole batch as one task on one path (of an elastic depth and FFN width, if given)."""
         return self(images, [TaskSlice(task, path, images.shape[0], depth, hidden)])[0]
+
+
+def _called(block: nn.Module, x: torch.Tensor, routes: Sequence[Route]) -> torch.Tensor:
+    return block(x, routes)
+
+
+def _checkpointed(block: nn.Module, x: torch.Tensor, routes: Sequence[Route]) -> torch.Tensor:
+    """The block keeping only its input: its activations are recomputed in the backward (torch's
+    non-reentrant checkpoint: the RNG of drop path is replayed, gates' gradients flow, ZeRO-3 fetches
+    the block's parameters again for the recompute)."""
+    return torch.utils.checkpoint.checkpoint(block, x, routes, use_reentrant=False)
 
 
 def apply_heads(heads: nn.ModuleDict, features: torch.Tensor, slices: Sequence[TaskSlice],
