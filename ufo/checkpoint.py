@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 
 import ufo
 from ufo.atomic import atomic_file, remove_stale
+from ufo.best import best_tags
 from ufo.config import UfoConfig, config_from_dict
 from ufo.errors import CheckpointError
 from ufo.layout import import_deepspeed
@@ -156,7 +157,8 @@ HASHED_BELOW = 4 << 20  # files smaller than this get a SHA-256 in the marker (u
 
 def save_training_checkpoint(engine, directory: Path, step: int, meta: dict, rank_state: dict, rank: int,
                              keep: int) -> Path:
-    """Save a DeepSpeed checkpoint of every rank, then mark it complete; keep the newest `keep`.
+    """Save a DeepSpeed checkpoint of every rank, then mark it complete; keep the newest `keep` (and
+    every task's best, `ufo.best`).
 
     A rank whose write fails (a full disk, say) makes every rank fail: the step's directory is
     removed, older checkpoints are kept, and the error names the path and the OS's reason.
@@ -194,8 +196,10 @@ def save_training_checkpoint(engine, directory: Path, step: int, meta: dict, ran
                 failed = write_failure(where / MARKER, e)
                 shutil.rmtree(where, ignore_errors=True)
         if not failed:
+            protected = best_tags(directory)  # each task's best (train.keep_best) stays
             for old in complete_checkpoints(directory)[:-keep]:
-                shutil.rmtree(old)
+                if old.name not in protected:
+                    shutil.rmtree(old)
     flag = [failed]
     dist.broadcast_object_list(flag, src=0)
     if flag[0]:

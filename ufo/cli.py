@@ -95,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip checking the exported files against the supernet")
     p.add_argument("--atol", type=float, help="largest accepted |subnet - supernet| (default: export.atol, 1e-5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--best", action="store_true", help="each task from its own best checkpoint (train.keep_best: "
+                   "the run's checkpoints/best.json) instead of the given one")
     track_args(p, "the subnets")
     p.add_argument("--register", metavar="NAME", help="also log each subnet as an MLflow model in the checkpoint's "
                    "run and register it as NAME (several tasks: NAME-TASK) in the store's model registry")
@@ -319,9 +321,11 @@ def _export(args: argparse.Namespace) -> None:
         args.path = found["best_path"]
         args.depth = args.depth or found.get("best_depth")
         args.mlp_ratio = args.mlp_ratio or found.get("best_mlp_ratio")
+    common = dict(formats=formats, overwrite=args.overwrite, verify=args.verify, atol=args.atol)
+    if args.best:
+        return _export_best(args, common)
     ckpt = read_checkpoint(args.checkpoint, tasks=None if args.all_tasks else [args.task])
     print(f"ufo export: {args.checkpoint} (step {ckpt.step}, tasks {', '.join(ckpt.config.tasks)}) -> {args.out}")
-    common = dict(formats=formats, overwrite=args.overwrite, verify=args.verify, atol=args.atol)
     if args.all_tasks:
         results = export_all_tasks(ckpt, args.out, **common)
     else:
@@ -338,6 +342,41 @@ def _export(args: argparse.Namespace) -> None:
         from ufo.tracking import register_subnets
 
         register_subnets(ckpt.path, results, args.register, uri=args.track_uri)
+
+
+def _export_best(args: argparse.Namespace, common: dict) -> None:
+    """`ufo export RUN --best`: every task (or --task) from the checkpoint where its metric peaked."""
+    from ufo.best import read_best
+    from ufo.checkpoint import read_checkpoint
+    from ufo.errors import ExportError
+    from ufo.export import export_subnet
+
+    if args.path or args.path_from or args.depth or args.mlp_ratio or args.register:
+        raise ExportError("--best exports each task on its configured path and full size; --path, --path-from, "
+                          "--depth, --mlp-ratio and --register apply to one checkpoint")
+    run = Path(args.checkpoint)
+    checkpoints = next((d for d in (run / "checkpoints", run, run.parent) if (d / "best.json").is_file()), None)
+    if checkpoints is None:
+        raise ExportError(f"{run}: no checkpoints/best.json (a run with train.keep_best keeps one)")
+    best = read_best(checkpoints)
+    tasks = list(best) if args.all_tasks else [args.task]
+    missing = [t for t in tasks if t not in best]
+    if missing:
+        raise ExportError(f"{checkpoints / 'best.json'}: no best checkpoint of task {missing[0]} "
+                          f"(it has {', '.join(best) or 'none'})")
+    results = []
+    for task in tasks:
+        entry = best[task]
+        ckpt = read_checkpoint(checkpoints / entry["checkpoint"], tasks=[task])
+        print(f"ufo export: {task} from {entry['checkpoint']} (its best: {entry['metric']} {entry['value']:.4f} "
+              f"at step {entry['step']})")
+        results.append(export_subnet(ckpt, task, args.out / task if args.all_tasks else args.out, **common))
+        if args.track:
+            from ufo.tracking import log_export
+
+            log_export(ckpt.path, results[-1:], uri=args.track_uri)
+    print(f"wrote {len(results)} subnet{'s' if len(results) > 1 else ''} to {args.out}, each from its task's best "
+          "checkpoint" + (" (verified against the supernet)" if all(r.max_abs_diff for r in results) else ""))
 
 
 def _search(args: argparse.Namespace) -> None:

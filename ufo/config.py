@@ -293,6 +293,8 @@ class TrainConfig(Section):
     eval_batch_size: int = Field(128, gt=0)
     checkpoint_every: int = Field(0, ge=0)  # 0: at the end (and on SIGTERM/SIGUSR1) only
     keep_checkpoints: int = Field(3, gt=0)
+    # keep each task's best checkpoint (its headline eval metric's peak; ufo/best.py) besides the newest
+    keep_best: bool = False
     # seconds a collective (and so every rank) waits for a rank that is hung, stopped or cut off
     # before the job fails: long enough for the slowest checkpoint save or evaluation of rank 0
     collective_timeout: float = Field(600, gt=0)
@@ -549,6 +551,12 @@ def _check(cfg: UfoConfig, source: str, overridden: Mapping[str, str]) -> UfoCon
         raise fail("model.ffns", f"on_path builds only the FFNs on the configured paths, but train.path_policy "
                                  f"{cfg.train.path_policy} takes others; set model.ffns: all or auto",
                    related="train.path_policy")
+    if cfg.train.keep_best:
+        unmeasured = [name for name, task in cfg.tasks.items() if not task.eval_shards]
+        if unmeasured:
+            raise fail(f"tasks.{unmeasured[0]}.eval_shards", "train.keep_best keeps each task's best checkpoint by its "
+                                                            "eval metric: set every task's eval_shards",
+                       related="train.keep_best")
     tasks = {}
     for name, task in cfg.tasks.items():
         key = f"tasks.{name}"

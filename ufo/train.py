@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 import ufo
 from ufo.checkpoint import (
+    MARKER,
     _marker,
     canonical_name,
     check_step_files,
@@ -45,12 +46,13 @@ from ufo.checkpoint import (
     set_rng_state,
     task_of,
 )
+from ufo.best import improved, read_best, record_best
 from ufo.config import UfoConfig, config_changes, data_plan_changes, flatten
 from ufo.data import MixedLoader, TaskLoader, endless, label_counts, task_loader
-from ufo.data.shards import check_task_data
+from ufo.data.shards import check_task_data, eval_sets
 from ufo.engine import build_engine
 from ufo.errors import UfoError
-from ufo.evaluate import evaluate_engine
+from ufo.evaluate import evaluate_engine, primary, primary_key
 from ufo.layout import Layout, init_distributed, make_layout, task_groups
 from ufo.model import SupernetViT, TaskSlice
 from ufo.model.paths import OPEN, ElasticPolicy, PathPolicy
@@ -97,6 +99,7 @@ class _Run:
     history: History | None = None
     empty: Counter = field(default_factory=Counter)  # micro-batches with no sample on any rank, skipped alike
     bad_before: dict = field(default_factory=dict)  # the bad data of the run's earlier invocations (all ranks)
+    best: dict = field(default_factory=dict)  # train.keep_best: each task's best checkpoint so far (rank 0)
 
     @property
     def tasks(self) -> list[str]:
@@ -149,6 +152,13 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
 
         torch.manual_seed(t.seed + 1 + rank)  # drop path and the like differ between ranks
         step, resume = _resume(run)
+        if t.keep_best and rank == 0:  # the bests of the run's earlier invocations, compared with as before
+            run.best = read_best(out / "checkpoints")
+            late = {task: (b["metric"], b["value"]) for task, b in
+                    (_marker(resume).get("best_of") or {} if resume else {}).items()
+                    if run.best.get(task, {}).get("checkpoint") != resume.name}
+            if late:  # killed between a best checkpoint and its record
+                run.best = record_best(resume.parent, run.best, late, step, resume.name)
         if step >= t.steps:
             say(f"already trained {step} of {t.steps} steps")
         tokens = tokens_per_sample(cfg)
@@ -193,10 +203,12 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
                 history.append(record)
                 if tracker:
                     tracker.log_metrics(step, record_metrics(record))
+                better = {}
                 if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                     result.metrics = _evaluate(run, step, policy.eval_paths(step))
-                if step == t.steps or stop or (t.checkpoint_every and step % t.checkpoint_every == 0):
-                    result.checkpoint = _save(run, step)
+                    better = _better(run, result.metrics)
+                if step == t.steps or stop or better or (t.checkpoint_every and step % t.checkpoint_every == 0):
+                    result.checkpoint = _save(run, step, better)
                 if stop:
                     result.step, result.stopped_by = step, _stopped(run, step, int(stop), signals)
                     status = "KILLED"
@@ -283,9 +295,33 @@ def _evaluate(run: _Run, step: int, paths: dict[str, str]) -> dict[str, dict[str
     return metrics
 
 
-def _save(run: _Run, step: int) -> Path:
+def _better(run: _Run, metrics: dict[str, dict[str, float]]) -> dict[str, tuple[str, float]]:
+    """train.keep_best: the tasks whose headline metric beats their best so far, the same on every
+    rank (rank 0 decides: it holds the metrics)."""
+    if not run.cfg.train.keep_best:
+        return {}
+    better = [improved(run.best, {task: (primary_key(run.cfg, task), primary(eval_sets(run.cfg, task), m))
+                                  for task, m in metrics.items()}) if run.rank == 0 else {}]
+    dist.broadcast_object_list(better, src=0)
+    return better[0]
+
+
+def _record_best(run: _Run, step: int, better: dict[str, tuple[str, float]], checkpoint: Path) -> None:
+    """After the checkpoint of `step` is complete: best.json names it for the tasks that improved."""
+    if not better or run.rank != 0:
+        return
+    run.best = record_best(checkpoint.parent, run.best, better, step, checkpoint.name)
+    run.say("best: " + ", ".join(f"{task} {metric} {value:.4f}" for task, (metric, value) in better.items())
+            + f" at step {step} ({checkpoint.name} kept)")
+    if run.tracker:
+        run.tracker.set_tags({f"ufo.best.{task}.step": step for task in better})
+        run.tracker.log_metrics(step, {f"best/{task}/{metric}": value for task, (metric, value) in better.items()})
+
+
+def _save(run: _Run, step: int, better: dict[str, tuple[str, float]] | None = None) -> Path:
     """A checkpoint of the step: the engine's state, every rank's own state (data position, RNG,
-    weighting, the run's bad data so far) and the marker's meta (config, layout, paths, MLflow run)."""
+    weighting, the run's bad data so far) and the marker's meta (config, layout, paths, MLflow run,
+    the tasks it is the best of); then best.json names it for those tasks."""
     t = run.cfg.train
     _sync_running_stats(run)
     state = {"step": step, "data": run.loader.state_dict(), "rng": rng_state(),
@@ -295,10 +331,12 @@ def _save(run: _Run, step: int) -> Path:
     meta = {**checkpoint_meta(run.cfg, run.layout, run.group_names),
             "path_policy": run.policy.state_dict(), "weighting": run.weighting.name,
             "mlflow_run_id": run.tracker.run_id if run.tracker else None,
-            "mlflow_uri": run.tracker.uri if run.tracker else None}
+            "mlflow_uri": run.tracker.uri if run.tracker else None,
+            "best_of": {task: {"metric": metric, "value": value} for task, (metric, value) in (better or {}).items()}}
     saved = save_training_checkpoint(run.engine, run.out / "checkpoints", step, meta, state, run.rank,
                                      t.keep_checkpoints)
     run.say(f"checkpoint {saved}")
+    _record_best(run, step, better or {}, saved)
     return saved
 
 
@@ -329,6 +367,9 @@ def _finish(run: _Run, step: int) -> dict[str, dict[str, float]]:
     metrics: dict[str, dict[str, float]] = {}
     if run.cfg.train.steps > 0:
         metrics = _evaluate(run, step, policy.eval_paths(max(step - 1, 0)))
+        final = run.out / "checkpoints" / f"step{step:08d}"
+        if (final / MARKER).is_file():  # the last step's checkpoint, saved by the loop (or an earlier run)
+            _record_best(run, step, _better(run, metrics), final)
         if run.rank == 0:
             (out / "metrics.json").write_text(json.dumps({"step": step, "eval": metrics, "bad_data": bad},
                                                          indent=2) + "\n")
