@@ -176,6 +176,7 @@ def test_ffns_on_path_follows_the_path_policy(tiny_config_file):
     (["tasks.person.img_size=[16, 6]"], "tasks.person.img_size: 6 is not a positive multiple of model.patch_size 4 "
                                         "(from --set tasks.person.img_size=[16, 6])"),
     (["tasks.person.img_size=[16, 8, 4]"], "tasks.person.img_size"),
+    (["train.compile=true", "deepspeed.zero_stage=3"], "train.compile: not under ZeRO-3"),
 ])
 def test_the_reid_recipe_keys_are_checked_at_load(tiny_config_file, overrides, message):
     import re

@@ -374,3 +374,27 @@ def test_the_bnneck_is_torchs_batchnorm_with_a_frozen_bias_and_leaves_its_statis
     neck.eval(), bn.eval()
     assert torch.allclose(neck(x), bn(x), atol=1e-6)
     assert neck(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_compiled_blocks_match_eager_keep_their_names_and_do_not_recompile_for_new_slice_sizes(tiny_cfg):
+    import copy
+
+    from torch._dynamo.utils import counters  # dynamo's own count of the graphs it made (test only)
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = SupernetViT.from_config(tiny_cfg).train()
+    compiled = copy.deepcopy(eager)
+    compiled.compile_blocks()
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints read the same names
+    graphs = []
+    for n in (6, 7, 5):  # every step its own slice sizes
+        slices = [TaskSlice("face", "SSTT", n), TaskSlice("person", "STST", n + 1), TaskSlice("digits", "TSSS", n)]
+        x = images(3 * n + 1, tiny_cfg, seed=n)
+        for model in (eager, compiled):
+            model.zero_grad()
+            sum(o.sum() for o in model(x, slices)).backward()
+        for a, b in zip(eager.parameters(), compiled.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[2] == graphs[1] == graphs[0]  # dynamic shapes: compiled once

@@ -204,7 +204,9 @@ STEP_CASES = [
     # from a pretrained ViT: every rank's start is timm's weights (ZeRO-3: loaded into the partitions)
     (1, *TP, 1, "pretrained"), (3, *MIXED, 1, "pretrained"),
     # activation checkpointing under ZeRO-3 (the recompute fetches the blocks' partitions again)
-    (3, *MIXED, 2, "checkpointing")]
+    (3, *MIXED, 2, "checkpointing"),
+    # torch.compile (inductor on CPU) under ZeRO 2
+    (2, *MIXED, 1, "compile")]
 
 
 def step_run(tmp_path: Path, case: tuple) -> dict:
@@ -234,6 +236,8 @@ def step_run(tmp_path: Path, case: tuple) -> dict:
         raw["model"] = {"pretrained": name, "pretrained_file": str(file), "depth": 4, "img_size": 16, "patch_size": 4,
                         "task_ffn_init": "random"}
         raw["train"].update(weighting={"name": "static"}, lr=0.05)  # 192 wide: a smaller step, same test
+    if weighting == "compile":  # every block's attention and FFNs through torch.compile, in the engine
+        raw["train"].update(weighting={"name": "static"}, compile=True, lr=0.05)  # fused kernels: other rounding
     if weighting == "checkpointing":  # blocks 0 and 2 recomputed in the backward, two input sizes
         raw["train"].update(weighting={"name": "static"}, activation_checkpointing=2)
         raw["tasks"]["person"]["img_size"] = [16, 8]

@@ -173,6 +173,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=10, help="timed steps per model")
     b.add_argument("--warmup", type=int, default=3, help="untimed steps per model")
     b.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    b.add_argument("--compile", action="store_true", help="also time both models compiled (train.compile)")
     b.add_argument("--json", action="store_true", help="print the result as JSON")
     b.set_defaults(run=_bench_model)
     b = benches.add_parser("data", help="loader throughput per worker count vs the demo training step")
@@ -571,7 +572,7 @@ def _bench_model(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     result = bench_model(cfg, batch_per_task=args.batch_per_task, steps=args.steps,
-                         warmup=args.warmup, threads=args.threads)
+                         warmup=args.warmup, threads=args.threads, compile=args.compile)
     show(result, format_model_bench, args.json)
 
 

@@ -264,6 +264,8 @@ class TrainConfig(Section):
     # activation checkpointing: 0 off; k: every k-th block (0, k, 2k, ...) keeps only its input and runs
     # again in the backward (1 or true: every block); torch's non-reentrant checkpoint, any ZeRO stage
     activation_checkpointing: int = Field(0, ge=0)
+    # torch.compile each block's attention and FFNs (in place, dynamic shapes: slices change sizes every step)
+    compile: bool = False
     # task_parallel: each rank serves one task; mixed: each micro-batch holds every task;
     # auto: task_parallel when there are at least as many ranks as tasks
     layout: Literal["auto", "task_parallel", "mixed"] = "auto"
@@ -551,6 +553,9 @@ def _check(cfg: UfoConfig, source: str, overridden: Mapping[str, str]) -> UfoCon
         raise fail("model.ffns", f"on_path builds only the FFNs on the configured paths, but train.path_policy "
                                  f"{cfg.train.path_policy} takes others; set model.ffns: all or auto",
                    related="train.path_policy")
+    if cfg.train.compile and cfg.deepspeed.zero_stage == 3:
+        raise fail("train.compile", "not under ZeRO-3: its parameter hooks would run inside the compiled modules; "
+                                    "use ZeRO 0-2 or leave train.compile off", related="deepspeed.zero_stage")
     if cfg.train.keep_best:
         unmeasured = [name for name, task in cfg.tasks.items() if not task.eval_shards]
         if unmeasured:

@@ -131,6 +131,10 @@ def build_engine(cfg: UfoConfig, layout: Layout, rank: int, say: Log = print) ->
         load_pretrained(model, cfg, gather, say)  # the pretrained ViT is read whole, outside zero.Init
     else:
         model = init_supernet(cfg, held=held, say=say)
+    if t.compile:
+        model.compile_blocks()
+        say("train.compile: every block's attention and FFNs compiled by torch.compile (dynamic shapes; the "
+            "first steps compile)")
     clip = None
     if layout.placement == "task_sharded":
         from ufo import placement  # imports DeepSpeed's MoE modules: only runs that shard pay for it

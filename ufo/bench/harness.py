@@ -22,7 +22,7 @@ from timm.models.vision_transformer import VisionTransformer
 from ufo.config import UfoConfig
 from ufo.errors import ConfigError
 from ufo.model import vit_args
-from ufo.model.supernet import apply_heads
+from ufo.model.supernet import apply_heads, norm_layer
 
 
 def show(result: dict[str, Any], format_result: Callable[[dict[str, Any]], str], as_json: bool) -> None:
@@ -35,7 +35,7 @@ class PlainWithHeads(torch.nn.Module):
 
     def __init__(self, cfg: UfoConfig, heads: torch.nn.ModuleDict):
         super().__init__()
-        self.vit = VisionTransformer(**vit_args(cfg.model), num_classes=0)
+        self.vit = VisionTransformer(**vit_args(cfg.model), **norm_layer(cfg.model), num_classes=0)
         self.heads = copy.deepcopy(heads)
 
     def forward(self, images, slices, labels=None, reduction="mean", hits=False):

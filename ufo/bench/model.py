@@ -18,13 +18,29 @@ from ufo.model import SupernetViT, TaskSlice
 
 
 def bench_model(cfg: UfoConfig, batch_per_task: int = 16, steps: int = 10, warmup: int = 3,
-                threads: int | None = None) -> dict[str, Any]:
-    """Median fwd+bwd seconds per step of both models and their ratio (supernet / plain)."""
+                threads: int | None = None, compile: bool = False) -> dict[str, Any]:
+    """Median fwd+bwd seconds per step of both models and their ratio (supernet / plain); with
+    `compile`, also of both compiled alike (every block's attention and MLPs by torch.compile)."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)
     supernet = SupernetViT.from_config(cfg).train()
     plain = PlainWithHeads(cfg, supernet.heads).train()
+    result = _time(cfg, supernet, plain, batch_per_task, steps, warmup)
+    if compile:
+        supernet.compile_blocks()
+        for block in plain.vit.blocks:  # the same parts of the plain ViT
+            block.attn.compile(dynamic=True)
+            block.mlp.compile(dynamic=True)
+        compiled = _time(cfg, supernet, plain, batch_per_task, steps, warmup)
+        result["compiled"] = {k: compiled[k] for k in ("supernet_s_per_step", "plain_s_per_step",
+                                                       "supernet_samples_per_s", "plain_samples_per_s", "ratio")}
+        result["compile_speedup"] = result["supernet_s_per_step"] / compiled["supernet_s_per_step"]
+    return result
+
+
+def _time(cfg: UfoConfig, supernet: SupernetViT, plain: PlainWithHeads, batch_per_task: int, steps: int,
+          warmup: int) -> dict[str, Any]:
     slices = [TaskSlice(name, cfg.path_of(name), batch_per_task) for name in cfg.tasks]
     batch = batch_per_task * len(slices)
     m = cfg.model
@@ -81,4 +97,6 @@ def format_model_bench(r: dict[str, Any]) -> str:
         f"  plain timm ViT, same heads {1000 * r['plain_s_per_step']:9.1f} ms/step  "
         f"{r['plain_samples_per_s']:8.1f} samples/s",
         f"  ratio supernet/plain       {r['ratio']:9.3f}   ({verdict} the target <= {r['target']})",
-    ])
+    ] + ([f"  compiled (train.compile): supernet {1000 * r['compiled']['supernet_s_per_step']:.1f} ms/step "
+          f"({r['compile_speedup']:.2f}x eager), plain {1000 * r['compiled']['plain_s_per_step']:.1f} ms/step, "
+          f"ratio {r['compiled']['ratio']:.3f}"] if "compiled" in r else []))

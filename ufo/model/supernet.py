@@ -216,6 +216,15 @@ class SupernetViT(VisionTransformer):
         model.checkpoint_every = cfg.train.activation_checkpointing
         return model
 
+    def compile_blocks(self) -> None:
+        """torch.compile every block's attention and each of its FFNs, in place (`nn.Module.compile`: the
+        parameter names stay), with dynamic shapes: a task's slice has other rows every step, and a
+        graph per row count would recompile every step. The routing between the FFNs stays eager."""
+        for block in self.blocks:
+            block.attn.compile(dynamic=True)
+            for ffn in ([block.mlp.shared] if block.mlp.shared is not None else []) + list(block.mlp.task.values()):
+                ffn.compile(dynamic=True)
+
     def lacks(self, task: str, path: str) -> str:
         """What `task` on `path` needs that this supernet does not build ("" if nothing)."""
         for i, (block, letter) in enumerate(zip(self.blocks, path)):
