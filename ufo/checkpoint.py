@@ -156,12 +156,13 @@ HASHED_BELOW = 4 << 20  # files smaller than this get a SHA-256 in the marker (u
 
 
 def save_training_checkpoint(engine, directory: Path, step: int, meta: dict, rank_state: dict, rank: int,
-                             keep: int) -> Path:
+                             keep: int, extra: Callable[[Path], None] | None = None) -> Path:
     """Save a DeepSpeed checkpoint of every rank, then mark it complete; keep the newest `keep` (and
     every task's best, `ufo.best`).
 
     A rank whose write fails (a full disk, say) makes every rank fail: the step's directory is
-    removed, older checkpoints are kept, and the error names the path and the OS's reason.
+    removed, older checkpoints are kept, and the error names the path and the OS's reason. `extra`
+    writes rank 0's further files into the step's directory before the marker (the EMA's).
     """
     import torch.distributed as dist
 
@@ -178,6 +179,8 @@ def save_training_checkpoint(engine, directory: Path, step: int, meta: dict, ran
         try:
             with atomic_file(where / f"ufo_rank{rank:05d}.pt") as tmp:
                 torch.save(rank_state, tmp)
+            if extra is not None and rank == 0:
+                extra(where)
         except (OSError, RuntimeError) as e:
             error = write_failure(where, e)
     errors: list = [None] * dist.get_world_size()
@@ -507,6 +510,18 @@ def _read_module_files(tag_dir: Path, marker: dict, cfg: UfoConfig, tasks: list[
                                   f"values of {key} (an incomplete copy of the checkpoint?)")
         state[key] = flat.view(tensor.shape).clone()
     return state
+
+
+def with_ema(ckpt: Checkpoint) -> Checkpoint:
+    """The checkpoint with the moving average of its weights (train.ema: `ema.safetensors` beside it)
+    in place of them; buffers and frozen parameters stay as saved."""
+    import dataclasses
+
+    file = ckpt.path / "ema.safetensors"
+    if not file.is_file():
+        raise CheckpointError(f"{ckpt.path}: no ema.safetensors (trained without train.ema)")
+    ema = load_file(str(file))
+    return dataclasses.replace(ckpt, state_dict={k: ema.get(k, v).to(v.dtype) for k, v in ckpt.state_dict.items()})
 
 
 def zero_fragments(tag_dir: Path, marker: dict, keys: Container[str]) -> Iterator[tuple[str, dict, int, Any]]:

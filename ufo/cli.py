@@ -95,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip checking the exported files against the supernet")
     p.add_argument("--atol", type=float, help="largest accepted |subnet - supernet| (default: export.atol, 1e-5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--ema", action="store_true", help="export the moving average of the weights (train.ema: the "
+                   "checkpoint's ema.safetensors) instead of the weights")
     p.add_argument("--best", action="store_true", help="each task from its own best checkpoint (train.keep_best: "
                    "the run's checkpoints/best.json) instead of the given one")
     track_args(p, "the subnets")
@@ -303,7 +305,7 @@ def _info(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from ufo.checkpoint import read_checkpoint
+    from ufo.checkpoint import read_checkpoint, with_ema
     from ufo.errors import ExportError
     from ufo.export import export_all_tasks, export_subnet
 
@@ -326,7 +328,10 @@ def _export(args: argparse.Namespace) -> None:
     if args.best:
         return _export_best(args, common)
     ckpt = read_checkpoint(args.checkpoint, tasks=None if args.all_tasks else [args.task])
-    print(f"ufo export: {args.checkpoint} (step {ckpt.step}, tasks {', '.join(ckpt.config.tasks)}) -> {args.out}")
+    if args.ema:
+        ckpt = with_ema(ckpt)
+    print(f"ufo export: {args.checkpoint} (step {ckpt.step}, tasks {', '.join(ckpt.config.tasks)}"
+          + (", moving average" if args.ema else "") + f") -> {args.out}")
     if args.all_tasks:
         results = export_all_tasks(ckpt, args.out, **common)
     else:
@@ -348,7 +353,7 @@ def _export(args: argparse.Namespace) -> None:
 def _export_best(args: argparse.Namespace, common: dict) -> None:
     """`ufo export RUN --best`: every task (or --task) from the checkpoint where its metric peaked."""
     from ufo.best import read_best
-    from ufo.checkpoint import read_checkpoint
+    from ufo.checkpoint import read_checkpoint, with_ema
     from ufo.errors import ExportError
     from ufo.export import export_subnet
 
@@ -369,6 +374,7 @@ def _export_best(args: argparse.Namespace, common: dict) -> None:
     for task in tasks:
         entry = best[task]
         ckpt = read_checkpoint(checkpoints / entry["checkpoint"], tasks=[task])
+        ckpt = with_ema(ckpt) if args.ema else ckpt
         print(f"ufo export: {task} from {entry['checkpoint']} (its best: {entry['metric']} {entry['value']:.4f} "
               f"at step {entry['step']})")
         results.append(export_subnet(ckpt, task, args.out / task if args.all_tasks else args.out, **common))

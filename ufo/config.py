@@ -174,6 +174,14 @@ class TaskConfig(Section):
         return path
 
 
+class EmaConfig(Section):
+    """An exponential moving average of the weights (timm's ModelEmaV3 semantics; ufo/ema.py)."""
+
+    decay: float = Field(0.9998, ge=0, lt=1)
+    every: int = Field(1, gt=0)  # optimizer steps between updates
+    warmup: bool = False  # timm's warmup: decay 1 - (1 + step)^(-3/4) until it reaches `decay`
+
+
 class DataConfig(Section):
     """How shards are read, and the preprocessing shared by training, evaluation and export."""
 
@@ -264,6 +272,8 @@ class TrainConfig(Section):
     # activation checkpointing: 0 off; k: every k-th block (0, k, 2k, ...) keeps only its input and runs
     # again in the backward (1 or true: every block); torch's non-reentrant checkpoint, any ZeRO stage
     activation_checkpointing: int = Field(0, ge=0)
+    # an exponential moving average of the weights, evaluated beside them, checkpointed, exported with --ema
+    ema: EmaConfig | None = None
     # torch.compile each block's attention and FFNs (in place, dynamic shapes: slices change sizes every step)
     compile: bool = False
     # task_parallel: each rank serves one task; mixed: each micro-batch holds every task;

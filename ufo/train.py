@@ -26,6 +26,7 @@ import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -50,6 +51,8 @@ from ufo.best import improved, read_best, record_best
 from ufo.config import UfoConfig, config_changes, data_plan_changes, flatten
 from ufo.data import MixedLoader, TaskLoader, endless, label_counts, task_loader
 from ufo.data.shards import check_task_data, eval_sets
+from ufo.ema import FILE as EMA_FILE
+from ufo.ema import Ema, save_whole
 from ufo.engine import build_engine
 from ufo.errors import UfoError
 from ufo.evaluate import evaluate_engine, primary, primary_key
@@ -100,6 +103,7 @@ class _Run:
     empty: Counter = field(default_factory=Counter)  # micro-batches with no sample on any rank, skipped alike
     bad_before: dict = field(default_factory=dict)  # the bad data of the run's earlier invocations (all ranks)
     best: dict = field(default_factory=dict)  # train.keep_best: each task's best checkpoint so far (rank 0)
+    ema: Ema | None = None  # train.ema: this rank's share of the weights' moving average
 
     @property
     def tasks(self) -> list[str]:
@@ -150,6 +154,11 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
         path_cost = _path_cost(cfg, layout, rank)
         held, device = layout.held(rank), engine.device
 
+        if t.ema is not None:
+            if layout.placement == "task_sharded":
+                raise UfoError("train.ema: not with the task_sharded placement yet (its ranks hold different "
+                               "parameters); set train.placement: replicated")
+            run.ema = Ema(engine, t.ema.decay, t.ema.every, t.ema.warmup)
         torch.manual_seed(t.seed + 1 + rank)  # drop path and the like differ between ranks
         step, resume = _resume(run)
         if t.keep_best and rank == 0:  # the bests of the run's earlier invocations, compared with as before
@@ -186,6 +195,8 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
                 step_obs = seen.mean()
                 weighting.step(step_obs)
                 step += 1
+                if run.ema:
+                    run.ema.update(engine, step)
                 if policy.name == "learned":
                     _decide_paths(run, step)
                 logged = step % t.log_every == 0 or step == t.steps
@@ -288,8 +299,15 @@ def _sync_running_stats(run: _Run) -> None:
 
 
 def _evaluate(run: _Run, step: int, paths: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Every task's metrics; with train.ema, the moving average's too (as `ema/<metric>`)."""
     _sync_running_stats(run)
     metrics = evaluate_engine(run.engine, run.cfg, run.layout, run.rank, paths, run.dtype, run.say)
+    if run.ema:
+        with run.ema.applied(run.engine):
+            averaged = evaluate_engine(run.engine, run.cfg, run.layout, run.rank, paths, run.dtype,
+                                       lambda line: run.say(line.replace("eval:", "eval (ema):", 1)))
+        for task, values in averaged.items():
+            metrics.setdefault(task, {}).update({f"ema/{k}": v for k, v in values.items()})
     if run.tracker:
         run.tracker.log_metrics(step, eval_metrics(metrics))
     return metrics
@@ -327,14 +345,20 @@ def _save(run: _Run, step: int, better: dict[str, tuple[str, float]] | None = No
     state = {"step": step, "data": run.loader.state_dict(), "rng": rng_state(),
              "weighting": {"name": run.weighting.name, "state": run.weighting.state_dict()},
              "param_groups": run.group_names,  # what resuming on other ranks matches by name
-             "bad_data": _bad_data(run)}
+             "bad_data": _bad_data(run), "ema": run.ema.state_dict() if run.ema else None}
+    extra: Callable[[Path], None] | None = None
+    if run.ema:  # the whole average by name (export --ema, resume elsewhere), assembled by every rank
+        whole = run.ema.whole(run.engine, {id(p): canonical_name(n) for n, p in run.engine.module.named_parameters()},
+                              keep=run.rank == 0)
+        extra = partial(save_whole, whole)
     meta = {**checkpoint_meta(run.cfg, run.layout, run.group_names),
             "path_policy": run.policy.state_dict(), "weighting": run.weighting.name,
             "mlflow_run_id": run.tracker.run_id if run.tracker else None,
             "mlflow_uri": run.tracker.uri if run.tracker else None,
-            "best_of": {task: {"metric": metric, "value": value} for task, (metric, value) in (better or {}).items()}}
+            "best_of": {task: {"metric": metric, "value": value} for task, (metric, value) in (better or {}).items()},
+            "ema_updates": run.ema.updates if run.ema else None}
     saved = save_training_checkpoint(run.engine, run.out / "checkpoints", step, meta, state, run.rank,
-                                     t.keep_checkpoints)
+                                     t.keep_checkpoints, extra)
     run.say(f"checkpoint {saved}")
     _record_best(run, step, better or {}, saved)
     return saved
@@ -420,11 +444,15 @@ def _resume(run: _Run) -> tuple[int, Path | None]:
         run.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=True)
         state = read_rank_state(tag_dir, rank)
         set_rng_state(state["rng"])
+        if run.ema and not run.ema.load_state_dict(state.get("ema") or {}):
+            _ema_from_whole(run, tag_dir, marker)
         data = state["data"]
         positions = {task: (data["tasks"][task] if "tasks" in data else data, None) for task in _loaders(run.loader)}
     else:
         state = resume_elsewhere(run.engine, tag_dir, marker, run.cfg, layout, rank, run.say)
         positions = state["data"]
+        if run.ema:  # the whole average, re-partitioned as the masters are now
+            _ema_from_whole(run, tag_dir, marker)
     next_epoch = {}
     for task, loader in _loaders(run.loader).items():
         position, group_size = positions[task]
@@ -452,6 +480,19 @@ def _resume(run: _Run) -> tuple[int, Path | None]:
     step = int(state["step"])
     run.say(f"resumed from {tag_dir} at step {step}")
     return step, tag_dir
+
+
+def _ema_from_whole(run: _Run, tag_dir: Path, marker: dict) -> None:
+    """The moving average from a checkpoint's `ema.safetensors`; without one (trained without
+    train.ema) it starts again from the weights, and says so."""
+    file = tag_dir / EMA_FILE
+    if not file.is_file():
+        run.say(f"warning: {tag_dir} holds no moving average ({EMA_FILE}): train.ema starts from its weights")
+        return
+    from safetensors.torch import load_file
+
+    names = {id(p): canonical_name(n) for n, p in run.engine.module.named_parameters()}
+    run.ema.load_whole(run.engine, load_file(str(file)), names, int(marker.get("ema_updates") or 0))
 
 
 def _config_changes(run: _Run, tag_dir: Path, marker: dict) -> dict[str, list[str]]:

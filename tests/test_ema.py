@@ -1,0 +1,81 @@
+"""`train.ema`: the moving average kept in each rank's share of the fp32 masters equals timm's
+ModelEmaV3 over the run's weights, step by step; it is evaluated beside them, resumed on the same
+ranks and on another number, and exported with `ufo export --ema`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from timm.utils import ModelEmaV3
+
+from test_train import launch, tiny_run, torchrun
+from tiny import write_yaml
+from ufo.checkpoint import load_supernet, read_checkpoint
+from ufo.cli import main
+
+
+def timm_ema(run, steps: range, decay: float, start: ModelEmaV3 | None = None) -> ModelEmaV3:
+    """timm's ModelEmaV3 fed the weights of every step's checkpoint, as timm's train.py feeds it."""
+    model = load_supernet(read_checkpoint(run / "checkpoints" / f"step{steps[0]:08d}"))
+    ema = start or ModelEmaV3(model, decay=decay)
+    for step in steps:
+        model.load_state_dict(read_checkpoint(run / "checkpoints" / f"step{step:08d}").state_dict)
+        ema.update(model, step=step)
+    return ema
+
+
+def assert_ema(run, step: int, ema: ModelEmaV3) -> None:
+    saved = load_file(str(run / "checkpoints" / f"step{step:08d}" / "ema.safetensors"))
+    want = dict(ema.module.named_parameters())
+    assert set(saved) == {n for n, p in want.items() if p.requires_grad}
+    for name, tensor in saved.items():
+        assert (tensor - want[name]).abs().max() <= 1e-6, (step, name)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("stage,precision", [(1, "bf16"), (3, "bf16"), (0, "fp32")])
+def test_the_moving_average_is_timms_and_survives_resume_and_export(tmp_path, capsys, stage, precision):
+    raw = tiny_run(tmp_path, ("face", "digits"), steps=4, layout="mixed", checkpoint_every=1, keep_checkpoints=50,
+                   eval_every=2, ema={"decay": 0.8}, placement="replicated")
+    # ZeRO 1 and 3: each rank holds half of the fp32 masters (ZeRO-3 in sub-groups); fp32 ZeRO 0: the weights
+    raw["deepspeed"] = {"zero_stage": stage, "precision": precision}
+    config = write_yaml(tmp_path / "c.yaml", raw)
+    run = tmp_path / "run"
+
+    def train(log: str, *sets: str, ranks: int = 2):
+        args = torchrun(config, run, *sets)
+        args[args.index("--nproc_per_node") + 1] = str(ranks)
+        proc = launch(args, tmp_path / log)
+        assert proc.wait(timeout=600) == 0, (tmp_path / log).read_text()[-3000:]
+        return (tmp_path / log).read_text()
+
+    log = train("a.log")
+    assert "eval (ema): face" in log  # evaluated beside the weights
+    metrics = json.loads((run / "metrics.json").read_text())["eval"]
+    assert "ema/top1" in metrics["digits"] and "top1" in metrics["digits"]
+    ema = timm_ema(run, range(1, 5), 0.8)
+    assert_ema(run, 4, ema)
+    # the average is not the weights (decay 0.8 over four steps)
+    weights = read_checkpoint(run).state_dict
+    assert (load_file(str(run / "checkpoints" / "step00000004" / "ema.safetensors"))["blocks.0.attn.qkv.weight"]
+            - weights["blocks.0.attn.qkv.weight"]).abs().max() > 1e-5
+    if stage != 1:
+        return  # resume and export: once
+
+    train("b.log", "train.steps=6")  # resumed on the same ranks: each rank's partitions
+    ema = timm_ema(run, range(5, 7), 0.8, start=ema)
+    assert_ema(run, 6, ema)
+    log = train("c.log", "train.steps=7", ranks=1)  # on one rank: ema.safetensors re-partitioned
+    assert "resuming step00000006 of 2 ranks" in log
+    ema = timm_ema(run, range(7, 8), 0.8, start=ema)
+    assert_ema(run, 7, ema)
+
+    assert main(["export", str(run), "--task", "digits", "--ema", "--out", str(tmp_path / "subnet")]) == 0
+    assert "moving average" in capsys.readouterr().out
+    exported = load_file(str(tmp_path / "subnet" / "model.safetensors"))
+    averaged = load_file(str(run / "checkpoints" / "step00000007" / "ema.safetensors"))
+    assert torch.equal(exported["blocks.0.attn.qkv.weight"], averaged["blocks.0.attn.qkv.weight"])
+    assert main(["export", str(tmp_path / "subnet"), "--task", "digits", "--ema", "--out", str(tmp_path / "x")]) == 2
