@@ -71,4 +71,5 @@ def test_info_prints_each_tasks_training_recipe(capsys, tiny_config_file):
                        "--set", "tasks.person.img_size=[16, 8]")
     assert code == 0
     assert "person       16x8 px, batch 32 = 8 identities x 4, cosface x1, triplet (margin 0.3) x1, bnneck" in out, out
+    assert "  start: random (seed 3)" in out
     assert "digits       16x16 px, batch 32 random, cross-entropy" in out

@@ -289,6 +289,11 @@ def _info(args: argparse.Namespace) -> None:
     m = cfg.model
     print(f"{args.config}: ViT depth {m.depth}, width {m.embed_dim}, {m.num_heads} heads, "
           f"mlp_ratio {m.mlp_ratio:g}, {m.img_size}px / patch {m.patch_size}; tasks: {', '.join(cfg.tasks)}")
+    t = cfg.train
+    print(f"  start: {f'pretrained {m.pretrained}' if m.pretrained else f'random (seed {t.seed})'}"
+          + (f", activation checkpointing every {t.activation_checkpointing} block(s)" if t.activation_checkpointing
+             else "") + (", torch.compile" if t.compile else "")
+          + (f", EMA decay {t.ema.decay:g}" if t.ema else "") + (", keeping each task's best" if t.keep_best else ""))
     print(format_params(count_params(model, {t: cfg.path_of(t) for t in cfg.tasks})))
     print("  training recipe per task (per rank):")
     for task, tc in cfg.tasks.items():
