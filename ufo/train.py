@@ -161,13 +161,7 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
             run.ema = Ema(engine, t.ema.decay, t.ema.every, t.ema.warmup)
         torch.manual_seed(t.seed + 1 + rank)  # drop path and the like differ between ranks
         step, resume = _resume(run)
-        if t.keep_best and rank == 0:  # the bests of the run's earlier invocations, compared with as before
-            run.best = read_best(out / "checkpoints")
-            late = {task: (b["metric"], b["value"]) for task, b in
-                    (_marker(resume).get("best_of") or {} if resume else {}).items()
-                    if run.best.get(task, {}).get("checkpoint") != resume.name}
-            if late:  # killed between a best checkpoint and its record
-                run.best = record_best(resume.parent, run.best, late, step, resume.name)
+        _resume_best(run, resume, step)
         if step >= t.steps:
             say(f"already trained {step} of {t.steps} steps")
         tokens = tokens_per_sample(cfg)
@@ -322,6 +316,19 @@ def _better(run: _Run, metrics: dict[str, dict[str, float]]) -> dict[str, tuple[
                                   for task, m in metrics.items()}) if run.rank == 0 else {}]
     dist.broadcast_object_list(better, src=0)
     return better[0]
+
+
+def _resume_best(run: _Run, resume: Path | None, step: int) -> None:
+    """train.keep_best: the bests of the run's earlier invocations, compared with as before (rank 0);
+    a best checkpoint whose record a kill prevented is recorded from its marker."""
+    if not run.cfg.train.keep_best or run.rank != 0:
+        return
+    run.best = read_best(run.out / "checkpoints")
+    late = {task: (b["metric"], b["value"]) for task, b in
+            ((_marker(resume).get("best_of") or {}) if resume else {}).items()
+            if run.best.get(task, {}).get("checkpoint") != resume.name}
+    if late:
+        run.best = record_best(resume.parent, run.best, late, step, resume.name)
 
 
 def _record_best(run: _Run, step: int, better: dict[str, tuple[str, float]], checkpoint: Path) -> None:
