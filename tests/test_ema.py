@@ -15,6 +15,7 @@ from test_train import launch, tiny_run, torchrun
 from tiny import write_yaml
 from ufo.checkpoint import load_supernet, read_checkpoint
 from ufo.cli import main
+from ufo.ema import read_whole
 
 
 def timm_ema(run, steps: range, decay: float, start: ModelEmaV3 | None = None) -> ModelEmaV3:
@@ -28,7 +29,7 @@ def timm_ema(run, steps: range, decay: float, start: ModelEmaV3 | None = None) -
 
 
 def assert_ema(run, step: int, ema: ModelEmaV3) -> None:
-    saved = load_file(str(run / "checkpoints" / f"step{step:08d}" / "ema.safetensors"))
+    saved = read_whole(run / "checkpoints" / f"step{step:08d}")  # every writer's file
     want = dict(ema.module.named_parameters())
     assert set(saved) == {n for n, p in want.items() if p.requires_grad}
     for name, tensor in saved.items():
@@ -36,10 +37,13 @@ def assert_ema(run, step: int, ema: ModelEmaV3) -> None:
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("stage,precision", [(1, "bf16"), (3, "bf16"), (0, "fp32")])
-def test_the_moving_average_is_timms_and_survives_resume_and_export(tmp_path, capsys, stage, precision):
-    raw = tiny_run(tmp_path, ("face", "digits"), steps=4, layout="mixed", checkpoint_every=1, keep_checkpoints=50,
-                   eval_every=2, ema={"decay": 0.8}, placement="replicated")
+@pytest.mark.parametrize("stage,precision,placement", [(1, "bf16", "replicated"), (3, "bf16", "replicated"),
+                                                       (0, "fp32", "replicated"), (1, "bf16", "task_sharded")])
+def test_the_moving_average_is_timms_and_survives_resume_and_export(tmp_path, capsys, stage, precision, placement):
+    # task_sharded: a rank per task, each holding the shared parts and its task's (and their average)
+    raw = tiny_run(tmp_path, ("face", "digits"), steps=4, layout="mixed" if placement == "replicated" else
+                   "task_parallel", checkpoint_every=1, keep_checkpoints=50, eval_every=2, ema={"decay": 0.8},
+                   placement=placement)
     # ZeRO 1 and 3: each rank holds half of the fp32 masters (ZeRO-3 in sub-groups); fp32 ZeRO 0: the weights
     raw["deepspeed"] = {"zero_stage": stage, "precision": precision}
     config = write_yaml(tmp_path / "c.yaml", raw)
@@ -60,9 +64,11 @@ def test_the_moving_average_is_timms_and_survives_resume_and_export(tmp_path, ca
     assert_ema(run, 4, ema)
     # the average is not the weights (decay 0.8 over four steps)
     weights = read_checkpoint(run).state_dict
-    assert (load_file(str(run / "checkpoints" / "step00000004" / "ema.safetensors"))["blocks.0.attn.qkv.weight"]
+    assert (read_whole(run / "checkpoints" / "step00000004")["blocks.0.attn.qkv.weight"]
             - weights["blocks.0.attn.qkv.weight"]).abs().max() > 1e-5
-    if stage != 1:
+    if placement == "task_sharded":  # each task's first rank wrote its task's part
+        assert (run / "checkpoints" / "step00000004" / "ema_rank00001.safetensors").is_file()
+    if (stage, placement) != (1, "replicated"):
         return  # resume and export: once
 
     train("b.log", "train.steps=6")  # resumed on the same ranks: each rank's partitions

@@ -162,7 +162,7 @@ def save_training_checkpoint(engine, directory: Path, step: int, meta: dict, ran
 
     A rank whose write fails (a full disk, say) makes every rank fail: the step's directory is
     removed, older checkpoints are kept, and the error names the path and the OS's reason. `extra`
-    writes rank 0's further files into the step's directory before the marker (the EMA's).
+    writes the rank's further files into the step's directory before the marker (the EMA's).
     """
     import torch.distributed as dist
 
@@ -179,7 +179,7 @@ def save_training_checkpoint(engine, directory: Path, step: int, meta: dict, ran
         try:
             with atomic_file(where / f"ufo_rank{rank:05d}.pt") as tmp:
                 torch.save(rank_state, tmp)
-            if extra is not None and rank == 0:
+            if extra is not None:
                 extra(where)
         except (OSError, RuntimeError) as e:
             error = write_failure(where, e)
@@ -517,10 +517,11 @@ def with_ema(ckpt: Checkpoint) -> Checkpoint:
     in place of them; buffers and frozen parameters stay as saved."""
     import dataclasses
 
-    file = ckpt.path / "ema.safetensors"
-    if not file.is_file():
+    from ufo.ema import read_whole
+
+    ema = read_whole(ckpt.path)
+    if not ema:
         raise CheckpointError(f"{ckpt.path}: no ema.safetensors (trained without train.ema)")
-    ema = load_file(str(file))
     return dataclasses.replace(ckpt, state_dict={k: ema.get(k, v).to(v.dtype) for k, v in ckpt.state_dict.items()})
 
 

@@ -6,19 +6,21 @@ running statistics) are not averaged: the EMA model uses the live ones, as timm'
 
 Each rank keeps the EMA of the fp32 masters it owns (`ufo/ds_masters.py`): partitioned exactly as
 the optimizer's master weights are (ZeRO 1-3: a 1/N share; without ZeRO every rank holds all of
-them, as it holds the masters), never a whole replica on a rank that holds a partition. Evaluating
+them, as it holds the masters; task_sharded: its task's and the shared ones), never a whole
+replica on a rank that holds a partition. Evaluating
 or saving the EMA copies it into the masters (and the working weights from them), then puts the
 live masters back: the live weights after that are bit-identical to before. A checkpoint holds each
 rank's EMA partitions (an exact resume on the same ranks) and `ema.safetensors`, the whole EMA by
-parameter name, assembled parameter by parameter (what `ufo export --ema` reads and what a resume on
-another number of ranks re-partitions).
+parameter name, assembled parameter by parameter (under task_sharded each task's first rank writes
+its task's part, `ema_rankNNNNN.safetensors`): what `ufo export --ema` reads and what a resume on
+another number of ranks re-partitions.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -83,15 +85,15 @@ class Ema:
         self.updates = int(state["updates"])
         return True
 
-    def whole(self, engine, names: dict[int, str], keep: bool = True) -> dict[str, torch.Tensor]:
-        """The whole EMA by parameter name, on the rank that `keep`s it (rank 0; every rank takes part
-        in assembling each parameter in turn, the others drop it at once)."""
+    def whole(self, engine, names: dict[int, str], keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+        """The whole EMA of every parameter this rank `keep`s, by name (every rank holding a part of a
+        parameter takes part in assembling it, in turn; the others drop it at once)."""
         out = {}
         with self.applied(engine, weights=False):
             for param in engine.module.parameters():
                 if param.requires_grad:
                     full = full_fp32(param)
-                    if keep:
+                    if keep(names[id(param)]):
                         out[names[id(param)]] = full.detach().float().cpu().clone()
         return out
 
@@ -109,11 +111,28 @@ class Ema:
         self.updates = updates
 
 
-def save_whole(state: dict[str, torch.Tensor], tag_dir: Path) -> None:
-    """`ema.safetensors` in a checkpoint (rank 0)."""
+def save_whole(state: dict[str, torch.Tensor], name: str, tag_dir: Path) -> None:
+    """The average's file `name` in a checkpoint (nothing when this rank keeps none of it)."""
     from safetensors.torch import save_file
 
     from ufo.atomic import atomic_file
 
-    with atomic_file(tag_dir / FILE) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    if state:
+        with atomic_file(tag_dir / name) as tmp:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+
+
+def file_of(rank: int) -> str:
+    """The file a rank writes: rank 0 the shared parameters and its tasks' (`ema.safetensors`); under
+    task_sharded each other task's first rank that task's (`ema_rankNNNNN.safetensors`)."""
+    return FILE if rank == 0 else f"ema_rank{rank:05d}.safetensors"
+
+
+def read_whole(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's whole average, from all of its files ({} when it has none)."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(tag_dir.glob("ema*.safetensors")):
+        out.update(load_file(str(file)))
+    return out

@@ -53,6 +53,8 @@ from ufo.data import MixedLoader, TaskLoader, endless, label_counts, task_loader
 from ufo.data.shards import check_task_data, eval_sets
 from ufo.ema import FILE as EMA_FILE
 from ufo.ema import Ema, save_whole
+from ufo.ema import file_of as ema_file_of
+from ufo.ema import read_whole as read_ema
 from ufo.engine import build_engine
 from ufo.errors import UfoError
 from ufo.evaluate import evaluate_engine, primary, primary_key
@@ -155,9 +157,6 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
         held, device = layout.held(rank), engine.device
 
         if t.ema is not None:
-            if layout.placement == "task_sharded":
-                raise UfoError("train.ema: not with the task_sharded placement yet (its ranks hold different "
-                               "parameters); set train.placement: replicated")
             run.ema = Ema(engine, t.ema.decay, t.ema.every, t.ema.warmup)
         torch.manual_seed(t.seed + 1 + rank)  # drop path and the like differ between ranks
         step, resume = _resume(run)
@@ -355,9 +354,9 @@ def _save(run: _Run, step: int, better: dict[str, tuple[str, float]] | None = No
              "bad_data": _bad_data(run), "ema": run.ema.state_dict() if run.ema else None}
     extra: Callable[[Path], None] | None = None
     if run.ema:  # the whole average by name (export --ema, resume elsewhere), assembled by every rank
-        whole = run.ema.whole(run.engine, {id(p): canonical_name(n) for n, p in run.engine.module.named_parameters()},
-                              keep=run.rank == 0)
-        extra = partial(save_whole, whole)
+        names = {id(p): canonical_name(n) for n, p in run.engine.module.named_parameters()}
+        whole = run.ema.whole(run.engine, names, keep=lambda name: _ema_writer(run.layout, name) == run.rank)
+        extra = partial(save_whole, whole, ema_file_of(run.rank))
     meta = {**checkpoint_meta(run.cfg, run.layout, run.group_names),
             "path_policy": run.policy.state_dict(), "weighting": run.weighting.name,
             "mlflow_run_id": run.tracker.run_id if run.tracker else None,
@@ -489,17 +488,22 @@ def _resume(run: _Run) -> tuple[int, Path | None]:
     return step, tag_dir
 
 
+def _ema_writer(layout: Layout, name: str) -> int:
+    """The rank that writes a parameter's whole average: rank 0, or under task_sharded the first rank
+    of the parameter's task."""
+    task = task_of(name)
+    return layout.groups[task][0] if layout.placement == "task_sharded" and task else 0
+
+
 def _ema_from_whole(run: _Run, tag_dir: Path, marker: dict) -> None:
-    """The moving average from a checkpoint's `ema.safetensors`; without one (trained without
-    train.ema) it starts again from the weights, and says so."""
-    file = tag_dir / EMA_FILE
-    if not file.is_file():
+    """The moving average from a checkpoint's whole one (`ema*.safetensors`); without one (trained
+    without train.ema) it starts again from the weights, and says so."""
+    whole = read_ema(tag_dir)
+    if not whole:
         run.say(f"warning: {tag_dir} holds no moving average ({EMA_FILE}): train.ema starts from its weights")
         return
-    from safetensors.torch import load_file
-
     names = {id(p): canonical_name(n) for n, p in run.engine.module.named_parameters()}
-    run.ema.load_whole(run.engine, load_file(str(file)), names, int(marker.get("ema_updates") or 0))
+    run.ema.load_whole(run.engine, whole, names, int(marker.get("ema_updates") or 0))
 
 
 def _config_changes(run: _Run, tag_dir: Path, marker: dict) -> dict[str, list[str]]:
