@@ -12,6 +12,20 @@ from __future__ import annotations
 
 import torch
 
+DEEPSPEED_VERSION = "0.19.8"  # what these attributes were read off (ufo/placement.py pins the same)
+
+
+def check_version() -> None:
+    """Refuse another DeepSpeed than the one these internals were read off (tests/test_ema.py fails
+    when they change under it)."""
+    import deepspeed
+
+    from ufo.errors import ConfigError
+
+    if deepspeed.__version__ != DEEPSPEED_VERSION:
+        raise ConfigError(f"train.ema: relies on DeepSpeed {DEEPSPEED_VERSION}'s optimizer internals, this is "
+                          f"{deepspeed.__version__}; install deepspeed=={DEEPSPEED_VERSION} or leave train.ema off")
+
 
 def master_flats(engine) -> list[torch.Tensor]:
     """This rank's fp32 master tensors (the parameters themselves under fp32 without ZeRO)."""

@@ -24,13 +24,14 @@ from typing import Callable, Iterator
 
 import torch
 
-from ufo.ds_masters import full_fp32, master_flats, refresh_weights, set_full_fp32
+from ufo.ds_masters import check_version, full_fp32, master_flats, refresh_weights, set_full_fp32
 
 FILE = "ema.safetensors"
 
 
 class Ema:
     def __init__(self, engine, decay: float, every: int = 1, warmup: bool = False):
+        check_version()
         self.decay, self.every, self.warmup = decay, every, warmup
         self.flats = [flat.detach().float().clone() for flat in master_flats(engine)]
         self.updates = 0
