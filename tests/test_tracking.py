@@ -247,3 +247,22 @@ def test_a_registered_subnet_loads_back_and_predicts_offline(tmp_path, monkeypat
     assert main(["export", str(tmp_path / "run"), "--task", "face", "--out", str(tmp_path / "face2"),
                  "--register", "bad/name"]) == 2
     assert (tmp_path / "face2" / "model.safetensors").is_file()
+
+
+def test_the_pretrained_start_is_a_parameter_and_a_tag(tmp_path):
+    from safetensors.torch import save_file
+    from timm.models.vision_transformer import VisionTransformer
+
+    from ufo.model import vit_args
+
+    raw = tracked_run(tmp_path, steps=1)
+    vit = VisionTransformer(**vit_args(config_from_dict(raw, "test").model), num_classes=0)
+    save_file(dict(vit.state_dict()), str(tmp_path / "vit.safetensors"))
+    raw["model"]["pretrained"] = str(tmp_path / "vit.safetensors")  # a plain timm ViT of the config's shape
+    lines: list[str] = []
+    train(config_from_dict(raw, "test"), log=lines.append)
+    _, run = the_run(tmp_path)
+    note = f"{tmp_path / 'vit.safetensors'} from {tmp_path / 'vit.safetensors'}"
+    assert f"pretrained: {note}" in lines
+    assert run.data.tags["ufo.pretrained"] == note
+    assert run.data.params["model.pretrained"] == str(tmp_path / "vit.safetensors")
