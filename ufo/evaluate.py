@@ -63,7 +63,6 @@ def evaluate_task(cfg, task: str, forward: Callable[[torch.Tensor], torch.Tensor
     that measures and None on the others (None: one process). Returns the metrics (set-prefixed
     where sets are named), None on ranks that do not measure."""
     flip = cfg.tasks[task].flip_test
-    m = cfg.model
     result: dict[str, float] | None = {}
     for es in sets if sets is not None else eval_sets(cfg, task):
         parts: dict[str, Outputs] = {}
@@ -73,9 +72,7 @@ def evaluate_task(cfg, task: str, forward: Callable[[torch.Tensor], torch.Tensor
                                  spec=spec, protocol=es.protocol, **({"log": log} if log else {}))
             outs, labels, metas = [], [], []
             for batch in loader:
-                images = batch["images"]
-                if images.ndim != 4:
-                    images = torch.zeros(0, m.in_chans, *cfg.size_of(task))
+                images = batch["images"]  # an empty batch keeps its shape (TaskLoader.input_shape)
                 out = forward(images)
                 if flip:
                     out = out + forward(torch.flip(images, dims=[3]))

@@ -29,8 +29,8 @@ from ufo.atomic import atomic_dir
 from ufo.checkpoint import Checkpoint, load_supernet, read_checkpoint, trained_path, write_failure
 from ufo.config import UfoConfig
 from ufo.errors import ExportError
-from ufo.pretrained import timm_name
 from ufo.model import SupernetViT, postprocess, subnet_args, subnet_state_dict
+from ufo.pretrained import timm_name
 
 FORMATS = ("safetensors", "onnx", "torchscript")
 FILES = {"safetensors": "model.safetensors", "onnx": "model.onnx", "torchscript": "model.torchscript.pt"}

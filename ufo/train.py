@@ -180,7 +180,7 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
                 seen = StepMean(len(tasks))
                 for _ in range(t.gradient_accumulation_steps):
                     batch, slices, counts = _next_batch(batches, held, paths, sizes, tasks, device, run.empty, gates)
-                    images, labels = _on_device(batch, slices, cfg, device, dtype)
+                    images, labels = _on_device(batch, device, dtype)
                     obs, weights, counts = micro_step(engine, images, labels, slices, weighting, world, features,
                                                       tasks, clip, counts, path_cost)
                     seen.add(obs, counts)
@@ -242,15 +242,13 @@ def _claim(out: Path, rank: int) -> RunLock:
     return lock
 
 
-def _on_device(batch: dict, slices: list[TaskSlice], cfg: UfoConfig, device,
-               dtype: torch.dtype) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
-    """The batch's images (one tensor, or one per slice when the tasks' input sizes differ) and labels."""
+def _on_device(batch: dict, device, dtype: torch.dtype) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
+    """The batch's images (one tensor, or one per slice when the tasks' input sizes differ; an empty
+    batch keeps its task's shape, `TaskLoader.input_shape`) and labels."""
     images = batch["images"]
-    if isinstance(images, list):
-        return [x.to(device=device, dtype=dtype) for x in images], batch["labels"].to(device)
-    if images.ndim != 4:  # every sample of this batch was bad
-        images = torch.zeros(0, cfg.model.in_chans, *cfg.size_of(slices[0].task))
-    return images.to(device=device, dtype=dtype), batch["labels"].to(device)
+    moved = [x.to(device=device, dtype=dtype) for x in images] if isinstance(images, list) else \
+        images.to(device=device, dtype=dtype)
+    return moved, batch["labels"].to(device)
 
 
 def tokens_per_sample(cfg: UfoConfig) -> float:

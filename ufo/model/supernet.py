@@ -74,8 +74,9 @@ def norm_layer(model: ModelConfig) -> dict[str, Any]:
 
 
 def subnet_args(cfg: UfoConfig, task: str, depth: int | None = None, mlp_ratio: float | None = None) -> dict[str, Any]:
-    """Arguments that rebuild `task`'s subnet: `VisionTransformer(**subnet_args(cfg, task))`; an elastic
-    subnet keeps the first `depth` blocks with FFNs of `mlp_ratio`."""
+    """Arguments that rebuild `task`'s subnet: `timm.create_model(architecture, **subnet_args(cfg, task))`
+    (`VisionTransformer(**...)` for a ViT with timm's LayerNorm epsilon); an elastic subnet keeps the
+    first `depth` blocks with FFNs of `mlp_ratio`; the task's input size is its own."""
     h, w = cfg.size_of(task)
     args = dict(vit_args(cfg.model), num_classes=head_out_dim(cfg.tasks[task], cfg.model.embed_dim),
                 img_size=h if h == w else [h, w])
