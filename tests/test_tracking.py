@@ -266,3 +266,9 @@ def test_the_pretrained_start_is_a_parameter_and_a_tag(tmp_path):
     assert f"pretrained: {note}" in lines
     assert run.data.tags["ufo.pretrained"] == note
     assert run.data.params["model.pretrained"] == str(tmp_path / "vit.safetensors")
+    # resuming takes the checkpoint's weights: the pretrained file is not read again, nor needed
+    (tmp_path / "vit.safetensors").unlink()
+    raw["train"]["steps"] = 2
+    lines = []
+    assert train(config_from_dict(raw, "test"), log=lines.append).step == 2
+    assert not any(line.startswith("pretrained:") for line in lines)

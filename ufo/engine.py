@@ -107,13 +107,16 @@ def param_groups(model: SupernetViT, cfg: UfoConfig) -> list[dict]:
     return list(groups.values())
 
 
-def build_engine(cfg: UfoConfig, layout: Layout, rank: int, say: Log = print) -> tuple[Any, Any, Any, list]:
+def build_engine(cfg: UfoConfig, layout: Layout, rank: int, say: Log = print,
+                 pretrained: bool = True) -> tuple[Any, Any, Any, list]:
     """This rank's supernet (the tasks it holds), optimizer, lr schedule and DeepSpeed engine.
 
     Returns (engine, scheduler, clip, group_names): `clip` is ufo's own gradient clipping for the
     loop to call between backward and step where the engine's is wrong (task_sharded under
     ZeRO-0), else None; `group_names` the supernet names of each optimizer group's parameters, in
     order (checkpoints record them: DeepSpeed's bf16 ZeRO-0 masters are stored by position only).
+    `pretrained` False skips `model.pretrained`'s weights: a resumed run takes the checkpoint's, and
+    a benchmark needs none.
     """
     deepspeed = import_deepspeed()
     t = cfg.train
@@ -128,9 +131,10 @@ def build_engine(cfg: UfoConfig, layout: Layout, rank: int, say: Log = print) ->
 
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = init_supernet(cfg, held=held, gather=gather, pretrained=False)
-        load_pretrained(model, cfg, gather, say)  # the pretrained ViT is read whole, outside zero.Init
+        if pretrained:
+            load_pretrained(model, cfg, gather, say)  # the pretrained ViT is read whole, outside zero.Init
     else:
-        model = init_supernet(cfg, held=held, say=say)
+        model = init_supernet(cfg, held=held, say=say, pretrained=pretrained)
     if t.compile:
         model.compile_blocks()
         say("train.compile: every block's attention and FFNs compiled by torch.compile (dynamic shapes; the "

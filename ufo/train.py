@@ -143,7 +143,9 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
         say(layout.describe())
 
         loader = _make_loader(cfg, layout, rank)
-        engine, scheduler, clip, group_names = build_engine(cfg, layout, rank, say)
+        # a run that resumes takes its checkpoint's weights: the pretrained ones are not read (nor needed)
+        resuming = any((out / "checkpoints").glob(f"step*/{MARKER}"))
+        engine, scheduler, clip, group_names = build_engine(cfg, layout, rank, say, pretrained=not resuming)
         policy = PathPolicy(t.path_policy, {task: cfg.path_of(task) for task in tasks}, t.seed, t.path_sample_p,
                             steps=t.steps, temperature=(t.path.temperature.start, t.path.temperature.end),
                             decide_after=t.path.decide_after, confidence=t.path.confidence)

@@ -27,7 +27,7 @@ def _checkpoint_rank(rank: int, world: int, port: int, raw: dict, directory: str
     init_distributed()
     cfg = config_from_dict(raw, "bench")
     layout = make_layout(cfg, world)
-    engine, _, _, names = build_engine(cfg, layout, rank, say=lambda _: None)
+    engine, _, _, names = build_engine(cfg, layout, rank, say=lambda _: None, pretrained=False)
     save_training_checkpoint(engine, Path(directory), 0, checkpoint_meta(cfg, layout, names), {}, rank, keep=1)
     rank_done(out, rank, {})
     leave_distributed()

@@ -54,7 +54,7 @@ def _scale_rank(rank: int, world: int, port: int, raw: dict, placement: str, ste
             engine.backward(torch.nn.functional.cross_entropy(engine(images), labels))
             engine.step()
     else:
-        engine, _, clip, _ = build_engine(cfg, layout, rank, say=lambda _: None)
+        engine, _, clip, _ = build_engine(cfg, layout, rank, say=lambda _: None, pretrained=False)
         weighting = Static(tasks, [cfg.tasks[t].weight for t in tasks])
         slices = [TaskSlice(t, cfg.path_of(t), b if t == own else 0) for t in layout.held(rank)]
 
