@@ -29,21 +29,25 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Container, Iterator, Sequence
+from typing import Any, Callable, Container, Iterator, NamedTuple, Sequence
 
 import numpy as np
+import timm
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch import nn
 
 import ufo
 from ufo.atomic import atomic_file, remove_stale
 from ufo.best import best_tags
-from ufo.config import UfoConfig, config_from_dict
+from ufo.config import ModelConfig, UfoConfig, config_from_dict
 from ufo.errors import CheckpointError
 from ufo.layout import import_deepspeed
-from ufo.model import SupernetViT, supernet_state_from_vit
+from ufo.model import SupernetViT, supernet_state_from_vit, vit_args
 from ufo.model.supernet import Gather
+from ufo.pretrained import timm_architecture, timm_name
 
 FORMAT = "ufo-supernet"
 TRAIN_FORMAT = "ufo-train-checkpoint"
@@ -80,8 +84,6 @@ def load_pretrained(model: SupernetViT, cfg: UfoConfig, gather: Gather | None = 
                     say: Callable[[str], None] | None = None) -> None:
     """`model.pretrained`'s weights into the supernet (nothing when the config names none); the source
     and what was adapted are said and kept as `model.pretrained_note`."""
-    from ufo.pretrained import pretrained_vit
-
     if not cfg.model.pretrained:
         return
     weights = pretrained_vit(cfg.model)
@@ -90,6 +92,77 @@ def load_pretrained(model: SupernetViT, cfg: UfoConfig, gather: Gather | None = 
         "".join(f"; {change}" for change in weights.changes)
     if say:
         say(f"pretrained: {model.pretrained_note}")
+
+
+class Pretrained(NamedTuple):
+    state: dict[str, torch.Tensor]  # a plain timm ViT state dict of the config's geometry
+    source: str  # where the weights came from
+    changes: list[str]  # what was adapted on the way (resampled embeddings, dropped blocks)
+
+
+def pretrained_vit(model: ModelConfig) -> Pretrained:
+    """The weights `model.pretrained` names, as a timm ViT state dict of the config's geometry."""
+    name = timm_name(model)
+    if name is None:
+        return _from_file(model, Path(model.pretrained))  # type: ignore[arg-type]
+    overlay = {"file": str(model.pretrained_file)} if model.pretrained_file else {}
+    native = timm_architecture(model.pretrained, model.in_chans)  # type: ignore[arg-type]
+    try:
+        vit = timm.create_model(model.pretrained, pretrained=True, num_classes=0, img_size=model.img_size,
+                                patch_size=model.patch_size, in_chans=model.in_chans, pretrained_cfg_overlay=overlay)
+    except Exception as e:  # timm and huggingface_hub say what is missing in many ways; one line for all
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(
+            f"model.pretrained {model.pretrained}: cannot load its weights ({type(e).__name__}: {first}); offline, "
+            "timm reads them from the Hugging Face cache (download them once where there is a network: "
+            f"timm.create_model({model.pretrained!r}, pretrained=True)) or set model.pretrained_file") from None
+    state = vit.state_dict()
+    changes = []
+    if native["img_size"] != model.img_size or native["patch_size"] != model.patch_size:
+        g0, g1 = native["img_size"] // native["patch_size"], model.img_size // model.patch_size
+        changes.append(f"position embedding resampled {g0}x{g0} -> {g1}x{g1} (timm)")
+    if native["patch_size"] != model.patch_size:
+        changes.append(f"patch embedding resampled {native['patch_size']} -> {model.patch_size} px (timm)")
+    if model.depth < native["depth"]:
+        state = {k: v for k, v in state.items()
+                 if not (k.startswith("blocks.") and int(k.split(".")[1]) >= model.depth)}
+        changes.append(f"the first {model.depth} of {native['depth']} blocks")
+    return Pretrained(state, _source(vit, model), changes)
+
+
+def _source(vit: nn.Module, model: ModelConfig) -> str:
+    if model.pretrained_file:
+        return str(model.pretrained_file)
+    cfg = vit.pretrained_cfg
+    hub = cfg.get("hf_hub_id")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        for file in ("model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin"):
+            found = try_to_load_from_cache(hub, cfg.get("hf_hub_filename") or file)
+            if isinstance(found, str):
+                return found
+        return f"hf-hub:{hub}"
+    return cfg.get("url") or cfg.get("file") or "timm"
+
+
+def _from_file(model: ModelConfig, file: Path) -> Pretrained:
+    """A plain timm ViT state dict file, adapted by timm's filter to the config's geometry."""
+    state = read_state_dict_file(file)
+    geometry = VisionTransformer(**vit_args(model), num_classes=0, weight_init="skip")
+    try:
+        adapted = checkpoint_filter_fn(state, geometry)
+    except Exception as e:  # shapes that cannot be adapted
+        raise CheckpointError(f"{file}: cannot adapt this ViT to the config's model: {e}") from None
+    changes = []
+    pos = state.get("pos_embed")
+    if pos is not None and pos.shape != adapted["pos_embed"].shape:
+        changes.append(f"position embedding resampled {pos.shape[1]} -> {adapted['pos_embed'].shape[1]} "
+                       "tokens (timm)")
+    patch = state.get("patch_embed.proj.weight")
+    if patch is not None and patch.shape != adapted["patch_embed.proj.weight"].shape:
+        changes.append(f"patch embedding resampled {patch.shape[-1]} -> {model.patch_size} px (timm)")
+    return Pretrained(adapted, str(file), changes)
 
 
 def load_vit_weights(model: SupernetViT, vit_state: dict[str, torch.Tensor], source: str,

@@ -531,7 +531,7 @@ def _check(cfg: UfoConfig, source: str, overridden: Mapping[str, str]) -> UfoCon
         return ConfigError(f"{source}: {key}: {msg}{hint}")
 
     if cfg.model.pretrained or cfg.model.pretrained_file or cfg.model.norm_eps != 1e-6:
-        from ufo.pretrained import resolve_architecture  # timm's model definitions: loaded only when named
+        from ufo.pretrained import resolve_architecture  # imports timm: a config that names no model need not
 
         try:
             cfg = cfg.model_copy(update={"model": resolve_architecture(cfg.model)})

@@ -1,13 +1,13 @@
-"""A pretrained ViT as the supernet's start (`model.pretrained`).
+"""A pretrained ViT's architecture, for the supernet's start (`model.pretrained`).
 
 A timm model name (`vit_base_patch16_224.mae`, `vit_base_patch16_clip_224.openai`,
 `vit_small_patch14_reg4_dinov2.lvd142m`) is read two ways, both timm's own:
-- its **architecture** from timm's definition of the model (`resolve_architecture`, at config
+- its **architecture** from timm's definition of the model (`resolve_architecture`, here, at config
   load: an instance on the meta device, no weights), so that the supernet is built to fit them;
-- its **weights** by timm's pretrained machinery (`pretrained_vit`): `timm.create_model(name,
-  pretrained=True)` finds them in the local Hugging Face cache (or `model.pretrained_file`), adapts
-  them with the model's own filter (CLIP and DINOv2 layouts), and resamples the position embedding
-  and the patch embedding when `model.img_size` / `model.patch_size` differ from the model's.
+- its **weights** by timm's pretrained machinery (`ufo.checkpoint.pretrained_vit`):
+  `timm.create_model(name, pretrained=True)` finds them in the local Hugging Face cache (or
+  `model.pretrained_file`), adapts them with the model's own filter (CLIP and DINOv2 layouts), and
+  resamples the position and patch embeddings when `model.img_size` / `model.patch_size` differ.
 A path instead of a name is a plain timm ViT state dict (`.safetensors`, `.pth`, `.bin`) for the
 config's own architecture (`ufo init --from-timm`).
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import timm
 import torch
@@ -28,8 +28,10 @@ from timm.layers import LayerScale, Mlp, QuickGELU
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ufo.config import ModelConfig
-from ufo.errors import CheckpointError, ConfigError
+from ufo.errors import ConfigError
+
+if TYPE_CHECKING:  # the config's model section is what this module reads; it sits below the config
+    from ufo.config import ModelConfig
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 # what may differ from the pretrained model: timm resamples the embeddings, the blocks are a prefix
@@ -117,79 +119,3 @@ def resolve_architecture(model: ModelConfig) -> ModelConfig:
         raise ConfigError(f"model.pretrained: {model.pretrained} takes {arch['img_size']} inputs; set model.img_size "
                           "(a square grid) and each task's own size (tasks.<t>.img_size)")
     return model.model_copy(update={k: v for k, v in arch.items() if k not in explicit or k not in ADAPTABLE})
-
-
-class Pretrained(NamedTuple):
-    state: dict[str, torch.Tensor]  # a plain timm ViT state dict of the config's geometry
-    source: str  # where the weights came from
-    changes: list[str]  # what was adapted on the way (resampled embeddings, dropped blocks)
-
-
-def pretrained_vit(model: ModelConfig) -> Pretrained:
-    """The weights `model.pretrained` names, as a timm ViT state dict of the config's geometry."""
-    name = timm_name(model)
-    if name is None:
-        return _from_file(model, Path(model.pretrained))  # type: ignore[arg-type]
-    overlay = {"file": str(model.pretrained_file)} if model.pretrained_file else {}
-    native = timm_architecture(model.pretrained, model.in_chans)  # type: ignore[arg-type]
-    try:
-        vit = timm.create_model(model.pretrained, pretrained=True, num_classes=0, img_size=model.img_size,
-                                patch_size=model.patch_size, in_chans=model.in_chans, pretrained_cfg_overlay=overlay)
-    except Exception as e:  # timm and huggingface_hub say what is missing in many ways; one line for all
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(
-            f"model.pretrained {model.pretrained}: cannot load its weights ({type(e).__name__}: {first}); offline, "
-            "timm reads them from the Hugging Face cache (download them once where there is a network: "
-            f"timm.create_model({model.pretrained!r}, pretrained=True)) or set model.pretrained_file") from None
-    state = vit.state_dict()
-    changes = []
-    if native["img_size"] != model.img_size or native["patch_size"] != model.patch_size:
-        g0, g1 = native["img_size"] // native["patch_size"], model.img_size // model.patch_size
-        changes.append(f"position embedding resampled {g0}x{g0} -> {g1}x{g1} (timm)")
-    if native["patch_size"] != model.patch_size:
-        changes.append(f"patch embedding resampled {native['patch_size']} -> {model.patch_size} px (timm)")
-    if model.depth < native["depth"]:
-        state = {k: v for k, v in state.items()
-                 if not (k.startswith("blocks.") and int(k.split(".")[1]) >= model.depth)}
-        changes.append(f"the first {model.depth} of {native['depth']} blocks")
-    return Pretrained(state, _source(vit, model), changes)
-
-
-def _source(vit: nn.Module, model: ModelConfig) -> str:
-    if model.pretrained_file:
-        return str(model.pretrained_file)
-    cfg = vit.pretrained_cfg
-    hub = cfg.get("hf_hub_id")
-    if hub:
-        from huggingface_hub import try_to_load_from_cache
-
-        for file in ("model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin"):
-            found = try_to_load_from_cache(hub, cfg.get("hf_hub_filename") or file)
-            if isinstance(found, str):
-                return found
-        return f"hf-hub:{hub}"
-    return cfg.get("url") or cfg.get("file") or "timm"
-
-
-def _from_file(model: ModelConfig, file: Path) -> Pretrained:
-    """A plain timm ViT state dict file, adapted by timm's filter to the config's geometry."""
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
-    from ufo.checkpoint import read_state_dict_file
-    from ufo.model import vit_args
-
-    state = read_state_dict_file(file)
-    geometry = VisionTransformer(**vit_args(model), num_classes=0, weight_init="skip")
-    try:
-        adapted = checkpoint_filter_fn(state, geometry)
-    except Exception as e:  # shapes that cannot be adapted
-        raise CheckpointError(f"{file}: cannot adapt this ViT to the config's model: {e}") from None
-    changes = []
-    pos = state.get("pos_embed")
-    if pos is not None and pos.shape != adapted["pos_embed"].shape:
-        changes.append(f"position embedding resampled {pos.shape[1]} -> {adapted['pos_embed'].shape[1]} "
-                       "tokens (timm)")
-    patch = state.get("patch_embed.proj.weight")
-    if patch is not None and patch.shape != adapted["patch_embed.proj.weight"].shape:
-        changes.append(f"patch embedding resampled {patch.shape[-1]} -> {model.patch_size} px (timm)")
-    return Pretrained(adapted, str(file), changes)
