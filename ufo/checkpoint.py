@@ -43,6 +43,7 @@ import ufo
 from ufo.atomic import atomic_file, remove_stale
 from ufo.best import best_tags
 from ufo.config import ModelConfig, UfoConfig, config_from_dict
+from ufo.ema import read_whole as read_ema
 from ufo.errors import CheckpointError
 from ufo.layout import import_deepspeed
 from ufo.model import SupernetViT, supernet_state_from_vit, vit_args
@@ -590,9 +591,7 @@ def with_ema(ckpt: Checkpoint) -> Checkpoint:
     in place of them; buffers and frozen parameters stay as saved."""
     import dataclasses
 
-    from ufo.ema import read_whole
-
-    ema = read_whole(ckpt.path)
+    ema = read_ema(ckpt.path)
     if not ema:
         raise CheckpointError(f"{ckpt.path}: no ema.safetensors (trained without train.ema)")
     return dataclasses.replace(ckpt, state_dict={k: ema.get(k, v).to(v.dtype) for k, v in ckpt.state_dict.items()})
