@@ -27,7 +27,7 @@ import random
 import re
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Container, Iterator, NamedTuple, Sequence
 
@@ -589,12 +589,10 @@ def _read_module_files(tag_dir: Path, marker: dict, cfg: UfoConfig, tasks: list[
 def with_ema(ckpt: Checkpoint) -> Checkpoint:
     """The checkpoint with the moving average of its weights (train.ema: `ema.safetensors` beside it)
     in place of them; buffers and frozen parameters stay as saved."""
-    import dataclasses
-
     ema = read_ema(ckpt.path)
     if not ema:
         raise CheckpointError(f"{ckpt.path}: no ema.safetensors (trained without train.ema)")
-    return dataclasses.replace(ckpt, state_dict={k: ema.get(k, v).to(v.dtype) for k, v in ckpt.state_dict.items()})
+    return replace(ckpt, state_dict={k: ema.get(k, v).to(v.dtype) for k, v in ckpt.state_dict.items()})
 
 
 def zero_fragments(tag_dir: Path, marker: dict, keys: Container[str]) -> Iterator[tuple[str, dict, int, Any]]:
