@@ -3,6 +3,8 @@ parts and its own task only, against one process on the union of the batches."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -244,3 +246,58 @@ def test_replicated_bf16_checkpoints_read_as_their_fp32_masters(bf16_runs, stage
         else:
             assert torch.equal(got, master), name
     assert stage or finer > len(replicas[0]) // 2  # the fp32 masters, not the bf16 weights
+
+
+# Partial FC: the face task's 20 centres split over its ranks (3 + 1: 7, 7 and 6 rows)
+PFC_CASES = [(0, 1.0), (1, 1.0), (2, 1.0), (2, 0.5)]
+
+
+def pfc_run(tmp_path, stage: int, sample_rate: float) -> dict:
+    raw = sharded_run(tmp_path, stage, (3, 1), accumulation=2, clipping=0.05 if sample_rate == 1.0 else 0.0)
+    raw["tasks"]["face"]["partial_fc"] = {"sample_rate": sample_rate}
+    return raw
+
+
+@pytest.fixture(scope="module")
+def pfc_runs(tmp_path_factory):
+    return SharedRuns(tmp_path_factory.mktemp("pfc"), lambda where, case: pfc_run(where, *case),
+                      lambda case: PFC_CASES, world=4)
+
+
+def dense(raw: dict) -> dict:
+    """The same run with the dense margin softmax head."""
+    out = copy.deepcopy(raw)
+    del out["tasks"]["face"]["partial_fc"]
+    return out
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("case", PFC_CASES, ids=lambda c: f"zero{c[0]}-rate{c[1]:g}")
+def test_partial_fc_step_equals_the_dense_head(pfc_runs, case):
+    """Each face rank holds its rows of the centres (and nothing of the others'): at sample_rate 1 the
+    step (two micro-steps, a clipping norm that bites) equals one process with the whole dense head;
+    at 0.5 a shard's rows outside the step's sample keep their values (plain SGD, no decay)."""
+    stage, rate = case
+    raw, replicas = pfc_runs.get(case)
+    cfg = config_from_dict(raw, "test")
+    layout = make_layout(cfg, 4)
+    name = "heads.face.margin.weight"
+    initial = init_params(raw)
+    expected = reference_step(dense(raw), 4, 2, start=initial)
+    shards = [replicas[r][name] for r in layout.groups["face"]]
+    assert [s.shape[0] for s in shards] == [7, 7, 6] and name not in replicas[3]
+    whole = torch.cat(shards)
+    assert torch.equal(torch.cat([initial[name][:7], initial[name][7:14], initial[name][14:]]), initial[name])
+    if rate == 1.0:
+        assert (whole - expected[name].detach()).abs().max() < 2e-5
+        for other in ("norm.weight", "blocks.0.attn.qkv.weight", "heads.face.embed.weight"):
+            for rank in layout.groups["face"]:
+                assert (replicas[rank][other] - expected[other].detach()).abs().max() < 2e-5, other
+        assert (whole - initial[name]).abs().max() > 1e-4
+    else:
+        moved = (whole - initial[name]).abs().amax(dim=1) > 0
+        for (start, count) in ((0, 7), (7, 7), (14, 6)):
+            assert moved[start:start + count].sum() >= int(rate * count)  # positives and sampled negatives
+        assert not moved.all()  # some centres sat the step out
+    ckpt = read_checkpoint(raw["train"]["out_dir"])  # the rows put back together, by ufo's centre files
+    assert torch.equal(ckpt.state_dict[name], whole)

@@ -29,7 +29,7 @@ import shutil
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Container, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Container, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import timm
@@ -66,14 +66,16 @@ class Checkpoint:
 
 def init_supernet(cfg: UfoConfig, from_timm: str | Path | None = None,
                   held: Sequence[str] | None = None, gather: Gather | None = None,
-                  say: Callable[[str], None] | None = None, pretrained: bool = True) -> SupernetViT:
+                  say: Callable[[str], None] | None = None, pretrained: bool = True,
+                  centres: Mapping[str, tuple[int, int]] | None = None) -> SupernetViT:
     """A freshly initialised supernet (seeded by `train.seed`), from `model.pretrained` when the config
     names one (or from the plain timm ViT file `from_timm`); with `held`, only those tasks' parts (the
     same values as in the whole supernet); `gather`, see `SupernetViT`. `say` hears where pretrained
     weights came from and what was adapted; `pretrained` False leaves them to `load_pretrained`
-    (ZeRO-3 builds the supernet partitioned, and the pretrained ViT must not be)."""
+    (ZeRO-3 builds the supernet partitioned, and the pretrained ViT must not be); `centres`, the rows
+    of each Partial FC task's centres to build (`ufo.layout.centres_of`)."""
     torch.manual_seed(cfg.train.seed)
-    model = SupernetViT.from_config(cfg, held, gather)
+    model = SupernetViT.from_config(cfg, held, gather, centres)
     if from_timm is not None:
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": str(from_timm)})})
     if pretrained:
@@ -557,6 +559,8 @@ def _read_module_files(tag_dir: Path, marker: dict, cfg: UfoConfig, tasks: list[
                                   f"(layer_*_expert_{names.index(task)}_mp_rank_00_model_states.pt)")
         for file in files:
             state.update({canonical_name(k): v for k, v in _load(file).items()})
+    if sharded:  # Partial FC centres: ufo's own files, a shard per rank
+        state.update({name: entry["param"] for name, entry in read_centres(tag_dir, cfg, tasks).items()})
     if marker.get("precision", "fp32") == "fp32":
         return state  # the module's weights are the fp32 weights
     untrained = untrained_names(cfg, tasks)
@@ -584,6 +588,99 @@ def _read_module_files(tag_dir: Path, marker: dict, cfg: UfoConfig, tasks: list[
                                   f"values of {key} (an incomplete copy of the checkpoint?)")
         state[key] = flat.view(tensor.shape).clone()
     return state
+
+
+CENTRES_FORMAT = "ufo-partial-fc-centres"
+
+
+def centres_file(rank: int) -> str:
+    return f"centres_rank{rank:05d}.safetensors"
+
+
+def save_centres(engine, centres: Mapping[str, nn.Parameter], tag_dir: Path, rank: int) -> None:
+    """The Partial FC centre shards a rank holds (`placement.sharded_centres`), written by that rank:
+    each one's fp32 master and optimizer state (`NAME/exp_avg`, ...), its rows in the metadata.
+    DeepSpeed's files hold none of them: its module files would give every rank the first's shard,
+    and under ZeRO-0 only each task's first rank writes its optimizer."""
+    from ufo.ds_masters import full_fp32, full_optimizer_state
+
+    tensors, rows = {}, {}
+    for name, param in centres.items():
+        tensors[name] = full_fp32(param).detach().float().cpu().contiguous()
+        for key, value in full_optimizer_state(engine, param).items():
+            tensors[f"{name}/{key}"] = value.cpu().contiguous()
+        rows[name] = list(param.ufo_rows)
+    if tensors:
+        with atomic_file(tag_dir / centres_file(rank)) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": CENTRES_FORMAT, "rows": json.dumps(rows)})
+
+
+def _centre_files(tag_dir: Path, ranks: Sequence[int] | None = None) -> Iterator[tuple[str, int, dict]]:
+    """(name, first row, {"param": weights, state key: tensor}) of every shard in a step's centre files
+    (of `ranks` only, if given)."""
+    files = sorted(tag_dir.glob("centres_rank*.safetensors")) if ranks is None else \
+        [tag_dir / centres_file(r) for r in ranks]
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                metadata = f.metadata() or {}
+                if metadata.get("format") != CENTRES_FORMAT:
+                    raise CheckpointError(f"{file}: not a ufo Partial FC centres file")
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+            rows = json.loads(metadata["rows"])
+        except (SafetensorError, OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{file}: unreadable Partial FC centres ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        for name, (start, count) in rows.items():
+            entry = {"param": tensors[name]}
+            entry.update({key.split("/", 1)[1]: t for key, t in tensors.items() if key.startswith(name + "/")})
+            if entry["param"].shape[0] != count:
+                raise CheckpointError(f"{file}: {name} holds {entry['param'].shape[0]} rows, its metadata says {count}")
+            yield name, int(start), entry
+
+
+def read_centres(tag_dir: Path, cfg: UfoConfig, tasks: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The whole centres of each Partial FC task of `tasks` from its ranks' shards: {name: {"param":
+    weights, state key: optimizer state}} (the rows put back in order; a gap is an error)."""
+    wanted = {t for t in tasks if cfg.tasks[t].partial_fc is not None}
+    pieces: dict[str, list[tuple[int, dict]]] = {}
+    for name, start, entry in _centre_files(tag_dir) if wanted else ():
+        if task_of(name) in wanted:
+            pieces.setdefault(name, []).append((start, entry))
+    out = {}
+    for task in wanted:
+        name = f"heads.{task}.margin.weight"
+        parts = sorted(pieces.get(name, []), key=lambda p: p[0])
+        covered = 0
+        for start, entry in parts:
+            if start != covered:
+                break
+            covered += entry["param"].shape[0]
+        if covered != cfg.tasks[task].num_classes or not parts:
+            raise CheckpointError(f"{tag_dir}: its centre files ({centres_file(0).replace('00000', 'NNNNN')}) hold "
+                                  f"rows 0-{covered} of the {cfg.tasks[task].num_classes} of {name} (an incomplete copy "
+                                  "of the checkpoint?)")
+        keys = set.intersection(*(set(entry) for _, entry in parts))
+        out[name] = {key: torch.cat([entry[key] for _, entry in parts]) for key in keys}
+    return out
+
+
+def load_centres(engine, centres: Mapping[str, nn.Parameter], tag_dir: Path, rank: int) -> None:
+    """A rank's own centre shards back from the step it wrote (resuming on the same ranks): weights
+    (fp32 masters and working copies) and optimizer state."""
+    from ufo.ds_masters import set_full_fp32, set_full_optimizer_state
+
+    if not centres:
+        return
+    saved = {name: (start, entry) for name, start, entry in _centre_files(tag_dir, [rank])}
+    for name, param in centres.items():
+        if name not in saved or (saved[name][0], saved[name][1]["param"].shape[0]) != tuple(param.ufo_rows):
+            raise CheckpointError(f"{tag_dir / centres_file(rank)}: does not hold rows {param.ufo_rows} of {name}")
+        entry = saved[name][1]
+        value = entry["param"].to(param.device)
+        with torch.no_grad():
+            param.copy_(value.to(param.dtype))
+        set_full_fp32(param, value)
+        set_full_optimizer_state(engine, param, {k: v for k, v in entry.items() if k != "param"})
 
 
 def with_ema(ckpt: Checkpoint) -> Checkpoint:

@@ -95,6 +95,15 @@ class TripletConfig(Section):
     norm_feat: bool = False  # cosine distances of L2-normalized embeddings instead of Euclidean ones
 
 
+class PartialFcConfig(Section):
+    """Partial FC (InsightFace arcface_torch's PartialFC_V2): a margin softmax task's class centres
+    split over its ranks, the softmax normalised across the shards, negatives sampled."""
+
+    # the share of each rank's centres a step computes logits for: every positive (a class in the
+    # step's batch of the task's ranks), then random negatives up to int(sample_rate * shard rows)
+    sample_rate: float = Field(1.0, gt=0, le=1)
+
+
 class TaskConfig(Section):
     """One learning problem: its kind, classes, loss weight, path, head and data."""
 
@@ -115,6 +124,9 @@ class TaskConfig(Section):
     # the embedding before it, the ID loss and the deployed embedding after it (folded into the
     # subnet's head at export)
     neck: Literal["none", "bnneck"] = "none"
+    # retrieval: the margin softmax's centres sharded over the task's ranks (train.layout task_parallel,
+    # placement task_sharded); see PartialFcConfig
+    partial_fc: PartialFcConfig | None = None
     # training batches: `random` (shuffled samples), or `pk`: P identities x K (`instances`) samples each,
     # P = the micro-batch / K (fast-reid's identity sampler; `ufo/data/sampler.py`)
     sampler: Literal["random", "pk"] = "random"
@@ -623,6 +635,19 @@ def _check(cfg: UfoConfig, source: str, overridden: Mapping[str, str]) -> UfoCon
             if bad or not task.eval_shards:
                 raise fail(f"{key}.eval_shards", f"eval set names are lower-case letters, digits and _, "
                                                  f"starting with a letter; got {bad[0] if bad else 'none'!r}")
+        if task.partial_fc is not None:
+            if task.kind != "retrieval" or not task.id_loss_weight:
+                raise fail(f"{key}.partial_fc", "shards a margin softmax's class centres: for retrieval tasks with "
+                                                "the ID loss on (id_loss_weight > 0)")
+            if cfg.train.layout == "mixed" or cfg.train.placement == "replicated":
+                which = "train.layout" if cfg.train.layout == "mixed" else "train.placement"
+                raise fail(f"{key}.partial_fc", f"shards the centres over the task's own ranks: needs train.layout "
+                                                f"task_parallel and train.placement task_sharded (or auto), not "
+                                                f"{getattr(cfg.train, which.split('.')[1])}", related=which)
+            why = sharding_unsupported(cfg)
+            if why:
+                raise fail(f"{key}.partial_fc", f"needs train.placement task_sharded, not possible here: {why}",
+                           related="deepspeed.zero_stage")
         if task.kind == "retrieval" and task.margin == "arcface" and task.margin_value >= 3.14159:
             raise fail(f"{key}.margin_value", "an ArcFace margin is an angle in radians below pi")
         tasks[name] = task.model_copy(update={"path": path})

@@ -65,3 +65,32 @@ def set_full_fp32(param: torch.nn.Parameter, value: torch.Tensor) -> None:
     else:
         with torch.no_grad():
             param.copy_(value)
+
+
+def full_optimizer_state(engine, param: torch.nn.Parameter) -> dict[str, torch.Tensor]:
+    """A parameter's whole fp32 optimizer state by key (Adam's moments, SGD's momentum); {} before the
+    first step. ZeRO 1/2: through DeepSpeed's fragment map (every rank holding a part takes part);
+    fp32 without ZeRO: the torch optimizer's own."""
+    if hasattr(param, "_hp_mapping"):
+        mapping = param._hp_mapping
+        keys = mapping.get_optim_state_keys() if mapping is not None and mapping.optim_fragment else []
+        return {key: param.get_full_hp_param(key).detach().float().clone() for key in keys}
+    state = engine.optimizer.state.get(param, {})
+    return {k: v.detach().float().clone() for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0}
+
+
+def set_full_optimizer_state(engine, param: torch.nn.Parameter, state: dict[str, torch.Tensor]) -> None:
+    """Write a parameter's whole optimizer state (each rank keeps its part); keys it has no state for
+    yet (before the first step) are created only without ZeRO, as the torch optimizer creates them."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    if hasattr(param, "_hp_mapping"):
+        mapping = param._hp_mapping
+        have = set(mapping.get_optim_state_keys()) if mapping is not None and mapping.optim_fragment else set()
+        for key, value in state.items():
+            if key in have:
+                safe_set_full_optimizer_state(param, value.to(param.device).float(), key)
+        return
+    own = engine.optimizer.state[param]
+    for key, value in state.items():
+        own[key] = value.to(param.device, param.dtype).clone().view(param.shape)

@@ -12,7 +12,7 @@ import torch
 from ufo.checkpoint import canonical_name, init_supernet, load_pretrained, load_supernet, read_checkpoint
 from ufo.config import UfoConfig
 from ufo.errors import ConfigError
-from ufo.layout import Layout, import_deepspeed
+from ufo.layout import Layout, centres_of, import_deepspeed, own_group
 from ufo.model import SupernetViT
 
 Log = Callable[[str], None]
@@ -133,8 +133,9 @@ def build_engine(cfg: UfoConfig, layout: Layout, rank: int, say: Log = print,
             model = init_supernet(cfg, held=held, gather=gather, pretrained=False)
         if pretrained:
             load_pretrained(model, cfg, gather, say)  # the pretrained ViT is read whole, outside zero.Init
-    else:
-        model = init_supernet(cfg, held=held, say=say, pretrained=pretrained)
+    else:  # a Partial FC task's centres: only this rank's rows are ever made
+        model = init_supernet(cfg, held=held, say=say, pretrained=pretrained,
+                              centres=centres_of(cfg, layout, rank) if layout.placement == "task_sharded" else None)
     if t.compile:
         model.compile_blocks()
         say("train.compile: every block's attention and FFNs compiled by torch.compile (dynamic shapes; the "
@@ -143,6 +144,10 @@ def build_engine(cfg: UfoConfig, layout: Layout, rank: int, say: Log = print,
     if layout.placement == "task_sharded":
         from ufo import placement  # imports DeepSpeed's MoE modules: only runs that shard pay for it
 
+        if any(task.partial_fc is not None for task in cfg.tasks.values()):
+            # every rank makes its group of one at the same point (each creation advances torch's
+            # group counter, which names the groups made after it)
+            own_group()
         model = placement.shard_model(model, layout)
     groups = param_groups(model, cfg)
     if layout.placement == "task_sharded":
@@ -150,6 +155,12 @@ def build_engine(cfg: UfoConfig, layout: Layout, rank: int, say: Log = print,
         ds_config, clip = placement.engine_config(ds_config, model, layout, t.gradient_clipping)
         say(f"task_sharded: rank {rank} holds {sum(p.numel() for p in model.parameters()):,} parameters "
             f"(shared + {', '.join(held)})")
+        for name, param in placement.sharded_centres(model).items():
+            start, count = param.ufo_rows
+            task = name.split(".")[1]
+            say(f"partial_fc: rank {rank} holds centres {start:,}-{start + count - 1:,} of {cfg.tasks[task].num_classes:,} "
+                f"of {task} ({count * param.shape[1] * 4 / 2**20:,.1f} MiB fp32), sample_rate "
+                f"{cfg.tasks[task].partial_fc.sample_rate:g}")
     if t.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
     else:
@@ -159,4 +170,6 @@ def build_engine(cfg: UfoConfig, layout: Layout, rank: int, say: Log = print,
     group_names = [[name_of[id(p)] for p in g["params"]] for g in optimizer.param_groups]
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)
+    if layout.placement == "task_sharded":
+        placement.fix_zero_norm(engine)
     return engine, scheduler, clip, group_names

@@ -59,6 +59,11 @@ def make_layout(cfg: UfoConfig, world_size: int, kind: LayoutKind | None = None)
     if kind == "auto":
         kind = "task_parallel" if world_size >= len(tasks) else "mixed"
     if kind == "mixed":
+        sharded = [t for t, c in tasks.items() if c.partial_fc is not None]
+        if sharded:
+            raise ConfigError(f"tasks.{sharded[0]}.partial_fc: shards the class centres over the task's own ranks, but "
+                              f"this run is mixed ({world_size} rank{'s' if world_size > 1 else ''} for {len(tasks)} "
+                              "tasks); launch at least one rank per task (train.layout task_parallel)")
         if cfg.train.placement == "task_sharded":
             raise ConfigError("train.placement: task_sharded needs train.layout task_parallel (one task per rank), "
                               f"but this run is mixed ({world_size} ranks for {len(tasks)} tasks)")
@@ -74,6 +79,19 @@ def make_layout(cfg: UfoConfig, world_size: int, kind: LayoutKind | None = None)
         start += n
     placement, note = placement_for(cfg)
     return Layout("task_parallel", world_size, groups, placement, note)
+
+
+def centre_rows(num_classes: int, shards: int, index: int) -> tuple[int, int]:
+    """The class centres (start, count) of Partial FC shard `index` of `shards`: num_classes // shards
+    each, the first num_classes % shards one more (arcface_torch's split)."""
+    base, extra = divmod(num_classes, shards)
+    return index * base + min(index, extra), base + (index < extra)
+
+
+def centres_of(cfg: UfoConfig, layout: Layout, rank: int) -> dict[str, tuple[int, int]]:
+    """The centres a rank holds of each Partial FC task it serves (its place in the task's ranks)."""
+    return {task: centre_rows(cfg.tasks[task].num_classes, layout.group_size(task), layout.rank_in_group(task, rank))
+            for task in layout.tasks_of(rank) if cfg.tasks[task].partial_fc is not None}
 
 
 def placement_for(cfg: UfoConfig) -> tuple[Placement, str]:
@@ -170,6 +188,7 @@ def _deepspeed_joined(deepspeed) -> bool:
 
 
 _task_groups: dict[tuple, dict] = {}
+_own_group: list = []
 
 
 def task_groups(layout: Layout) -> dict:
@@ -182,6 +201,16 @@ def task_groups(layout: Layout) -> dict:
     return _task_groups[key]
 
 
+def own_group():
+    """A process group of this rank alone, made once by this rank only (Partial FC's centre shards
+    are reduced with no other rank)."""
+    import torch.distributed as dist
+
+    if not _own_group:
+        _own_group.append(dist.new_group([dist.get_rank()], use_local_synchronization=True))
+    return _own_group[0]
+
+
 def leave_distributed() -> None:
     """Leave the process group before the process exits: left to interpreter exit, gloo's threads
     can abort a rank ("terminate called without an active exception", seen under srun)."""
@@ -191,6 +220,7 @@ def leave_distributed() -> None:
         dist.barrier()
         dist.destroy_process_group()
     _task_groups.clear()
+    _own_group.clear()
 
 def slurm_ranks(env: Mapping[str, str]) -> dict[str, str]:
     """The launcher variables of a rank that `srun` started as one task of a job step.

@@ -16,7 +16,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ufo.errors import ConfigError
-from ufo.layout import Layout, import_deepspeed, task_groups
+from ufo.layout import Layout, centre_rows, import_deepspeed, own_group, task_groups
+from ufo.model.heads import PartialFC
 
 DEEPSPEED_VERSION = "0.19.8"
 
@@ -36,6 +37,20 @@ def check_engine_version() -> None:
 def group_name(layout: Layout) -> str:
     # DeepSpeed parses the size out of the name (utils/groups.py, _get_max_expert_size)
     return f"ep_size_{len(layout.groups)}"
+
+
+def centres_group_name(layout: Layout) -> str:
+    """The expert group of Partial FC's centre shards, each reduced with no other rank. DeepSpeed reads
+    the size after `ep_size_`: the same as the tasks' group's, which stays the largest (the one whose
+    ranks write the optimizer files of ZeRO-0)."""
+    return f"{group_name(layout)}_partial_fc"
+
+
+def _fill_centres_group(layout: Layout) -> None:
+    """This rank alone as the centres' expert-data-parallel group (made by this rank only)."""
+    name, group = centres_group_name(layout), own_group()
+    ds_groups._EXPERT_DATA_PARALLEL_GROUP[name] = group
+    ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = [dist.get_rank()]
 
 
 def _fill_engine_groups(layout: Layout) -> None:
@@ -90,6 +105,8 @@ class TaskExpert(MoE):
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         _fill_engine_groups(self._layout)  # called by the engine on every module that has it
+        if any(isinstance(m, PartialFC) for m in self.inner.modules()):
+            _fill_centres_group(self._layout)
 
     @property
     def inner(self) -> nn.Module:
@@ -117,10 +134,37 @@ def shard_model(model: nn.Module, layout: Layout) -> nn.Module:
         for block in model.blocks:
             if task in block.mlp.task:  # (model.ffns: on_path builds it only where the task's path takes T)
                 block.mlp.task[task] = TaskExpert(block.mlp.task[task], layout)
+        margin = getattr(model.heads[task], "margin", None)
         model.heads[task] = TaskExpert(model.heads[task], layout)
+        if isinstance(margin, PartialFC):
+            shard_centres(margin, task, layout)
         if model.path_logits is not None:  # a learned path is the task's own, reduced among its ranks
             model.path_logits[task] = TaskExpert(model.path_logits[task], layout)
     return model
+
+
+def shard_centres(margin: PartialFC, task: str, layout: Layout) -> None:
+    """Make a Partial FC head this rank's shard of the task's centres (sliced from a whole matrix, as
+    `train.init` loads one), reduced with no other rank, gathering over the task's ranks."""
+    rank = dist.get_rank()
+    start, count = centre_rows(margin.num_classes, layout.group_size(task), layout.rank_in_group(task, rank))
+    if (margin.start, margin.count) != (start, count):
+        if margin.count != margin.num_classes:
+            raise ValueError(f"task {task}: centres {margin.start}+{margin.count} are neither whole nor this rank's")
+        margin.weight = nn.Parameter(margin.weight.detach()[start:start + count].clone())
+        margin.start, margin.count = start, count
+    margin.group = task_groups(layout)[task] if layout.group_size(task) > 1 else None
+    margin.sharded = True  # ufo writes the shard (ufo.checkpoint.save_centres), not DeepSpeed's module files
+    margin.weight.allreduce = False
+    margin.weight.group_name = centres_group_name(layout)
+    margin.weight.ufo_rows = (start, count)
+
+
+def sharded_centres(model: nn.Module) -> dict[str, nn.Parameter]:
+    """A task-sharded rank's Partial FC centre shards by supernet name (`ufo_rows`: their rows)."""
+    from ufo.checkpoint import canonical_name
+
+    return {canonical_name(n): p for n, p in model.named_parameters() if hasattr(p, "ufo_rows")}
 
 
 def optimizer_groups(groups: list[dict]) -> list[dict]:
@@ -156,6 +200,37 @@ def engine_config(config: dict, model: nn.Module, layout: Layout, max_norm: floa
     return config, None
 
 
+def _reduced_over(param: nn.Parameter) -> int:
+    """0: the world's parameter, 1: a task's, 2: one rank's (Partial FC centres)."""
+    if getattr(param, "allreduce", True):
+        return 0
+    return 2 if hasattr(param, "ufo_rows") else 1
+
+
+def fix_zero_norm(engine) -> None:
+    """ZeRO 1/2's gradient norm for clipping (stage_1_and_2.py, `scaled_global_norm`) all-reduces once
+    per optimizer group over the world, pairing the ranks' groups by position: a Partial FC rank's
+    centres are a group of their own (reduced with no other rank), so its groups no longer pair with
+    the other tasks' ranks'. ufo's norm: the squares of every rank's gradient partitions (each value
+    is in exactly one rank's partition: a shared or task parameter's partitions split it over the
+    world or the task's ranks, a centre shard is its rank's alone) summed in one all-reduce."""
+    optimizer = engine.optimizer
+    if not hasattr(optimizer, "averaged_gradients"):
+        return  # no ZeRO 1/2 optimizer: ZeRO-0 clips with `clip_grad_norm`
+
+    def scaled_global_norm(norm_type: int = 2) -> torch.Tensor:
+        total = torch.zeros(1, dtype=torch.float32, device=_device())
+        for i in range(len(optimizer.bit16_groups)):
+            for grad in optimizer.averaged_gradients.get(i) or []:
+                if grad is not None and not getattr(grad, "_zero_padding", False):
+                    total += grad.detach().float().pow(2).sum().to(total.device)
+        dist.all_reduce(total)
+        norm = total.sqrt()[0].to(optimizer.device)
+        return torch.where(torch.isfinite(norm), norm, torch.full_like(norm, float("inf")))
+
+    optimizer.scaled_global_norm = scaled_global_norm
+
+
 def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
@@ -166,12 +241,13 @@ def clip_grad_norm(model: nn.Module, max_norm: float, layout: Layout) -> float:
     each task's (the same on its ranks) once. DeepSpeed's ZeRO-0 clipping averages the ranks'
     local norms (runtime/utils.py, clip_grad_norm_), which is wrong once ranks hold other tasks."""
     (task,) = layout.tasks_of(dist.get_rank())
-    grads = [(p.grad, getattr(p, "allreduce", True)) for p in model.parameters() if p.grad is not None]
+    grads = [(p.grad, _reduced_over(p)) for p in model.parameters() if p.grad is not None]
     device = grads[0][0].device if grads else _device()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for grad, shared in grads:
-        total[0 if shared else 1] += grad.detach().double().pow(2).sum()
-    # every rank holds the shared gradient, each of a task's ranks that task's: count each once
+    total = torch.zeros(3, dtype=torch.float64, device=device)
+    for grad, where in grads:
+        total[where] += grad.detach().double().pow(2).sum()
+    # every rank holds the shared gradient, each of a task's ranks that task's, a rank alone its
+    # Partial FC centres': count each once
     total[0] /= layout.world_size
     total[1] /= layout.group_size(task)
     dist.all_reduce(total)

@@ -37,6 +37,7 @@ from ufo.checkpoint import (
     _load,
     _only,
     canonical_name,
+    read_centres,
     read_checkpoint,
     read_rank_state,
     safe_load,
@@ -64,6 +65,9 @@ def read_portable(tag_dir: Path, marker: dict, cfg: UfoConfig, tasks: list[str])
         states, step = _read_torch_optimizers(tag_dir, marker, cfg, tasks)
     else:
         states, step = _read_zero_partitions(tag_dir, marker, cfg, weights)
+    if marker.get("placement") == "task_sharded":  # Partial FC centres: their ranks' own files, whole
+        states.update({name: {k: v for k, v in entry.items() if k != "param"}
+                       for name, entry in read_centres(tag_dir, cfg, tasks).items()})
     return {name: {"param": value, **states.get(name, {})} for name, value in weights.items()}, step
 
 
@@ -181,6 +185,9 @@ def load_portable(engine, portable: dict, step: int, cfg: UfoConfig, layout: Lay
         if entry is None:
             missing.append(key)
             continue
+        if hasattr(param, "ufo_rows"):  # a Partial FC rank's centres: its rows of the whole
+            start, count = param.ufo_rows
+            entry = {k: v[start:start + count] for k, v in entry.items()}
         value = entry["param"]
         if not param.requires_grad:  # frozen: no master weights, no optimizer state
             with torch.no_grad():

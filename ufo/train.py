@@ -41,8 +41,10 @@ from ufo.checkpoint import (
     check_step_files,
     clean_checkpoints,
     find_training_checkpoint,
+    load_centres,
     read_rank_state,
     rng_state,
+    save_centres,
     save_training_checkpoint,
     set_rng_state,
     task_of,
@@ -352,11 +354,17 @@ def _save(run: _Run, step: int, better: dict[str, tuple[str, float]] | None = No
              "weighting": {"name": run.weighting.name, "state": run.weighting.state_dict()},
              "param_groups": run.group_names,  # what resuming on other ranks matches by name
              "bad_data": _bad_data(run), "ema": run.ema.state_dict() if run.ema else None}
-    extra: Callable[[Path], None] | None = None
-    if run.ema:  # the whole average by name (export --ema, resume elsewhere), assembled by every rank
+    centres = _centres(run)
+    writers: list[Callable[[Path], None]] = []
+    if run.ema:  # the whole average by name (export --ema, resume elsewhere), assembled by every rank;
+        # Partial FC centre shards' averages stay in the ranks' partitions (nothing deploys or evaluates them)
         names = {id(p): canonical_name(n) for n, p in run.engine.module.named_parameters()}
-        whole = run.ema.whole(run.engine, names, keep=lambda name: _ema_writer(run.layout, name) == run.rank)
-        extra = partial(save_whole, whole, ema_file_of(run.rank))
+        whole = run.ema.whole(run.engine, names,
+                              keep=lambda name: _ema_writer(run.layout, name) == run.rank and name not in centres)
+        writers.append(partial(save_whole, whole, ema_file_of(run.rank)))
+    if centres:  # each rank's shards of the Partial FC tasks' centres (DeepSpeed's files do not hold them)
+        writers.append(partial(save_centres, run.engine, centres, rank=run.rank))
+    extra = (lambda where: [write(where) for write in writers]) if writers else None
     meta = {**checkpoint_meta(run.cfg, run.layout, run.group_names),
             "path_policy": run.policy.state_dict(), "weighting": run.weighting.name,
             "mlflow_run_id": run.tracker.run_id if run.tracker else None,
@@ -448,6 +456,7 @@ def _resume(run: _Run) -> tuple[int, Path | None]:
              {t: list(r) for t, r in marker.get("layout_groups", {}).items()})
     if saved == (world, layout.placement, {t: list(r) for t, r in layout.groups.items()}):
         run.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=True)
+        load_centres(run.engine, _centres(run), tag_dir, rank)
         state = read_rank_state(tag_dir, rank)
         set_rng_state(state["rng"])
         if run.ema and not run.ema.load_state_dict(state.get("ema") or {}):
@@ -486,6 +495,15 @@ def _resume(run: _Run) -> tuple[int, Path | None]:
     step = int(state["step"])
     run.say(f"resumed from {tag_dir} at step {step}")
     return step, tag_dir
+
+
+def _centres(run: _Run) -> dict:
+    """This rank's Partial FC centre shards by name (none unless task_sharded)."""
+    if run.layout.placement != "task_sharded":
+        return {}
+    from ufo.placement import sharded_centres
+
+    return sharded_centres(run.engine.module)
 
 
 def _ema_writer(layout: Layout, name: str) -> int:

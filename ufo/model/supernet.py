@@ -20,7 +20,7 @@ from torch import nn
 
 from ufo.config import ModelConfig, TaskConfig, UfoConfig, ffns_on_path
 from ufo.model.ffn import SHARED, MultiPathFFN, Route
-from ufo.model.heads import MarginSoftmax, build_head, fold_bnneck, head_out_dim
+from ufo.model.heads import MarginSoftmax, PartialFC, build_head, fold_bnneck, head_out_dim
 from ufo.model.paths import OPEN, PathLogits
 
 
@@ -130,12 +130,14 @@ class SupernetViT(VisionTransformer):
     task): a task-sharded rank holds the shared parts and its own task only. `paths` (default
     None: every FFN) builds only the FFNs on these paths (`ffn_plan`). What is not built is never
     allocated, and every parameter starts with the same values whatever else the instance holds:
-    each module is initialised from a seed of its own, drawn from one seed and its name.
+    each module is initialised from a seed of its own, drawn from one seed and its name. `centres`
+    (task -> (start, count)): the rows of a Partial FC task's class centres this instance holds.
     """
 
     def __init__(self, tasks: Mapping[str, TaskConfig], task_ffn_init: str = "copy_shared",
                  held: Sequence[str] | None = None, gather: Gather | None = None,
-                 paths: Mapping[str, str] | None = None, learned: bool = False, **vit_kwargs):
+                 paths: Mapping[str, str] | None = None, learned: bool = False,
+                 centres: Mapping[str, tuple[int, int]] | None = None, **vit_kwargs):
         held = tuple(tasks) if held is None else tuple(t for t in tasks if t in held)
         seed = int(torch.randint(0, 2**62, (), device="cpu"))  # one draw, whatever this instance holds
         plan = iter(ffn_plan(tuple(tasks), held, paths, vit_kwargs.get("depth", 12)))
@@ -154,7 +156,8 @@ class SupernetViT(VisionTransformer):
         self.task_kinds = {name: task.kind for name, task in tasks.items()}
         self.held = held
         self.paths = None if paths is None else {t: paths[t] for t in tasks}
-        self.heads = nn.ModuleDict({name: build_head(tasks[name], self.embed_dim) for name in held})
+        self.heads = nn.ModuleDict({name: build_head(tasks[name], self.embed_dim, (centres or {}).get(name))
+                                    for name in held})
         # train.path_policy learned: each held task's path logits (zeros: both choices equal at the start)
         self.path_logits = nn.ModuleDict({name: PathLogits(len(self.blocks)) for name in held}) if learned else None
         self.path_probs: dict[str, torch.Tensor] = {}  # the latest forward's softmax(logits), with their gradient
@@ -204,15 +207,17 @@ class SupernetViT(VisionTransformer):
                 if isinstance(module, nn.Linear):
                     nn.init.trunc_normal_(module.weight, std=0.02)
                     nn.init.zeros_(module.bias)
+                elif isinstance(module, PartialFC):
+                    module.init_rows(lambda block: _seed_of(seed, f"heads.{task}.{name}.{block}"))
                 elif isinstance(module, MarginSoftmax):
                     nn.init.normal_(module.weight, std=0.02)
 
     @classmethod
-    def from_config(cls, cfg: UfoConfig, held: Sequence[str] | None = None,
-                    gather: Gather | None = None) -> "SupernetViT":
+    def from_config(cls, cfg: UfoConfig, held: Sequence[str] | None = None, gather: Gather | None = None,
+                    centres: Mapping[str, tuple[int, int]] | None = None) -> "SupernetViT":
         paths = {t: cfg.path_of(t) for t in cfg.tasks} if ffns_on_path(cfg) else None
         model = cls(cfg.tasks, task_ffn_init=cfg.model.task_ffn_init, held=held, gather=gather, paths=paths,
-                   learned=cfg.train.path_policy == "learned", drop_path_rate=cfg.model.drop_path_rate,
+                   centres=centres, learned=cfg.train.path_policy == "learned", drop_path_rate=cfg.model.drop_path_rate,
                    dynamic_img_size=cfg.dynamic_size(), **vit_args(cfg.model), **norm_layer(cfg.model))
         model.checkpoint_every = cfg.train.activation_checkpointing
         return model
