@@ -301,3 +301,65 @@ def test_partial_fc_step_equals_the_dense_head(pfc_runs, case):
         assert not moved.all()  # some centres sat the step out
     ckpt = read_checkpoint(raw["train"]["out_dir"])  # the rows put back together, by ufo's centre files
     assert torch.equal(ckpt.state_dict[name], whole)
+
+
+def spawn(raw: dict, where, world: int) -> list[dict]:
+    """Train `raw` on `world` in-process ranks; every rank's parameters and centre optimizer state."""
+    import os
+
+    import torch.multiprocessing as mp
+
+    from test_train import _rank_main
+
+    port = 29000 + (os.getpid() + 7 * world + len(str(where))) % 1000
+    mp.start_processes(_rank_main, args=(world, port, raw, str(where)), nprocs=world, start_method="spawn")
+    return [(torch.load(where / f"params{r}.pt"), torch.load(where / f"centre_states{r}.pt")) for r in range(world)]
+
+
+@pytest.mark.dist
+def test_partial_fc_resumes_exactly_and_on_other_ranks_and_exports(tmp_path):
+    """Adam under ZeRO-0, where DeepSpeed writes one optimizer file per task: face on 3 ranks with
+    sampled negatives and an EMA. Resumed from its step-2 checkpoint on the same ranks it ends bit
+    for bit where the straight run does (centres, their Adam moments, the sampling's RNG); resumed
+    on 2 face ranks the centres and their moments are re-split by rows; the face subnet exports."""
+    import shutil
+
+    from ufo.checkpoint import read_centres
+    from ufo.export import export_all_tasks
+
+    raw = sharded_run(tmp_path, 0, (3, 1), steps=4, checkpoint_every=2, keep_checkpoints=5, optimizer="adamw",
+                      lr=0.01, weight_decay=0.05, ema={"decay": 0.9})
+    raw["tasks"]["face"]["partial_fc"] = {"sample_rate": 0.5}
+    straight = spawn(raw, tmp_path / "straight", 4)
+    out = raw["train"]["out_dir"]
+    step2 = tmp_path / "run" / "checkpoints" / "step00000002"
+    assert sorted(p.name for p in step2.glob("centres_rank*")) == [f"centres_rank0000{r}.safetensors" for r in range(3)]
+    saved = read_centres(step2, config_from_dict(raw, "test"), ["face"])["heads.face.margin.weight"]
+    assert set(saved) == {"param", "exp_avg", "exp_avg_sq"} and saved["param"].shape == (20, 24)
+
+    shutil.copytree(out, tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step00000004")
+    resumed = spawn({**raw, "train": {**raw["train"], "out_dir": str(tmp_path / "cut")}}, tmp_path / "resumed", 4)
+    for rank, ((want, want_states), (got, got_states)) in enumerate(zip(straight, resumed)):
+        assert set(want) == set(got)
+        for name in want:
+            assert torch.equal(want[name], got[name]), f"{name} on rank {rank}"
+        for name, states in want_states.items():
+            for key in states:
+                assert torch.equal(states[key], got_states[name][key]), f"{name} {key} on rank {rank}"
+
+    shutil.copytree(out, tmp_path / "moved")
+    shutil.rmtree(tmp_path / "moved" / "checkpoints" / "step00000004")
+    moved = copy.deepcopy(raw)
+    moved["train"].update(out_dir=str(tmp_path / "moved"), steps=2)  # already trained: the state as resumed
+    moved["tasks"]["face"]["ranks"] = 2
+    ranks = spawn(moved, tmp_path / "moved-ranks", 3)
+    name = "heads.face.margin.weight"
+    for rank, (start, count) in ((0, (0, 10)), (1, (10, 10))):
+        params, states = ranks[rank]
+        assert torch.equal(params[name], saved["param"][start:start + count])
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(states[name][key], saved[key][start:start + count]), key
+
+    export_all_tasks(out, tmp_path / "subnets", log=lambda _: None)  # the head stays behind, the embedding goes
+    assert (tmp_path / "subnets" / "face" / "model.safetensors").is_file()

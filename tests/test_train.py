@@ -74,6 +74,12 @@ def _rank_main(rank: int, world: int, port: int, raws: dict | list[dict], out: s
             params[canonical_name(name)] = buffer.detach().clone()
         torch.save(params, where / f"params{rank}.pt")
         torch.save(result.weighting.state_dict(), where / f"weighting{rank}.pt")
+        if result.engine.optimizer is not None:  # Partial FC centre shards' optimizer state (test_placement)
+            from ufo.ds_masters import full_optimizer_state
+
+            torch.save({canonical_name(n): full_optimizer_state(result.engine, p)
+                        for n, p in result.engine.module.named_parameters() if hasattr(p, "ufo_rows")},
+                       where / f"centre_states{rank}.pt")
     leave()  # once: DeepSpeed keeps its groups of the first run for the next ones
 
 

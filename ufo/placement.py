@@ -170,10 +170,17 @@ def sharded_centres(model: nn.Module) -> dict[str, nn.Parameter]:
 def optimizer_groups(groups: list[dict]) -> list[dict]:
     """Optimizer groups with the expert parameters in groups of their own (named for DeepSpeed)."""
     named = [{**g, "name": f"group{i}"} for i, g in enumerate(groups)]
+    position = {id(p): k for k, p in enumerate(p for g in groups for p in g["params"])}
     split = split_params_into_different_moe_groups_for_optimizer(named, max_group_size=None)
+    # DeepSpeed makes the expert groups in the order of a set of group names, which differs between
+    # processes once there are two (Partial FC's centres): put them in the order of their parameters
+    # (ranks of a task, and a resumed run, must have the same groups in the same order)
+    shared = [g for g in split if not g.get("moe")]
+    experts = sorted((g for g in split if g.get("moe") and g["params"]),
+                     key=lambda g: (position[id(g["params"][0])], g["name"]))
     # a group whose parameters are all experts (a learned path's logits) is left empty: DeepSpeed
     # drops empty groups, and the lr schedule must see the groups the engine keeps
-    return [g for g in split if g["params"]]
+    return [g for g in shared if g["params"]] + experts
 
 
 def engine_config(config: dict, model: nn.Module, layout: Layout, max_norm: float) -> tuple[dict, Any]:

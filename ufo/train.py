@@ -455,7 +455,9 @@ def _resume(run: _Run) -> tuple[int, Path | None]:
     saved = (marker["world_size"], marker.get("placement", "replicated"),
              {t: list(r) for t, r in marker.get("layout_groups", {}).items()})
     if saved == (world, layout.placement, {t: list(r) for t, r in layout.groups.items()}):
+        own_lrs = list(run.engine.lr_scheduler.base_lrs)
         run.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=True)
+        _own_schedule(run.engine.lr_scheduler, own_lrs)
         load_centres(run.engine, _centres(run), tag_dir, rank)
         state = read_rank_state(tag_dir, rank)
         set_rng_state(state["rng"])
@@ -495,6 +497,18 @@ def _resume(run: _Run) -> tuple[int, Path | None]:
     step = int(state["step"])
     run.say(f"resumed from {tag_dir} at step {step}")
     return step, tag_dir
+
+
+def _own_schedule(scheduler, base_lrs: list[float]) -> None:
+    """DeepSpeed restores every rank's lr schedule from rank 0's file: under task_sharded a rank whose
+    task has other optimizer groups (a Partial FC rank's centres, another task's lr scales) keeps its
+    own base lrs, at the restored step."""
+    scheduler.base_lrs = base_lrs
+    scheduler.lr_lambdas = scheduler.lr_lambdas[:1] * len(base_lrs)
+    lrs = [base * scheduler.lr_lambdas[0](scheduler.last_epoch) for base in base_lrs]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 def _centres(run: _Run) -> dict:
