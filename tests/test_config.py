@@ -177,6 +177,14 @@ def test_ffns_on_path_follows_the_path_policy(tiny_config_file):
                                         "(from --set tasks.person.img_size=[16, 6])"),
     (["tasks.person.img_size=[16, 8, 4]"], "tasks.person.img_size"),
     (["train.compile=true", "deepspeed.zero_stage=3"], "train.compile: not under ZeRO-3"),
+    (["tasks.digits.partial_fc.sample_rate=0.5"], "tasks.digits.partial_fc: shards a margin softmax's class centres: "
+                                                  "for retrieval tasks"),
+    (["tasks.face.partial_fc.sample_rate=0.5", "train.placement=replicated"],
+     "tasks.face.partial_fc: shards the centres over the task's own ranks: needs train.layout task_parallel and "
+     "train.placement task_sharded (or auto), not replicated"),
+    (["tasks.face.partial_fc.sample_rate=0.5", "deepspeed.zero_stage=3"],
+     "tasks.face.partial_fc: needs train.placement task_sharded, not possible here: DeepSpeed refuses expert"),
+    (["tasks.face.partial_fc.sample_rate=1.5"], "tasks.face.partial_fc.sample_rate"),
 ])
 def test_the_reid_recipe_keys_are_checked_at_load(tiny_config_file, overrides, message):
     import re
@@ -200,3 +208,18 @@ def test_the_reid_recipe_keys_load(tiny_config_file):
                                          "tasks.person.id_loss_weight=0.5"])
     person = cfg.tasks["person"]
     assert (person.neck, person.triplet.margin, person.triplet.weight, person.id_loss_weight) == ("bnneck", 0, 1, 0.5)
+
+
+def test_partial_fc_needs_a_rank_per_task(tiny_config_file):
+    from ufo.layout import centres_of, make_layout
+
+    cfg = load_config(tiny_config_file, ["tasks.face.partial_fc.sample_rate=0.5"])
+    with pytest.raises(ConfigError, match="tasks.face.partial_fc: shards the class centres over the task's own ranks, "
+                                          "but this run is mixed"):
+        make_layout(cfg, 1)
+    layout = make_layout(cfg, 5)  # face gets ranks by weight; each holds its rows
+    face = layout.groups["face"]
+    rows = [centres_of(cfg, layout, r)["face"] for r in face]
+    assert rows[0][0] == 0 and sum(n for _, n in rows) == cfg.tasks["face"].num_classes
+    assert all(a + n == b for (a, n), (b, _) in zip(rows, rows[1:]))
+    assert centres_of(cfg, layout, layout.groups["digits"][0]) == {}
