@@ -207,6 +207,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=2, help="optimizer steps per run; the last is counted")
     b.add_argument("--no-projection", dest="project", action="store_false",
                    help="skip the projection to the ViT-B, ViT-L and 26-task ViT-H configs")
+    b.add_argument("--partial-fc", type=int, metavar="CLASSES",
+                   help="instead: per-rank bytes of a CLASSES-identity margin head on 1, 2 and 4 ranks, dense vs "
+                        "Partial FC (e.g. 1000000)")
     b.add_argument("--json", action="store_true", help="print the result as JSON")
     b.set_defaults(run=_bench_scale)
     b = benches.add_parser("export", help="peak RSS of exporting one task from a task-sharded vs a replicated "
@@ -516,6 +519,12 @@ def _bench_scale(args: argparse.Namespace) -> None:
     from ufo.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if args.partial_fc:
+        from ufo.bench.scale import bench_partial_fc, format_partial_fc_bench
+
+        show(bench_partial_fc(cfg, args.partial_fc, zero=args.zero, steps=args.steps), format_partial_fc_bench,
+             args.json)
+        return
     configs = Path(__file__).resolve().parents[1] / "configs"
     same = ["deepspeed.zero_stage=2", "deepspeed.precision=bf16"]  # every projection under one engine setting
     projections = {"ViT-B (4 tasks)": load_config(configs / "ufo_vit_b.yaml", same),

@@ -73,6 +73,8 @@ def full_optimizer_state(engine, param: torch.nn.Parameter) -> dict[str, torch.T
     fp32 without ZeRO: the torch optimizer's own."""
     if hasattr(param, "_hp_mapping"):
         mapping = param._hp_mapping
+        if mapping is not None and not mapping.optim_fragment:
+            link_optimizer_states(engine)
         keys = mapping.get_optim_state_keys() if mapping is not None and mapping.optim_fragment else []
         return {key: param.get_full_hp_param(key).detach().float().clone() for key in keys}
     state = engine.optimizer.state.get(param, {})
@@ -86,6 +88,8 @@ def set_full_optimizer_state(engine, param: torch.nn.Parameter, state: dict[str,
 
     if hasattr(param, "_hp_mapping"):
         mapping = param._hp_mapping
+        if mapping is not None and not mapping.optim_fragment:
+            link_optimizer_states(engine)
         have = set(mapping.get_optim_state_keys()) if mapping is not None and mapping.optim_fragment else set()
         for key, value in state.items():
             if key in have:
@@ -94,3 +98,13 @@ def set_full_optimizer_state(engine, param: torch.nn.Parameter, state: dict[str,
     own = engine.optimizer.state[param]
     for key, value in state.items():
         own[key] = value.to(param.device, param.dtype).clone().view(param.shape)
+
+
+def link_optimizer_states(engine) -> None:
+    """ZeRO 1/2 link each parameter to its optimizer state once, inside the first step of the first
+    group, when the other groups have no state yet: linked again, now that all have (a no-op before
+    the first step)."""
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state") and optimizer.optimizer.state:
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()

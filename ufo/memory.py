@@ -26,6 +26,8 @@ class RankMemory:
     weights: float  # bytes
     gradients: float
     optimizer: float  # optimizer state, with the fp32 master weights of bf16/fp16
+    centres: int = 0  # of `params`: the rank's shard of its task's Partial FC class centres
+    all_centres: int = 0  # the task's whole centres (what a dense head holds on every rank)
 
     @property
     def total(self) -> float:
@@ -43,6 +45,9 @@ def memory_plan(cfg: UfoConfig, world: int, zero: int | None = None) -> dict[str
         raw = cfg.to_dict()
         raw["deepspeed"]["zero_stage"] = zero
         raw["train"]["placement"] = placement
+        if placement == "replicated":  # Partial FC shards over a task's own ranks: replicated has dense heads
+            for task in raw["tasks"].values():
+                task["partial_fc"] = None
         try:
             probe = config_from_dict(raw, "plan")
             layout = make_layout(probe, world)
@@ -61,13 +66,20 @@ def _rows(cfg: UfoConfig, layout: Layout, shared: int, own: dict[str, int], zero
     rows = []
     for task in tasks:
         # (parameters, ranks they are partitioned over) for the shared part and each task part held
+        centres = whole = 0
         if sharded:
             parts = [(shared, layout.world_size), (own[task], layout.group_size(task))]
+            tc = cfg.tasks[task]
+            if tc.partial_fc is not None:  # the largest shard, held by its rank alone
+                width = tc.embedding_dim or cfg.model.embed_dim
+                whole = tc.num_classes * width
+                centres = -(-tc.num_classes // layout.group_size(task)) * width
+                parts = [(shared, layout.world_size), (own[task] - whole, layout.group_size(task)), (centres, 1)]
         else:
             parts = [(shared, layout.world_size)] + [(n, layout.world_size) for n in own.values()]
         weights, grads, optimizer = rank_bytes(cfg, parts, zero)
         ranks = layout.group_size(task) if task != "all" else layout.world_size
-        rows.append(RankMemory(task, ranks, sum(n for n, _ in parts), weights, grads, optimizer))
+        rows.append(RankMemory(task, ranks, sum(n for n, _ in parts), weights, grads, optimizer, centres, whole))
     return rows
 
 
@@ -101,6 +113,14 @@ def format_plan(cfg: UfoConfig, world: int, zero: int | None, plans: dict) -> st
         for r in rows:
             lines.append(f"  {placement:<13} {r.task:<12} {r.ranks:>5} {r.params:>14,} {r.weights / gib:>8.2f} G "
                          f"{r.gradients / gib:>8.2f} G {r.optimizer / gib:>8.2f} G {r.total / gib:>8.2f} G")
+    for r in plans.get("task_sharded") or []:
+        if not isinstance(r, str) and r.centres:
+            mine, dense = (sum(rank_bytes(cfg, [(n, 1)], zero)) for n in (r.centres, r.all_centres))
+            lines.append(f"  partial_fc {r.task}: {r.all_centres:,} centre values over {r.ranks} ranks: "
+                         f"{mine / gib:.3f} GiB per rank with their gradients and optimizer state, "
+                         f"{dense / gib:.3f} GiB as a dense head")
+    if any(not isinstance(rows, str) and any(cfg.tasks[t].partial_fc for t in cfg.tasks) for rows in plans.values()):
+        lines.append("  (replicated: with dense heads; Partial FC needs task_sharded)")
     worst = {p: max(r.total for r in rows) for p, rows in plans.items() if not isinstance(rows, str)}
     if len(worst) == 2:
         lines.append(f"  largest rank: replicated {worst['replicated'] / gib:.2f} GiB, task_sharded "

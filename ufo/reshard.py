@@ -46,6 +46,7 @@ from ufo.checkpoint import (
     zero_fragments,
 )
 from ufo.config import UfoConfig
+from ufo.ds_masters import link_optimizer_states
 from ufo.errors import CheckpointError
 from ufo.layout import Layout, import_deepspeed
 from ufo.model import TaskSlice
@@ -67,7 +68,7 @@ def read_portable(tag_dir: Path, marker: dict, cfg: UfoConfig, tasks: list[str])
         states, step = _read_zero_partitions(tag_dir, marker, cfg, weights)
     if marker.get("placement") == "task_sharded":  # Partial FC centres: their ranks' own files, whole
         states.update({name: {k: v for k, v in entry.items() if k != "param"}
-                       for name, entry in read_centres(tag_dir, cfg, tasks).items()})
+                       for name, entry in read_centres(tag_dir, cfg, tasks).items() if len(entry) > 1})
     return {name: {"param": value, **states.get(name, {})} for name, value in weights.items()}, step
 
 
@@ -251,12 +252,7 @@ def _warm_up(engine, cfg: UfoConfig, layout: Layout, rank: int) -> None:
         engine.lr_scheduler = scheduler
     for group, lr in zip(engine.optimizer.param_groups, lrs):
         group["lr"] = lr
-    optimizer = engine.optimizer
-    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
-        # ZeRO 1/2 link each parameter to its optimizer state once, inside the step of the first group,
-        # when the other groups have no state yet: linked again, now that all have
-        optimizer._hp_optimizer_states_linked = False
-        optimizer._lazy_init_hp_params_optimizer_state()
+    link_optimizer_states(engine)
 
 
 def portable_rank_state(tag_dir: Path, marker: dict, layout: Layout, rank: int, tasks: list[str]) -> dict[str, Any]:

@@ -72,6 +72,78 @@ def _scale_rank(rank: int, world: int, port: int, raw: dict, placement: str, ste
     leave_distributed()
 
 
+def _head_rank(rank: int, world: int, port: int, raw: dict, steps: int, out: str) -> None:
+    """One face rank of `_head_config`: the bytes of its margin head's centres and of their optimizer
+    state (fp32 master and Adam's moments) after `steps` optimizer steps, and its step time."""
+    import time
+
+    join_rank(rank, world, port)
+    init_distributed()
+    torch.set_num_threads(1)
+    cfg = config_from_dict(raw, "bench")
+    layout = make_layout(cfg, world)
+    m, b = cfg.model, cfg.train.micro_batch_size
+    engine, _, clip, _ = build_engine(cfg, layout, rank, say=lambda _: None, pretrained=False)
+    images = torch.randn(b, m.in_chans, m.img_size, m.img_size)
+    labels = torch.randint(cfg.tasks["face"].num_classes, (b,), generator=torch.Generator().manual_seed(rank))
+    slices = [TaskSlice("face", cfg.path_of("face"), b)]
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        micro_step(engine, images, labels, slices, Static(["face"], [1.0]), world, None, ["face"], clip)
+        times.append(time.perf_counter() - start)
+    (centres,) = [p for n, p in engine.module.named_parameters() if n.endswith("margin.weight")]
+    # the rank's part of the centres in the optimizer (ZeRO 1/2: its partition of a dense head's, all of a
+    # Partial FC shard): fp32 master, Adam's two moments
+    mapping = getattr(centres, "_hp_mapping", None)
+    moments = (mapping.lp_fragment_address.numel if mapping is not None else 0) * 4 * 3
+    rank_done(out, rank, {"rank": rank, "centres": centres.numel(), "weight_bytes": centres.numel() * centres.element_size(),
+                          "optimizer_bytes": moments, "step_s": min(times[1:] or times)})
+    leave_distributed()
+
+
+def _head_config(cfg: UfoConfig, classes: int, ranks: int, partial_fc: bool, zero: int) -> dict:
+    """One retrieval task of `classes` identities on the config's model, over `ranks` ranks, fp32 AdamW."""
+    raw = cfg.to_dict()
+    width = min(128, cfg.model.embed_dim)
+    raw["tasks"] = {"face": {"kind": "retrieval", "num_classes": classes, "embedding_dim": width, "margin": "arcface",
+                             "margin_scale": 64.0, "margin_value": 0.5, "ranks": ranks,
+                             "partial_fc": {"sample_rate": 1.0} if partial_fc else None}}
+    raw["train"].update(layout="task_parallel", placement="task_sharded", micro_batch_size=4, optimizer="adamw",
+                        gradient_accumulation_steps=1, gradient_clipping=0.0, activation_checkpointing=0)
+    raw["model"]["pretrained"] = None
+    raw["deepspeed"] = {"zero_stage": zero, "precision": "fp32", "overrides": {}}
+    raw["tracking"]["enabled"] = False
+    return raw
+
+
+def bench_partial_fc(cfg: UfoConfig, classes: int = 1_000_000, ranks: Sequence[int] = (1, 2, 4), zero: int = 1,
+                     steps: int = 2) -> dict[str, Any]:
+    """Per-rank bytes of a `classes`-identity margin head (centres, their fp32 masters and Adam moments)
+    on k ranks of one task, dense (every rank holds every centre and its gradient; ZeRO partitions the
+    optimizer state) vs Partial FC (each rank its 1/k of the centres), measured on CPU ranks after
+    `steps` optimizer steps."""
+    rows = []
+    for k in ranks:
+        for partial in (False, True):
+            measured = spawn_ranks(_head_rank, (_head_config(cfg, classes, k, partial, zero), steps), k)
+            rows.append({"ranks": k, "head": "partial_fc" if partial else "dense",
+                         **{key: max(r[key] for r in measured) for key in ("centres", "weight_bytes",
+                                                                          "optimizer_bytes", "step_s")}})
+    return {"classes": classes, "embedding_dim": min(128, cfg.model.embed_dim), "zero_stage": zero, "rows": rows}
+
+
+def format_partial_fc_bench(r: dict[str, Any]) -> str:
+    mb = 2 ** 20
+    lines = [f"ufo bench scale --partial-fc: a {r['classes']:,}-identity margin head ({r['embedding_dim']}-d), "
+             f"ZeRO {r['zero_stage']}, fp32 AdamW, CPU ranks of one task; per rank (largest)",
+             f"  {'ranks':>5} {'head':<11} {'centres':>11} {'weights':>11} {'optimizer':>11} {'step':>9}"]
+    for row in r["rows"]:
+        lines.append(f"  {row['ranks']:>5} {row['head']:<11} {row['centres']:>11,} {row['weight_bytes'] / mb:>8.1f} MB "
+                     f"{row['optimizer_bytes'] / mb:>8.1f} MB {row['step_s'] * 1e3:>6.0f} ms")
+    return "\n".join(lines)
+
+
 def _scale_config(cfg: UfoConfig, tasks: int, per_task: int, zero: int) -> dict:
     """`tasks` classification tasks of 10 classes on the config's model, `per_task` ranks each, fp32."""
     raw = cfg.to_dict()
