@@ -317,8 +317,10 @@ def spawn(raw: dict, where, world: int) -> list[dict]:
 
 
 @pytest.mark.dist
-def test_partial_fc_resumes_exactly_and_on_other_ranks_and_exports(tmp_path):
-    """Adam under ZeRO-0, where DeepSpeed writes one optimizer file per task: face on 3 ranks with
+@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (2, "bf16")])
+def test_partial_fc_resumes_exactly_and_on_other_ranks_and_exports(tmp_path, stage, precision):
+    """Adam under ZeRO-0 (where DeepSpeed writes one optimizer file per task) and ZeRO-2 bf16 (where
+    the centres' masters and moments are in DeepSpeed's partitions too): face on 3 ranks with
     sampled negatives and an EMA. Resumed from its step-2 checkpoint on the same ranks it ends bit
     for bit where the straight run does (centres, their Adam moments, the sampling's RNG); resumed
     on 2 face ranks the centres and their moments are re-split by rows; the face subnet exports."""
@@ -327,8 +329,9 @@ def test_partial_fc_resumes_exactly_and_on_other_ranks_and_exports(tmp_path):
     from ufo.checkpoint import read_centres
     from ufo.export import export_all_tasks
 
-    raw = sharded_run(tmp_path, 0, (3, 1), steps=4, checkpoint_every=2, keep_checkpoints=5, optimizer="adamw",
+    raw = sharded_run(tmp_path, stage, (3, 1), steps=4, checkpoint_every=2, keep_checkpoints=5, optimizer="adamw",
                       lr=0.01, weight_decay=0.05, ema={"decay": 0.9})
+    raw["deepspeed"]["precision"] = precision
     raw["tasks"]["face"]["partial_fc"] = {"sample_rate": 0.5}
     straight = spawn(raw, tmp_path / "straight", 4)
     out = raw["train"]["out_dir"]
