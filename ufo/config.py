@@ -169,6 +169,8 @@ class TaskConfig(Section):
                 parts.append(f"triplet ({margin}) x{self.triplet.weight:g}")
             if self.neck != "none":
                 parts.append(self.neck)
+            if self.partial_fc is not None:
+                parts.append(f"partial FC (sample rate {self.partial_fc.sample_rate:g})")
         own = {k: v for k, v in self.augment.model_dump().items() if v is not None and v != 0.0}
         if own:
             parts.append("augment " + " ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"

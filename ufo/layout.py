@@ -63,7 +63,8 @@ def make_layout(cfg: UfoConfig, world_size: int, kind: LayoutKind | None = None)
         if sharded:
             raise ConfigError(f"tasks.{sharded[0]}.partial_fc: shards the class centres over the task's own ranks, but "
                               f"this run is mixed ({world_size} rank{'s' if world_size > 1 else ''} for {len(tasks)} "
-                              "tasks); launch at least one rank per task (train.layout task_parallel)")
+                              f"tasks); launch at least one rank per task (train.layout task_parallel), or set "
+                              f"tasks.{sharded[0]}.partial_fc: null for a dense head")
         if cfg.train.placement == "task_sharded":
             raise ConfigError("train.placement: task_sharded needs train.layout task_parallel (one task per rank), "
                               f"but this run is mixed ({world_size} ranks for {len(tasks)} tasks)")

@@ -36,6 +36,8 @@ def bench_elastic(cfg: UfoConfig, steps: int, out: Path, fractions: Sequence[flo
                             warmup_steps=min(raw["train"]["warmup_steps"], steps // 2))
         raw["tracking"]["enabled"] = False
         raw["model"]["ffns"] = "all"  # every FFN, as before model.ffns: the elastic run is what `ufo search` takes
+        for task in raw["tasks"].values():
+            task["partial_fc"] = None  # mixed: dense heads (Partial FC needs a rank per task)
         log(f"== {name}")
         train(config_from_dict(raw, f"bench elastic ({name})"),
               log=lambda line: log("   " + line) if line.startswith(("step", "eval")) else None)

@@ -96,6 +96,8 @@ def bench_train(cfg: UfoConfig, steps: int = 5, world: int = 2, memory_config: U
                 raw["train"].update(micro_batch_size=memory_batch, activation_checkpointing=k)
                 for task in raw["tasks"].values():
                     task["micro_batch_size"] = None  # every task at the one measured batch
+                    if world < len(raw["tasks"]):  # a mixed run: dense heads (Partial FC needs a rank per task)
+                        task["partial_fc"] = None
                 ranks = _spawn_bench(raw, 1, plain=False, world=world)
                 result["memory"][f"{stage}" if not k else f"{stage}, checkpointing {k}"] = {
                     "peak_bytes_per_rank": [r["peak_bytes"] for r in ranks],
