@@ -4,6 +4,7 @@ parts and its own task only, against one process on the union of the batches."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -249,11 +250,15 @@ def test_replicated_bf16_checkpoints_read_as_their_fp32_masters(bf16_runs, stage
 
 
 # Partial FC: the face task's 20 centres split over its ranks (3 + 1: 7, 7 and 6 rows)
-PFC_CASES = [(0, 1.0), (1, 1.0), (2, 1.0), (2, 0.5)]
+# (stage, sample rate, loss weighting): gradnorm_static reads every task's gradient norm on the pooled
+# features (a second pass through the sharded head), dtp every task's training accuracy (its hits)
+PFC_CASES = [(0, 1.0, "static"), (1, 1.0, "static"), (2, 1.0, "static"), (2, 0.5, "static"),
+             (1, 1.0, "gradnorm_static"), (2, 0.5, "dtp")]
 
 
-def pfc_run(tmp_path, stage: int, sample_rate: float) -> dict:
-    raw = sharded_run(tmp_path, stage, (3, 1), accumulation=2, clipping=0.05 if sample_rate == 1.0 else 0.0)
+def pfc_run(tmp_path, stage: int, sample_rate: float, weighting: str = "static") -> dict:
+    raw = sharded_run(tmp_path, stage, (3, 1), accumulation=2, clipping=0.05 if sample_rate == 1.0 else 0.0,
+                      weighting={"name": weighting})
     raw["tasks"]["face"]["partial_fc"] = {"sample_rate": sample_rate}
     return raw
 
@@ -272,23 +277,28 @@ def dense(raw: dict) -> dict:
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("case", PFC_CASES, ids=lambda c: f"zero{c[0]}-rate{c[1]:g}")
+@pytest.mark.parametrize("case", PFC_CASES, ids=lambda c: f"zero{c[0]}-rate{c[1]:g}-{c[2]}")
 def test_partial_fc_step_equals_the_dense_head(pfc_runs, case):
     """Each face rank holds its rows of the centres (and nothing of the others'): at sample_rate 1 the
     step (two micro-steps, a clipping norm that bites) equals one process with the whole dense head;
-    at 0.5 a shard's rows outside the step's sample keep their values (plain SGD, no decay)."""
-    stage, rate = case
+    at 0.5 a shard's rows outside the step's sample keep their values (plain SGD, no decay); the
+    accuracies DTP weighs by agree on every rank."""
+    stage, rate, weighting = case
     raw, replicas = pfc_runs.get(case)
+    if weighting == "dtp":
+        where = Path(raw["train"]["out_dir"]).parent.parent / str(PFC_CASES.index(case))
+        kpis = [torch.load(where / f"weighting{r}.pt")["kpi"] for r in range(4)]
+        assert all(torch.equal(k, kpis[0]) for k in kpis) and ((kpis[0] >= 0) & (kpis[0] <= 1)).all()
     cfg = config_from_dict(raw, "test")
     layout = make_layout(cfg, 4)
     name = "heads.face.margin.weight"
     initial = init_params(raw)
-    expected = reference_step(dense(raw), 4, 2, start=initial)
     shards = [replicas[r][name] for r in layout.groups["face"]]
     assert [s.shape[0] for s in shards] == [7, 7, 6] and name not in replicas[3]
     whole = torch.cat(shards)
     assert torch.equal(torch.cat([initial[name][:7], initial[name][7:14], initial[name][14:]]), initial[name])
     if rate == 1.0:
+        expected = reference_step(dense(raw), 4, 2, initial=initial)
         assert (whole - expected[name].detach()).abs().max() < 2e-5
         for other in ("norm.weight", "blocks.0.attn.qkv.weight", "heads.face.embed.weight"):
             for rank in layout.groups["face"]:

@@ -116,10 +116,10 @@ class SharedRuns:
         return self.done[case]
 
 
-def reference_step(raw: dict, world: int, accumulation: int = 1, start: dict | None = None) -> dict:
+def reference_step(raw: dict, world: int, accumulation: int = 1, initial: dict | None = None) -> dict:
     """One plain SGD step of a single process on the union of every rank's batches: with
     gradient accumulation, the mean of the micro-steps' losses (what DeepSpeed averages); with
-    train.gradient_clipping, clipped by the global norm as torch clips. `start`: initial weights
+    train.gradient_clipping, clipped by the global norm as torch clips. `initial`: initial weights
     (by name) in place of the config's."""
     from ufo.checkpoint import init_supernet
     from ufo.layout import make_layout
@@ -151,8 +151,8 @@ def reference_step(raw: dict, world: int, accumulation: int = 1, start: dict | N
                     soft[batch["task"]].append(batch["targets"])
     torch.manual_seed(cfg.train.seed)
     model = init_supernet(cfg)
-    if start is not None:
-        model.load_state_dict({k: v.clone() for k, v in start.items()}, strict=False)
+    if initial is not None:
+        model.load_state_dict({k: v.clone() for k, v in initial.items()}, strict=False)
     features: list = []
     model.head_drop.register_forward_hook(lambda _, __, out: features.append(out))
     t = cfg.train
