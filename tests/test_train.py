@@ -116,11 +116,13 @@ class SharedRuns:
         return self.done[case]
 
 
-def reference_step(raw: dict, world: int, accumulation: int = 1, initial: dict | None = None) -> dict:
+def reference_step(raw: dict, world: int, accumulation: int = 1, initial: dict | None = None,
+                   observe: dict | None = None) -> dict:
     """One plain SGD step of a single process on the union of every rank's batches: with
     gradient accumulation, the mean of the micro-steps' losses (what DeepSpeed averages); with
     train.gradient_clipping, clipped by the global norm as torch clips. `initial`: initial weights
-    (by name) in place of the config's."""
+    (by name) in place of the config's. `observe` (one micro-step) receives each task's mean loss and
+    its gradient on the shared parameters, unweighted, and the global gradient norm before clipping."""
     from ufo.checkpoint import init_supernet
     from ufo.layout import make_layout
     from ufo.model import TaskSlice
@@ -174,7 +176,17 @@ def reference_step(raw: dict, world: int, accumulation: int = 1, initial: dict |
         loss = sum(w * loss for w, loss in zip(weights, losses))
         if gates:  # every block is open: the expected task-specific blocks of every task, at their cost
             loss = loss + cfg.train.path.task_block_cost * sum(p[:, 1].sum() for p in model.path_probs.values())
+        if observe is not None:
+            from ufo.checkpoint import task_of
+
+            shared = {n: p for n, p in model.named_parameters() if task_of(n) is None}
+            observe["losses"] = [float(x.detach()) for x in losses]
+            observe["task_grads"] = [dict(zip(shared, torch.autograd.grad(x, list(shared.values()), retain_graph=True,
+                                                                          allow_unused=True))) for x in losses]
         (loss / accumulation).backward()
+        if observe is not None:
+            observe["grad_norm"] = float(torch.stack([p.grad.double().pow(2).sum() for p in model.parameters()
+                                                      if p.grad is not None]).sum().sqrt())
     if cfg.train.gradient_clipping:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
                                        cfg.train.gradient_clipping)

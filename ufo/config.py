@@ -315,6 +315,10 @@ class TrainConfig(Section):
     # the FFN-shared MLPs' lr as a fraction of the run's (0 freezes them, as VIMER-UFO's released config)
     shared_ffn_lr_scale: float = Field(1.0, ge=0)
     log_every: int = Field(10, gt=0)
+    # every k-th step, per task: loss against its first, gradient norm on the shared parameters, and the
+    # cosine between every pair of tasks' shared gradients (ufo/diagnostics.py; costs a backward per task
+    # then); 0: off. The global gradient norm is recorded every step whatever this is
+    diagnostics_every: int = Field(100, ge=0)
     eval_every: int = Field(0, ge=0)  # 0: evaluate at the end only
     eval_batch_size: int = Field(128, gt=0)
     checkpoint_every: int = Field(0, ge=0)  # 0: at the end (and on SIGTERM/SIGUSR1) only

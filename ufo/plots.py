@@ -50,6 +50,38 @@ def plot_history(history: Path, png: Path, title: str = "") -> Path:
     return png
 
 
+def plot_diagnostics(history: Path, png: Path, title: str = "") -> Path | None:
+    """The diagnostic steps of a run's `history.jsonl` (ufo/diagnostics.py): each task's loss against its
+    first (speed), its gradient norm on the shared parameters (dominance), the cosine between every pair
+    of tasks' shared gradients (conflict), and the global gradient norm of every step. None when the
+    run measured no diagnostic step."""
+    records = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+    measured = [r for r in records if "shared_grad_norm" in r]
+    if not measured:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(4, 1, figsize=(8, 10), sharex=True)
+    steps = [r["step"] for r in measured]
+    for key, ax, label in (("loss_ratio", axes[0], "loss / first loss"),
+                           ("shared_grad_norm", axes[1], "shared gradient norm"),
+                           ("grad_cosine", axes[2], "gradient cosine")):
+        for name in measured[0][key]:
+            ax.plot(steps, [r[key].get(name) if r[key].get(name) is not None else np.nan for r in measured],
+                    marker="o", ms=3, label=name)
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    axes[0].set_yscale("log")
+    axes[2].axhline(0.0, color="gray", lw=0.8)
+    every = [(r["step"], r["global_grad_norm"]) for r in records if r.get("global_grad_norm") is not None]
+    axes[3].plot([s for s, _ in every], [n for _, n in every], lw=0.8)
+    axes[3].set_ylabel("global gradient norm")
+    axes[3].set_yscale("log")
+    axes[3].set_xlabel("step")
+    axes[0].set_title(title)
+    _save(fig, png, 100)
+    return png
+
+
 def plot_paths(policy, png: Path, title: str = "") -> Path:
     """A heatmap of the learned paths: tasks x blocks, the probability of the task's own FFN, each
     decided block marked with its letter."""

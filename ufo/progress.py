@@ -121,12 +121,13 @@ class Meter:
 
 
 def progress_line(step: int, steps: int, losses: dict[str, float], weights: dict[str, float], rate: float, scheduler,
-              paths: dict[str, str], policy: str, eta: float, tokens: float) -> str:
+              paths: dict[str, str], policy: str, eta: float, tokens: float, grad_norm: float | None = None) -> str:
     lr = scheduler.get_last_lr()[0] if scheduler is not None else float("nan")
     parts = [f"step {step}/{steps}",
              "loss (weight) " + " ".join(f"{t} {v:.3f} ({weights[t]:.3g})" for t, v in losses.items()),
              f"{rate:.0f} samples/s {rate * tokens / 1000:.0f}k tokens/s",
-             f"lr {lr:.2e}", f"eta {_duration(eta)}"]
+             f"lr {lr:.2e}"] + ([f"grad norm {grad_norm:.3g}"] if grad_norm is not None else []) + \
+        [f"eta {_duration(eta)}"]
     if policy in ("sample", "learned"):  # learned: each task's likelier choice, lower-case while open
         parts.append("paths " + " ".join(f"{t}={p}" for t, p in paths.items()))
     return " | ".join(parts)

@@ -53,6 +53,7 @@ from ufo.best import improved, read_best, record_best
 from ufo.config import UfoConfig, config_changes, data_plan_changes, flatten
 from ufo.data import MixedLoader, TaskLoader, endless, label_counts, task_loader
 from ufo.data.shards import check_task_data, eval_sets
+from ufo.diagnostics import Diagnostics, first_losses
 from ufo.ema import FILE as EMA_FILE
 from ufo.ema import Ema, save_whole
 from ufo.ema import file_of as ema_file_of
@@ -64,7 +65,7 @@ from ufo.layout import Layout, init_distributed, make_layout, task_groups
 from ufo.model import SupernetViT, TaskSlice
 from ufo.model.paths import OPEN, ElasticPolicy, PathPolicy
 from ufo.model.supernet import apply_heads
-from ufo.plots import plot_history, plot_paths
+from ufo.plots import plot_diagnostics, plot_history, plot_paths
 from ufo.progress import History, Meter, StepMean, eval_metrics, progress_line, record_metrics
 from ufo.reshard import resume_elsewhere
 from ufo.runlock import RunDirBusy, RunLock
@@ -157,6 +158,7 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
         run = _Run(cfg, layout, rank, out, say, loader, engine, scheduler, group_names, policy, weighting, dtype)
         features = _capture_features(engine.module) if weighting.needs_grad_norms else None
+        diagnostics = _make_diagnostics(cfg, layout, engine, say)
         path_cost = _path_cost(cfg, layout, rank)
         held, device = layout.held(rank), engine.device
 
@@ -170,6 +172,7 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
         tokens = tokens_per_sample(cfg)
         batches = endless(loader)
         run.history = history = History(out / "history.jsonl", step, write=rank == 0)
+        diagnostics.first = first_losses(out / "history.jsonl", tasks) if step > 0 and rank == 0 else None
         result = TrainResult(step, None, resume, engine=engine, weighting=weighting, history=history.records)
         if rank == 0 and cfg.tracking.enabled:
             run.tracker = _open_tracker(cfg, out, resume, layout, weighting, say,
@@ -182,23 +185,29 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
             while step < t.steps:
                 paths, sizes, gates = policy.paths_at(step), elastic.sizes_at(step), policy.gates_at(step)
                 seen = StepMean(len(tasks))
+                if diagnostics.due(step + 1):
+                    diagnostics.begin(device)
                 for _ in range(t.gradient_accumulation_steps):
                     batch, slices, counts = _next_batch(batches, held, paths, sizes, tasks, device, run.empty, gates)
                     images, labels = _on_device(batch, device, dtype)
                     obs, weights, counts = micro_step(engine, images, labels, slices, weighting, world, features,
-                                                      tasks, clip, counts, path_cost)
+                                                      tasks, clip, counts, path_cost, diagnostics)
                     seen.add(obs, counts)
                     meter.add(obs, counts)
                 step_obs = seen.mean()
                 weighting.step(step_obs)
                 step += 1
+                grad_norm = diagnostics.after_step(engine)
+                diagnostics.observe(step_obs.losses)
+                measured = diagnostics.finish(step_obs.losses) if diagnostics.due(step) else {}
                 if run.ema:
                     run.ema.update(engine, step)
                 if policy.name == "learned":
                     _decide_paths(run, step)
                 logged = step % t.log_every == 0 or step == t.steps
                 record = {**history.record(step, step_obs, weights, weighting, scheduler, tasks),
-                          **elastic.record(sizes), **policy.record(step, paths, logged)}
+                          **elastic.record(sizes), **policy.record(step, paths, logged),
+                          "global_grad_norm": grad_norm, **measured}
                 # any rank's signal stops every rank
                 stop = all_ranks_sum(torch.tensor([signals.received or 0]), device, op=dist.ReduceOp.MAX).item()
                 if logged:
@@ -206,7 +215,7 @@ def train(cfg: UfoConfig, log: Log = print) -> TrainResult:
                     say(progress_line(step, t.steps, losses, dict(zip(tasks, weights.tolist())), meter.rate,
                                       scheduler, policy.shown(paths), policy.name,
                                       eta=(time.perf_counter() - started) / (step - start_step) * (t.steps - step),
-                                      tokens=tokens))
+                                      tokens=tokens, grad_norm=grad_norm))
                     record.update(samples_per_s=meter.rate, tokens_per_s=meter.rate * tokens)
                 history.append(record)
                 if tracker:
@@ -394,6 +403,7 @@ def _finish(run: _Run, step: int) -> dict[str, dict[str, float]]:
     run.history.close()
     if run.rank == 0 and run.history.path.is_file():
         plot_history(run.history.path, out / "weighting.png", title=f"{out.name}: {run.weighting.name} weighting")
+        plot_diagnostics(run.history.path, out / "diagnostics.png", title=f"{out.name}: negative-transfer diagnostics")
     if policy.name == "learned":
         say("learned paths: " + " ".join(f"{task}={path}" for task, path in policy.best_paths().items()))
         if run.rank == 0:
@@ -424,7 +434,7 @@ def _close(run: _Run | None, status: str) -> None:
         return
     run.history.close()
     if run.tracker:
-        for name in ("history.jsonl", "weighting.png", "paths.png", "metrics.json"):
+        for name in ("history.jsonl", "weighting.png", "diagnostics.png", "paths.png", "metrics.json"):
             if (run.out / name).is_file():
                 run.tracker.log_artifact(run.out / name)
         run.tracker.close(status)
@@ -610,7 +620,8 @@ def _open_tracker(cfg: UfoConfig, out: Path, resume: Path | None, layout: Layout
 def micro_step(engine, images: torch.Tensor | list[torch.Tensor], labels: torch.Tensor, slices: list[TaskSlice],
                weighting: Weighting, world: int, features: list | None = None, tasks: list[str] | None = None,
                clip: Callable[[], object] | None = None, counts: torch.Tensor | None = None,
-               path_cost: dict[str, float] | None = None) -> tuple[Observation, torch.Tensor, torch.Tensor]:
+               path_cost: dict[str, float] | None = None,
+               diagnostics: Diagnostics | None = None) -> tuple[Observation, torch.Tensor, torch.Tensor]:
     """Forward, per-task losses over all ranks, weights, weighted backward and (at the accumulation
     boundary) step.
 
@@ -621,6 +632,8 @@ def micro_step(engine, images: torch.Tensor | list[torch.Tensor], labels: torch.
     gradient norms; `clip` clips the reduced gradients before the step (ufo's own clipping).
     `path_cost` (learned paths, `train.path.task_block_cost`): per task, what this rank adds to its
     loss per expected task-specific open block, so that the ranks' gradients average to the cost.
+    `diagnostics` takes each task's share of the gradient on the shared parameters (on its diagnostic
+    steps) and the global gradient norm where the engine computes none.
     """
     tasks = tasks or [s.task for s in slices]
     T, device = len(tasks), labels.device
@@ -633,6 +646,9 @@ def micro_step(engine, images: torch.Tensor | list[torch.Tensor], labels: torch.
     # N_t: task t's samples in this micro-step, all ranks (the loop's, where it counted them already)
     if counts is None:
         counts = all_ranks_sum(per_task([torch.tensor(float(s.size)) for s in slices]), device)
+    if diagnostics is not None and diagnostics.buffer is not None:  # each task's gradient, unweighted
+        share = torch.where(counts > 0, 1.0 / counts.clamp_min(1), 0.0)[at] / engine.gradient_accumulation_steps()
+        diagnostics.measure(engine.module, images, slices, labels, share.tolist())
     outputs = engine(images, slices, labels, reduction="sum", hits=weighting.needs_accuracy)
     sums = [o[0] for o in outputs] if weighting.needs_accuracy else outputs
     zeros = torch.zeros(T, dtype=torch.float64, device=device)
@@ -656,8 +672,11 @@ def micro_step(engine, images: torch.Tensor | list[torch.Tensor], labels: torch.
             is_open = torch.tensor([letter == OPEN for letter in s.path], device=device)
             loss = loss + path_cost[s.task] * engine.module.path_probs[s.task][:, 1].masked_select(is_open).sum()
     engine.backward(loss)
-    if clip is not None and engine.is_gradient_accumulation_boundary():
-        clip()
+    if engine.is_gradient_accumulation_boundary():
+        if diagnostics is not None:
+            diagnostics.before_step()
+        if clip is not None:
+            clip()
     engine.step()
     return obs, weights, counts
 
@@ -691,6 +710,27 @@ def _capture_features(module: SupernetViT) -> list:
     captured: list = [None]
     module.head_drop.register_forward_hook(lambda _, __, out: captured.__setitem__(0, out))
     return captured
+
+
+def _make_diagnostics(cfg: UfoConfig, layout: Layout, engine, say: Log) -> Diagnostics:
+    """The run's diagnostics (ufo/diagnostics.py): per task under ZeRO 0-2 (ZeRO-3's parameters are
+    partitions: not measured, and said so), the global gradient norm always."""
+    d, every = cfg.deepspeed, cfg.train.diagnostics_every
+    if every and d.zero_stage == 3:
+        say("diagnostics: per-task gradients are not measured under ZeRO-3 (its parameters are partitions); "
+            "the global gradient norm is")
+        every = 0
+    own_norm = None
+    if d.zero_stage == 0 and d.precision == "fp32":  # the engine computes no norm: ufo's, before the step
+        if layout.placement == "task_sharded":
+            from ufo.placement import clip_grad_norm
+
+            own_norm = partial(clip_grad_norm, engine.module, math.inf, layout)
+        else:  # every rank holds the reduced gradients
+            def own_norm() -> float:
+                grads = [p.grad.detach().double().pow(2).sum() for p in engine.module.parameters() if p.grad is not None]
+                return float(torch.stack(grads).sum().sqrt()) if grads else 0.0
+    return Diagnostics(engine.module, list(cfg.tasks), every, own_norm)
 
 
 def _make_weighting(cfg: UfoConfig, say: Log) -> Weighting:
