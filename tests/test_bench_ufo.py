@@ -64,3 +64,43 @@ def test_bench_ufo_runs_each_setting_under_a_launcher(tmp_path):
     marker = json.loads(next((tmp_path / "bench" / "fixed" / "checkpoints").glob("step*/ufo.json")).read_text())
     assert marker["world_size"] == 2
     assert set(result["table"]["fixed"]) == {"person", "digits"}
+
+
+def test_seeds_and_lrs_make_a_cell_of_means_at_each_settings_best_lr():
+    """`--seeds`/`--lrs` bookkeeping on given results: runs named per lr and seed, each setting at its
+    best lr (mean over its tasks and seeds), mean and standard deviation per cell, a difference from
+    the task alone beyond both spreads marked, a gradient-norm spike flagged."""
+    import statistics
+
+    from ufo.bench.ufo import SPIKE, _ufo_table, format_ufo_bench, repeated, spike
+
+    base = {"train": {"lr": 1e-3, "seed": 3, "out_dir": "/o/hard"}, "tracking": {"run_name": "hard"}}
+    runs = repeated({"hard": base}, seeds=2, lrs=[5e-4, 1e-3])
+    assert list(runs) == ["hard-lr0.0005-seed0", "hard-lr0.0005-seed1", "hard-lr0.001-seed0", "hard-lr0.001-seed1"]
+    assert runs["hard-lr0.001-seed1"]["train"] == {"lr": 1e-3, "seed": 4, "out_dir": "/o/hard-lr0.001-seed1"}
+    assert list(repeated({"hard": base})) == ["hard"]  # one seed, the config's lr: the names of before
+
+    def entry(base, lr, seed, **primary):
+        return {"base": base, "lr": lr, "seed": seed, "s_per_step": 1.0, "late_samples_per_s": 1.0, "spike": 1.0,
+                "tasks": {t: {"primary": v, "path": "SS"} for t, v in primary.items()}}
+
+    settings = {
+        "alone-a-s0": entry("alone-a", 1e-3, 0, a=0.80), "alone-a-s1": entry("alone-a", 1e-3, 1, a=0.82),
+        "alone-b-s0": entry("alone-b", 1e-3, 0, b=0.50), "alone-b-s1": entry("alone-b", 1e-3, 1, b=0.52),
+        "hard-lo-s0": entry("hard", 5e-4, 0, a=0.60, b=0.40), "hard-lo-s1": entry("hard", 5e-4, 1, a=0.62, b=0.42),
+        "hard-hi-s0": entry("hard", 1e-3, 0, a=0.20, b=0.50), "hard-hi-s1": entry("hard", 1e-3, 1, a=0.30, b=0.60),
+    }
+    settings["hard-hi-s1"]["spike"] = 40.0
+    r = {"steps": 10, "tasks": ["a", "b"], "metrics": {"a": "top1", "b": "top1"}, "settings": settings, "seeds": 2,
+         "lrs": [5e-4, 1e-3]}
+    r.update(_ufo_table(r))
+    assert r["chosen_lr"] == {"alone-a": 1e-3, "alone-b": 1e-3, "hard": 5e-4}  # 0.51 beats 0.40
+    assert r["table"]["hard"] == {"a": statistics.mean([0.60, 0.62]), "b": statistics.mean([0.40, 0.42])}
+    assert abs(r["table_std"]["hard"]["a"] - statistics.stdev([0.60, 0.62])) < 1e-12
+    assert r["beyond_spread"]["hard"] == {"a": True, "b": True}  # 0.61 vs 0.81 and 0.41 vs 0.51, spreads ~0.014
+    assert r["unstable"] == {"hard-hi-s1": 40.0} and SPIKE <= 40.0
+    text = format_ufo_bench(r)
+    assert "mean of 2 seeds" in text and "0.6100 +- 0.0141*" in text and "hard 0.0005" in text
+    assert "unstable: hard-hi-s1" in text
+    records = [{"step": s, "global_grad_norm": n} for s, n in enumerate([9.0, 1.0, 1.2, 0.9, 30.0, 1.1], 1)]
+    assert spike(records, warmup=1) == 30.0 / 1.1 and spike(records[:2], warmup=0) == 0.0

@@ -231,6 +231,10 @@ def _parser() -> argparse.ArgumentParser:
                    "learned_both (default: all)")
     b.add_argument("--launcher", help='run each setting under a launcher, e.g. "torchrun --nproc_per_node 8" '
                    "(default: in this process)")
+    b.add_argument("--seeds", type=int, default=1, help="runs of each setting with seeds train.seed, +1, ...: "
+                   "mean and standard deviation per cell (default 1)")
+    b.add_argument("--lrs", default="", help="comma-separated lrs: every setting trained at each and reported at "
+                   "its best on the eval sets (default: the config's)")
     b.set_defaults(run=_bench_ufo)
     b = benches.add_parser("elastic", help="metric at 25/50/100%% of the subnet's parameters: elastic vs from scratch")
     training_bench_args(b, steps=150, out="runs/bench-elastic")
@@ -567,8 +571,14 @@ def _bench_ufo(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     settings = list(UFO_SETTINGS) if args.settings == "all" else [s.strip() for s in args.settings.split(",")]
+    if args.seeds < 1:
+        raise UfoError(f"--seeds {args.seeds}: give at least 1")
+    try:
+        lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
+    except ValueError:
+        raise UfoError(f"--lrs {args.lrs}: give comma-separated numbers, e.g. 5e-4,1e-3,2e-3") from None
     result = bench_ufo(cfg, args.steps, args.out, settings, launcher=args.launcher, overwrite=args.overwrite,
-                       log=(lambda _: None) if args.json else print)
+                       log=(lambda _: None) if args.json else print, seeds=args.seeds, lrs=lrs)
     show(result, format_ufo_bench, args.json)
     if not args.json:
         print(f"wrote {args.out / 'ufo.json'} and {args.out / 'ufo.png'}")

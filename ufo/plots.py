@@ -154,9 +154,11 @@ def plot_ufo(r: dict[str, Any], labels: dict[str, str], png: Path) -> None:
     settings = [s for s in labels if s in table]
     fig, ax = plt.subplots(figsize=(2 + 1.6 * len(tasks), 4))
     width = 0.8 / max(1, len(settings))
-    for i, s in enumerate(settings):
+    spread = r.get("table_std", {})
+    for i, s in enumerate(settings):  # error bars: the seeds' standard deviation (none for one seed)
         ax.bar([t + i * width for t in range(len(tasks))], [table[s].get(task, 0) for task in tasks], width,
-               label=labels[s])
+               yerr=[spread.get(s, {}).get(task, 0) for task in tasks] if r.get("seeds", 1) > 1 else None,
+               capsize=2, label=labels[s])
     ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))],
                   [f"{task}\n{r['metrics'][task]}" for task in tasks])
     ax.set_ylim(0, 1)

@@ -80,22 +80,54 @@ def ufo_settings(cfg: UfoConfig, steps: int, out: Path, settings: Sequence[str] 
     return runs
 
 
+def repeated(runs: dict[str, dict], seeds: int = 1, lrs: Sequence[float] = ()) -> dict[str, dict]:
+    """Each run at every lr of `lrs` (none: the config's) and `seeds` seeds (train.seed, + 1, ...): run
+    name -> config, each config's `_bench` key naming its base run, lr and seed (removed before training)."""
+    out = {}
+    for base, raw in runs.items():
+        for lr in lrs or [raw["train"]["lr"]]:
+            for k in range(seeds):
+                name = base + (f"-lr{lr:g}" if len(lrs) > 1 else "") + (f"-seed{k}" if seeds > 1 else "")
+                one = copy.deepcopy(raw)
+                one["train"].update(lr=lr, seed=raw["train"]["seed"] + k,
+                                    out_dir=str(Path(raw["train"]["out_dir"]).with_name(name)))
+                one["tracking"]["run_name"] = name
+                one["_bench"] = {"base": base, "lr": lr, "seed": one["train"]["seed"]}
+                out[name] = one
+    return out
+
+
+def spike(records: list[dict], warmup: int) -> float:
+    """How far a run's largest global gradient norm after warmup is above its median (a loss spike
+    shows as a ratio of 10 and more; 0 without norms)."""
+    norms = [r["global_grad_norm"] for r in records if r.get("global_grad_norm") is not None and r["step"] > warmup]
+    return max(norms) / statistics.median(norms) if len(norms) > 2 and statistics.median(norms) > 0 else 0.0
+
+
+SPIKE = 10.0  # a run whose gradient norm jumps this far above its median is flagged unstable
+
+
 def bench_ufo(cfg: UfoConfig, steps: int, out: Path, settings: Sequence[str] = UFO_SETTINGS,
-              launcher: str | None = None, overwrite: bool = False, log: Callable[[str], None] = print
-              ) -> dict[str, Any]:
+              launcher: str | None = None, overwrite: bool = False, log: Callable[[str], None] = print,
+              seeds: int = 1, lrs: Sequence[float] = ()) -> dict[str, Any]:
     """UFO's headline comparison on any config: every task trained alone, with hard sharing, with
     fixed, sampled and learned paths (and learned with both FFNs always, for the cost), each a plain
     `ufo train` run (in this process, or under `launcher`, e.g. "torchrun --nproc_per_node 8"),
     each task then measured by its protocol on the path the run trained toward (`ufo eval`'s code).
+    With `seeds` > 1 every run is repeated with other seeds (a cell is their mean, with their
+    standard deviation); with several `lrs` every run is trained at each and each setting reported
+    at its best lr on the eval sets. Every run's gradient-norm history is checked for spikes.
     Writes OUT/ufo.json, OUT/ufo.png and one MLflow run per setting plus a summary run."""
     out = out.resolve()
     uri = tracking_uri(cfg, out)  # the config's store, else MLFLOW_TRACKING_URI, else OUT/mlflow.db
-    runs = ufo_settings(cfg, steps, out, settings, uri=uri)
+    runs = repeated(ufo_settings(cfg, steps, out, settings, uri=uri), seeds, lrs)
     fresh_runs(out, list(runs), overwrite)
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"steps": steps, "tasks": list(cfg.tasks), "settings": {}, "launcher": launcher,
-                              "metrics": {t: primary_key(cfg, t) for t in cfg.tasks}}
+                              "metrics": {t: primary_key(cfg, t) for t in cfg.tasks}, "seeds": seeds,
+                              "lrs": list(lrs)}
     for name, raw in runs.items():
+        bench = raw.pop("_bench")
         run_cfg = config_from_dict(raw, f"bench ufo ({name})")
         log(f"== {name}: " + ", ".join(f"{t} {run_cfg.train.path_policy if run_cfg.train.path_policy != 'fixed' else p}"
                                        for t, p in ((t, run_cfg.path_of(t)) for t in run_cfg.tasks)))
@@ -117,7 +149,8 @@ def bench_ufo(cfg: UfoConfig, steps: int, out: Path, settings: Sequence[str] = U
         rates = [r["samples_per_s"] for r in records if "samples_per_s" in r]
         late = rates[len(rates) * 3 // 4:] or rates
         entry: dict[str, Any] = {"s_per_step": seconds / steps, "late_samples_per_s": statistics.mean(late)
-                                 if late else None, "tasks": {}}
+                                 if late else None, "tasks": {}, **bench,
+                                 "spike": spike(records, run_cfg.train.warmup_steps)}
         for task in run_cfg.tasks:
             report = eval_target(out / name, task, log=lambda _: None)
             entry["tasks"][task] = {"primary": report["primary"], "path": report["path"], "metrics": report["metrics"]}
@@ -126,21 +159,41 @@ def bench_ufo(cfg: UfoConfig, steps: int, out: Path, settings: Sequence[str] = U
             entry["open_blocks"] = {t: p.count("?") for t, p in marker["path_policy"]["decided"].items()}
         log("   " + "  ".join(f"{t} {v['primary']:.4f} ({v['path']})" for t, v in entry["tasks"].items()))
         result["settings"][name] = entry
-    result["table"] = _ufo_table(result)
+    result.update(_ufo_table(result))
     (out / "ufo.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_ufo(result, UFO_LABELS, out / "ufo.png")
     _log_ufo(cfg, result, out, uri)
     return result
 
 
-def _ufo_table(r: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """setting -> task -> the task's headline metric (the `alone` column from each task's own run)."""
-    table: dict[str, dict[str, float]] = {}
-    for name, entry in r["settings"].items():
-        setting = "alone" if name.startswith("alone-") else name
+def _ufo_table(r: dict[str, Any]) -> dict[str, Any]:
+    """The cells: setting -> task -> the mean of the task's headline metric over the seeds (`table`),
+    their standard deviation (`table_std`, 0 for one seed), at each setting's best lr on the eval sets
+    (`chosen_lr`: base run -> lr; the `alone` column from each task's own runs); `beyond_spread`:
+    setting -> task -> whether its difference from the task alone exceeds the two seed spreads
+    together; `unstable`: run -> its gradient-norm spike, for runs at SPIKE and above."""
+    values: dict[tuple[str, float], dict[str, list[float]]] = {}
+    for entry in r["settings"].values():
         for task, v in entry["tasks"].items():
-            table.setdefault(setting, {})[task] = v["primary"]
-    return table
+            values.setdefault((entry["base"], entry["lr"]), {}).setdefault(task, []).append(v["primary"])
+    chosen: dict[str, float] = {}
+    for (base, lr), tasks in values.items():
+        score = statistics.mean(statistics.mean(v) for v in tasks.values())
+        best = chosen.get(base)
+        if best is None or score > statistics.mean(statistics.mean(v) for v in values[(base, best)].values()):
+            chosen[base] = lr
+    table: dict[str, dict[str, float]] = {}
+    spread: dict[str, dict[str, float]] = {}
+    for base, lr in chosen.items():
+        setting = "alone" if base.startswith("alone-") else base
+        for task, v in values[(base, lr)].items():
+            table.setdefault(setting, {})[task] = statistics.mean(v)
+            spread.setdefault(setting, {})[task] = statistics.stdev(v) if len(v) > 1 else 0.0
+    alone = table.get("alone", {})
+    beyond = {s: {t: abs(m - alone[t]) > spread[s][t] + spread["alone"][t] for t, m in row.items() if t in alone}
+              for s, row in table.items() if s != "alone"}
+    unstable = {n: e["spike"] for n, e in r["settings"].items() if e.get("spike", 0.0) >= SPIKE}
+    return {"table": table, "table_std": spread, "chosen_lr": chosen, "beyond_spread": beyond, "unstable": unstable}
 
 
 def _log_ufo(cfg: UfoConfig, r: dict[str, Any], out: Path, uri: str) -> None:
@@ -158,22 +211,37 @@ def _log_ufo(cfg: UfoConfig, r: dict[str, Any], out: Path, uri: str) -> None:
 
 
 def format_ufo_bench(r: dict[str, Any]) -> str:
-    tasks, table = r["tasks"], r["table"]
+    tasks, table, std = r["tasks"], r["table"], r.get("table_std", {})
     settings = [s for s in UFO_SETTINGS if s in table]
-    lines = [f"ufo bench ufo: {r['steps']} steps per run; each task by its protocol's headline metric",
-             f"  {'setting':<28}" + "".join(f"{t + ' ' + r['metrics'][t]:>20}" for t in tasks) + f"{'s/step':>9}"]
+    seeds = r.get("seeds", 1)
+    lines = [f"ufo bench ufo: {r['steps']} steps per run" + (f", mean of {seeds} seeds (+- their standard deviation;"
+             " * where the difference from the task alone exceeds both spreads)" if seeds > 1 else "")
+             + "; each task by its protocol's headline metric",
+             f"  {'setting':<28}" + "".join(f"{t + ' ' + r['metrics'][t]:>24}" for t in tasks) + f"{'s/step':>9}"]
     for s in settings:
-        runs = [e for n, e in r["settings"].items() if n == s or (s == "alone" and n.startswith("alone-"))]
+        runs = [e for n, e in r["settings"].items() if e.get("base", n) == s or (s == "alone" and n.startswith("alone-"))]
         seconds = statistics.mean(e["s_per_step"] for e in runs)
-        lines.append(f"  {UFO_LABELS[s]:<28}" + "".join(f"{table[s].get(t, float('nan')):>20.4f}" for t in tasks)
-                     + f"{seconds:>9.3f}")
+        cells = []
+        for t in tasks:
+            mean = table[s].get(t, float("nan"))
+            mark = "*" if r.get("beyond_spread", {}).get(s, {}).get(t) and seeds > 1 else " "
+            cells.append(f"{mean:.4f} +- {std[s][t]:.4f}{mark}" if seeds > 1 and t in std.get(s, {})
+                         else f"{mean:.4f}")
+        lines.append(f"  {UFO_LABELS[s]:<28}" + "".join(f"{c:>24}" for c in cells) + f"{seconds:>9.3f}")
+    if len(r.get("lrs") or []) > 1:
+        lines.append("  lr of each setting, the best of " + ", ".join(f"{lr:g}" for lr in r["lrs"])
+                     + " on the eval sets: " + ", ".join(f"{b} {lr:g}" for b, lr in r["chosen_lr"].items()))
+    for name, ratio in (r.get("unstable") or {}).items():
+        lines.append(f"  unstable: {name}'s gradient norm jumped to {ratio:.0f}x its median (a loss spike: "
+                     "try a lower lr or a longer warmup)")
     for name in ("learned", "learned_both"):
-        e = r["settings"].get(name)
+        e = next((e for n, e in r["settings"].items() if e.get("base", n) == name), None)
         if e:
             paths = " ".join(f"{t}={v['path']}" for t, v in e["tasks"].items())
             lines.append(f"  {name}: paths {paths}; open blocks at the end {e.get('open_blocks')}; "
                          f"late samples/s {e['late_samples_per_s']:.0f}")
-    if "learned" in r["settings"] and "learned_both" in r["settings"]:
-        a, b = r["settings"]["learned"]["late_samples_per_s"], r["settings"]["learned_both"]["late_samples_per_s"]
+    both = [next((e for n, e in r["settings"].items() if e.get("base", n) == b), None) for b in ("learned", "learned_both")]
+    if all(both):
+        a, b = both[0]["late_samples_per_s"], both[1]["late_samples_per_s"]
         lines.append(f"  once settled, a learned step runs at {a / b:.2f}x the samples/s of both FFNs always")
     return "\n".join(lines)
