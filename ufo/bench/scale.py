@@ -118,14 +118,14 @@ def _head_config(cfg: UfoConfig, classes: int, ranks: int, partial_fc: bool, zer
 
 
 def bench_partial_fc(cfg: UfoConfig, classes: int = 1_000_000, ranks: Sequence[int] = (1, 2, 4), zero: int = 1,
-                     steps: int = 2) -> dict[str, Any]:
+                     steps: int = 2, heads: Sequence[str] = ("dense", "partial_fc")) -> dict[str, Any]:
     """Per-rank bytes of a `classes`-identity margin head (centres, their fp32 masters and Adam moments)
     on k ranks of one task, dense (every rank holds every centre and its gradient; ZeRO partitions the
     optimizer state) vs Partial FC (each rank its 1/k of the centres), measured on CPU ranks after
     `steps` optimizer steps."""
     rows = []
     for k in ranks:
-        for partial in (False, True):
+        for partial in [h == "partial_fc" for h in heads]:
             measured = spawn_ranks(_head_rank, (_head_config(cfg, classes, k, partial, zero), steps), k)
             rows.append({"ranks": k, "head": "partial_fc" if partial else "dense",
                          **{key: max(r[key] for r in measured) for key in ("centres", "weight_bytes",
