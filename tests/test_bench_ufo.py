@@ -104,3 +104,17 @@ def test_seeds_and_lrs_make_a_cell_of_means_at_each_settings_best_lr():
     assert "unstable: hard-hi-s1" in text
     records = [{"step": s, "global_grad_norm": n} for s, n in enumerate([9.0, 1.0, 1.2, 0.9, 30.0, 1.1], 1)]
     assert spike(records, warmup=1) == 30.0 / 1.1 and spike(records[:2], warmup=0) == 0.0
+
+
+def test_a_setting_under_another_weighting_is_a_setting_of_its_own(tiny_cfg, tmp_path):
+    from ufo.bench.ufo import labels, ufo_settings
+    from ufo.errors import ConfigError
+
+    runs = ufo_settings(tiny_cfg, 3, tmp_path, ["hard", "hard+uncertainty", "fixed+dwa"])
+    assert runs["hard+uncertainty"]["train"]["weighting"] == {"name": "uncertainty"}
+    assert runs["hard+uncertainty"]["train"]["out_dir"] == str(tmp_path / "hard+uncertainty")
+    assert {t["path"] for t in runs["hard+uncertainty"]["tasks"].values()} == {"S" * tiny_cfg.model.depth}
+    assert runs["hard"]["train"]["weighting"]["name"] == tiny_cfg.train.weighting.name
+    assert labels({"fixed+dwa": {}, "hard": {}}) == {"hard": "hard sharing (all S)", "fixed+dwa": "UFO, fixed paths, dwa"}
+    with pytest.raises(ConfigError, match="alone\\+dwa: a weighting applies to"):
+        ufo_settings(tiny_cfg, 3, tmp_path, ["alone+dwa"])

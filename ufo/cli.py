@@ -228,7 +228,10 @@ def _parser() -> argparse.ArgumentParser:
                                        "learned paths, by each task's protocol")
     training_bench_args(b, steps=300, out="runs/bench-ufo")
     b.add_argument("--settings", default="all", help="comma-separated: alone,hard,fixed,sample,learned,"
-                   "learned_both (default: all)")
+                   "learned_both (default: all); SETTING+WEIGHTING runs a setting under another loss weighting, "
+                   "e.g. fixed+uncertainty")
+    b.add_argument("--weightings", default="", help="comma-separated train.weighting names: each adds the "
+                   "setting fixed+NAME (fixed paths under that weighting)")
     b.add_argument("--launcher", help='run each setting under a launcher, e.g. "torchrun --nproc_per_node 8" '
                    "(default: in this process)")
     b.add_argument("--seeds", type=int, default=1, help="runs of each setting with seeds train.seed, +1, ...: "
@@ -571,6 +574,7 @@ def _bench_ufo(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     settings = list(UFO_SETTINGS) if args.settings == "all" else [s.strip() for s in args.settings.split(",")]
+    settings += [f"fixed+{w.strip()}" for w in args.weightings.split(",") if w.strip()]
     if args.seeds < 1:
         raise UfoError(f"--seeds {args.seeds}: give at least 1")
     try:

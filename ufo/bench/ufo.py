@@ -52,7 +52,19 @@ def ufo_settings(cfg: UfoConfig, steps: int, out: Path, settings: Sequence[str] 
         runs[name] = raw
 
     for name in settings:
-        if name == "alone":
+        setting, _, weighting = name.partition("+")
+        if weighting:  # a setting under another loss weighting, e.g. fixed+uncertainty
+            def weighted(raw, setting=setting, weighting=weighting):
+                sub = ufo_settings(cfg, steps, out, [setting], uri)
+                (inner,) = sub.values()
+                raw.update({k: v for k, v in inner.items() if k not in ("train", "tracking")})
+                raw["train"] = {**inner["train"], "out_dir": raw["train"]["out_dir"],
+                                "weighting": {"name": weighting}}
+            if setting in ("alone", "") or setting not in UFO_SETTINGS:
+                raise ConfigError(f"--settings: {name}: a weighting applies to hard, fixed, sample, learned or "
+                                  "learned_both (a task alone has one loss)")
+            run(name, weighted)
+        elif name == "alone":
             for task in cfg.tasks:
                 def alone(raw, task=task):
                     raw["tasks"] = {task: {**raw["tasks"][task], "path": "S" * depth, "ranks": None}}
@@ -161,7 +173,7 @@ def bench_ufo(cfg: UfoConfig, steps: int, out: Path, settings: Sequence[str] = U
         result["settings"][name] = entry
     result.update(_ufo_table(result))
     (out / "ufo.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot_ufo(result, UFO_LABELS, out / "ufo.png")
+    plot_ufo(result, labels(result["table"]), out / "ufo.png")
     _log_ufo(cfg, result, out, uri)
     return result
 
@@ -210,9 +222,20 @@ def _log_ufo(cfg: UfoConfig, r: dict[str, Any], out: Path, uri: str) -> None:
     tracker.close()
 
 
+def labels(table: dict) -> dict[str, str]:
+    """Each setting's legend, in UFO_SETTINGS's order, then the settings run under other weightings."""
+    out = {s: UFO_LABELS[s] for s in UFO_SETTINGS if s in table}
+    for s in table:
+        if "+" in s:
+            setting, _, weighting = s.partition("+")
+            out[s] = f"{UFO_LABELS[setting]}, {weighting}"
+    return out
+
+
 def format_ufo_bench(r: dict[str, Any]) -> str:
     tasks, table, std = r["tasks"], r["table"], r.get("table_std", {})
-    settings = [s for s in UFO_SETTINGS if s in table]
+    names = labels(table)
+    settings = list(names)
     seeds = r.get("seeds", 1)
     lines = [f"ufo bench ufo: {r['steps']} steps per run" + (f", mean of {seeds} seeds (+- their standard deviation;"
              " * where the difference from the task alone exceeds both spreads)" if seeds > 1 else "")
@@ -227,7 +250,7 @@ def format_ufo_bench(r: dict[str, Any]) -> str:
             mark = "*" if r.get("beyond_spread", {}).get(s, {}).get(t) and seeds > 1 else " "
             cells.append(f"{mean:.4f} +- {std[s][t]:.4f}{mark}" if seeds > 1 and t in std.get(s, {})
                          else f"{mean:.4f}")
-        lines.append(f"  {UFO_LABELS[s]:<28}" + "".join(f"{c:>24}" for c in cells) + f"{seconds:>9.3f}")
+        lines.append(f"  {names[s]:<28}" + "".join(f"{c:>24}" for c in cells) + f"{seconds:>9.3f}")
     if len(r.get("lrs") or []) > 1:
         lines.append("  lr of each setting, the best of " + ", ".join(f"{lr:g}" for lr in r["lrs"])
                      + " on the eval sets: " + ", ".join(f"{b} {lr:g}" for b, lr in r["chosen_lr"].items()))
