@@ -126,7 +126,8 @@ def launch4(config, out, *sets: str):
 @pytest.mark.dist
 def test_sharded_resume_after_kill_9_and_export_equal_the_replicated_run(tmp_path):
     """4 ranks, 2 tasks x 2: killed (launcher and ranks, no goodbye) and resumed equals the straight
-    run bit for bit; every task's subnet exported from it equals the replicated run's export."""
+    run bit for bit; resumed at step 4 under the replicated placement it ends where the straight run
+    does, and every task's subnet exported from it equals the sharded run's export."""
     import re
 
     import yaml
@@ -161,22 +162,21 @@ def test_sharded_resume_after_kill_9_and_export_equal_the_replicated_run(tmp_pat
     for name in want:
         assert torch.equal(want[name], got[name]), name
 
-    run("replicated", "replicated.log", "train.placement=replicated")
-    assert "placement replicated" in (tmp_path / "replicated.log").read_text()
-
     # the sharded run's step-4 checkpoint resumed under the replicated placement: its weights and Adam
     # state taken by name from the task ranks' ZeRO partitions, it ends where the straight run does
+    # (steps 5-8 trained replicated: the two placements train alike)
     import shutil
 
     shutil.copytree(tmp_path / "straight", tmp_path / "moved")
     shutil.rmtree(tmp_path / "moved" / "checkpoints" / "step00000008")
     run("moved", "moved.log", "train.placement=replicated")
+    assert "placement replicated" in (tmp_path / "moved.log").read_text()
     assert "resuming step00000004 of 4 ranks, placement task_sharded" in (tmp_path / "moved.log").read_text()
     moved = read_checkpoint(tmp_path / "moved").state_dict
     for name in want:
         assert (want[name] - moved[name]).abs().max().item() < 1e-5, name
     export_all_tasks(tmp_path / "straight", tmp_path / "sharded-subnets", log=lambda _: None)
-    export_all_tasks(tmp_path / "replicated", tmp_path / "replicated-subnets", log=lambda _: None)
+    export_all_tasks(tmp_path / "moved", tmp_path / "replicated-subnets", log=lambda _: None)
     for task in TASKS:
         a = load_file(tmp_path / "sharded-subnets" / task / "model.safetensors")
         b = load_file(tmp_path / "replicated-subnets" / task / "model.safetensors")
