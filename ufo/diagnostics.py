@@ -34,10 +34,11 @@ class Diagnostics:
         """`own_norm`: the global gradient norm where the engine computes none (fp32 without ZeRO),
         called between the last backward and the step."""
         self.tasks, self.every, self.own_norm = list(tasks), every, own_norm
-        self.shared = [p for n, p in module.named_parameters()
-                       if p.requires_grad and task_of(canonical_name(n)) is None]
+        shared = [(n, p) for n, p in module.named_parameters()
+                  if p.requires_grad and task_of(canonical_name(n)) is None]
+        self.shared_names = [n for n, _ in shared]
         self.offsets = [0]
-        for p in self.shared:
+        for _, p in shared:
             self.offsets.append(self.offsets[-1] + p.numel())
         self.buffer: torch.Tensor | None = None
         self.first: torch.Tensor | None = None  # each task's loss at the run's first step (NaN: not yet seen)
@@ -60,10 +61,9 @@ class Diagnostics:
         the random state the training forward then starts from (the same drop-path masks)."""
         from torch.nn.utils.stateless import _reparametrize_module
 
-        names = [n for n, _ in module.named_parameters()]
         stand_ins = {n: p.detach().requires_grad_(p.requires_grad) for n, p in module.named_parameters()}
         state = {**stand_ins, **{n: b.detach().clone() for n, b in module.named_buffers()}}
-        shared = [stand_ins[n] for n, p in zip(names, module.parameters()) if any(p is q for q in self.shared)]
+        shared = [stand_ins[n] for n in self.shared_names]
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices), _reparametrize_module(module, state):
             losses = module.forward(images, slices, labels, reduction="sum")  # not __call__: no engine hooks
