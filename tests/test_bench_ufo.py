@@ -15,14 +15,17 @@ def test_bench_ufo_trains_each_setting_as_a_run_and_compares_them(tmp_path, caps
     from ufo.config import config_from_dict
     from ufo.model import subnet_args
 
-    raw = tiny_run(tmp_path, ("person", "digits"))
+    raw = tiny_run(tmp_path, ("face", "person", "digits"))
     config = tmp_path / "c.yaml"
     config.write_text(__import__("yaml").safe_dump(raw))
     out = tmp_path / "bench"
-    assert main(["bench", "ufo", str(config), "--steps", "3", "--out", str(out),
-                 "--settings", "alone,hard,learned,learned_both"]) in (0, None)
+    assert main(["bench", "ufo", str(config), "--tasks", "person,nobody", "--out", str(out)]) == 2
+    assert "--tasks: nobody: not a task of the config (its tasks: digits, face, person)" in capsys.readouterr().err
+    assert main(["bench", "ufo", str(config), "--steps", "3", "--out", str(out), "--tasks", "person,digits",
+                 "--eval-every", "2", "--settings", "alone,hard,learned,learned_both"]) in (0, None)
     text = capsys.readouterr().out
     assert "person rank1" in text and "digits top1" in text and "task alone (plain ViT)" in text
+    assert "each task at its best of the evaluations every 2 steps" in text
     assert "once settled, a learned step runs at" in text
     result = json.loads((out / "ufo.json").read_text())
     assert set(result["table"]) == {"alone", "hard", "learned", "learned_both"}
@@ -34,6 +37,10 @@ def test_bench_ufo_trains_each_setting_as_a_run_and_compares_them(tmp_path, caps
     plain = VisionTransformer(**subnet_args(cfg, "digits"))
     assert sum(t.numel() for t in alone.state_dict.values()) == sum(p.numel() for p in plain.parameters())
     assert result["settings"]["hard"]["tasks"]["person"]["path"] == "SSSS"
+    best = json.loads((out / "hard" / "checkpoints" / "best.json").read_text())
+    for task, cell in result["settings"]["hard"]["tasks"].items():  # each task at its best step of 2 and 3
+        assert cell["best_step"] == best[task]["step"] in (2, 3) and cell["primary"] == best[task]["value"]
+        assert cell["primary"] >= cell["last"]
     assert result["settings"]["learned_both"]["open_blocks"] == {"person": 4, "digits": 4}  # never decided
     assert (out / "ufo.png").stat().st_size > 1000
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")

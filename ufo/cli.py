@@ -234,10 +234,14 @@ def _parser() -> argparse.ArgumentParser:
                    "setting fixed+NAME (fixed paths under that weighting)")
     b.add_argument("--launcher", help='run each setting under a launcher, e.g. "torchrun --nproc_per_node 8" '
                    "(default: in this process)")
+    b.add_argument("--tasks", default="", help="comma-separated: only these of the config's tasks, e.g. a related "
+                   "pair (default: all)")
     b.add_argument("--seeds", type=int, default=1, help="runs of each setting with seeds train.seed, +1, ...: "
                    "mean and standard deviation per cell (default 1)")
     b.add_argument("--lrs", default="", help="comma-separated lrs: every setting trained at each and reported at "
                    "its best on the eval sets (default: the config's)")
+    b.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps and report each task at its "
+                   "best step (train.keep_best; default: the last step only)")
     b.set_defaults(run=_bench_ufo)
     b = benches.add_parser("elastic", help="metric at 25/50/100%% of the subnet's parameters: elastic vs from scratch")
     training_bench_args(b, steps=150, out="runs/bench-elastic")
@@ -569,20 +573,25 @@ def _bench_weighting(args: argparse.Namespace) -> None:
 
 def _bench_ufo(args: argparse.Namespace) -> None:
     from ufo.bench.harness import show
-    from ufo.bench.ufo import UFO_SETTINGS, bench_ufo, format_ufo_bench
+    from ufo.bench.ufo import UFO_SETTINGS, bench_ufo, format_ufo_bench, only_tasks
     from ufo.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if args.tasks:
+        cfg = only_tasks(cfg, [t.strip() for t in args.tasks.split(",") if t.strip()])
     settings = list(UFO_SETTINGS) if args.settings == "all" else [s.strip() for s in args.settings.split(",")]
     settings += [f"fixed+{w.strip()}" for w in args.weightings.split(",") if w.strip()]
     if args.seeds < 1:
         raise UfoError(f"--seeds {args.seeds}: give at least 1")
+    if not 0 <= args.eval_every <= args.steps:
+        raise UfoError(f"--eval-every {args.eval_every}: give 0 (the last step only) up to --steps {args.steps}")
     try:
         lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
     except ValueError:
         raise UfoError(f"--lrs {args.lrs}: give comma-separated numbers, e.g. 5e-4,1e-3,2e-3") from None
     result = bench_ufo(cfg, args.steps, args.out, settings, launcher=args.launcher, overwrite=args.overwrite,
-                       log=(lambda _: None) if args.json else print, seeds=args.seeds, lrs=lrs)
+                       log=(lambda _: None) if args.json else print, seeds=args.seeds, lrs=lrs,
+                       eval_every=args.eval_every)
     show(result, format_ufo_bench, args.json)
     if not args.json:
         print(f"wrote {args.out / 'ufo.json'} and {args.out / 'ufo.png'}")

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from ufo.bench.harness import fresh_runs
+from ufo.best import read_best
 from ufo.config import UfoConfig, config_from_dict
 from ufo.errors import ConfigError
 from ufo.evaluate import eval_target, primary_key
@@ -30,17 +31,30 @@ UFO_LABELS = {"alone": "task alone (plain ViT)", "hard": "hard sharing (all S)",
               "learned_both": "learned, both FFNs always"}
 
 
+def only_tasks(cfg: UfoConfig, tasks: Sequence[str]) -> UfoConfig:
+    """The config with only `tasks` (in the config's order): a pair of a config's tasks benchmarked
+    by itself (`ufo bench ufo --tasks a,b`)."""
+    unknown = [t for t in tasks if t not in cfg.tasks]
+    if unknown:
+        raise ConfigError(f"--tasks: {', '.join(unknown)}: not a task of the config (its tasks: {', '.join(cfg.tasks)})")
+    raw = cfg.to_dict()
+    raw["tasks"] = {t: v for t, v in raw["tasks"].items() if t in tasks}
+    return config_from_dict(raw, f"the config's tasks {', '.join(raw['tasks'])}")
+
+
 def ufo_settings(cfg: UfoConfig, steps: int, out: Path, settings: Sequence[str] = UFO_SETTINGS,
-                 uri: str | None = None) -> dict[str, dict]:
+                 uri: str | None = None, eval_every: int = 0) -> dict[str, dict]:
     """The runs of `ufo bench ufo`: run name -> a plain ufo config (same data, steps, model, seed).
     `alone-<task>`: the task by itself on a path of FFN-shared only (a plain ViT of its subnet's
     size); `hard`: every task on the all-shared path; `fixed`: the configured paths; `sample`:
     one-shot paths, evaluated on the configured ones; `learned`: `train.path_policy: learned`;
-    `learned_both`: the same, never deciding (both FFNs of every block always run, as VIMER-UFO)."""
+    `learned_both`: the same, never deciding (both FFNs of every block always run, as VIMER-UFO).
+    `eval_every` > 0: every run evaluates every so many steps and keeps each task's best checkpoint
+    (`train.keep_best`)."""
     base = cfg.to_dict()
     depth = cfg.model.depth
-    base["train"].update(steps=steps, warmup_steps=min(base["train"]["warmup_steps"], steps // 2), eval_every=0,
-                         checkpoint_every=0)
+    base["train"].update(steps=steps, warmup_steps=min(base["train"]["warmup_steps"], steps // 2),
+                         eval_every=eval_every, keep_best=eval_every > 0, checkpoint_every=0)
     runs: dict[str, dict] = {}
 
     def run(name: str, change) -> None:
@@ -55,7 +69,7 @@ def ufo_settings(cfg: UfoConfig, steps: int, out: Path, settings: Sequence[str] 
         setting, _, weighting = name.partition("+")
         if weighting:  # a setting under another loss weighting, e.g. fixed+uncertainty
             def weighted(raw, setting=setting, weighting=weighting):
-                sub = ufo_settings(cfg, steps, out, [setting], uri)
+                sub = ufo_settings(cfg, steps, out, [setting], uri, eval_every)
                 (inner,) = sub.values()
                 raw.update({k: v for k, v in inner.items() if k not in ("train", "tracking")})
                 raw["train"] = {**inner["train"], "out_dir": raw["train"]["out_dir"],
@@ -121,23 +135,25 @@ SPIKE = 10.0  # a run whose gradient norm jumps this far above its median is fla
 
 def bench_ufo(cfg: UfoConfig, steps: int, out: Path, settings: Sequence[str] = UFO_SETTINGS,
               launcher: str | None = None, overwrite: bool = False, log: Callable[[str], None] = print,
-              seeds: int = 1, lrs: Sequence[float] = ()) -> dict[str, Any]:
+              seeds: int = 1, lrs: Sequence[float] = (), eval_every: int = 0) -> dict[str, Any]:
     """UFO's headline comparison on any config: every task trained alone, with hard sharing, with
     fixed, sampled and learned paths (and learned with both FFNs always, for the cost), each a plain
     `ufo train` run (in this process, or under `launcher`, e.g. "torchrun --nproc_per_node 8"),
     each task then measured by its protocol on the path the run trained toward (`ufo eval`'s code).
     With `seeds` > 1 every run is repeated with other seeds (a cell is their mean, with their
     standard deviation); with several `lrs` every run is trained at each and each setting reported
-    at its best lr on the eval sets. Every run's gradient-norm history is checked for spikes.
+    at its best lr on the eval sets. With `eval_every` > 0 every run evaluates every so many steps and
+    each task is reported at its best step (its best checkpoint's metric, the step said in the JSON).
+    Every run's gradient-norm history is checked for spikes.
     Writes OUT/ufo.json, OUT/ufo.png and one MLflow run per setting plus a summary run."""
     out = out.resolve()
     uri = tracking_uri(cfg, out)  # the config's store, else MLFLOW_TRACKING_URI, else OUT/mlflow.db
-    runs = repeated(ufo_settings(cfg, steps, out, settings, uri=uri), seeds, lrs)
+    runs = repeated(ufo_settings(cfg, steps, out, settings, uri=uri, eval_every=eval_every), seeds, lrs)
     fresh_runs(out, list(runs), overwrite)
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"steps": steps, "tasks": list(cfg.tasks), "settings": {}, "launcher": launcher,
                               "metrics": {t: primary_key(cfg, t) for t in cfg.tasks}, "seeds": seeds,
-                              "lrs": list(lrs)}
+                              "lrs": list(lrs), "eval_every": eval_every}
     for name, raw in runs.items():
         bench = raw.pop("_bench")
         run_cfg = config_from_dict(raw, f"bench ufo ({name})")
@@ -163,9 +179,13 @@ def bench_ufo(cfg: UfoConfig, steps: int, out: Path, settings: Sequence[str] = U
         entry: dict[str, Any] = {"s_per_step": seconds / steps, "late_samples_per_s": statistics.mean(late)
                                  if late else None, "tasks": {}, **bench,
                                  "spike": spike(records, run_cfg.train.warmup_steps)}
+        best = read_best(out / name / "checkpoints") if eval_every else {}
         for task in run_cfg.tasks:
             report = eval_target(out / name, task, log=lambda _: None)
             entry["tasks"][task] = {"primary": report["primary"], "path": report["path"], "metrics": report["metrics"]}
+            if task in best:  # the task's best step: what its best checkpoint measured when it was saved
+                entry["tasks"][task].update(primary=best[task]["value"], best_step=best[task]["step"],
+                                            last=report["primary"])
         if run_cfg.train.path_policy == "learned":
             marker = json.loads(next(iter(sorted((out / name / "checkpoints").glob("step*/ufo.json")))).read_text())
             entry["open_blocks"] = {t: p.count("?") for t, p in marker["path_policy"]["decided"].items()}
@@ -237,7 +257,8 @@ def format_ufo_bench(r: dict[str, Any]) -> str:
     names = labels(table)
     settings = list(names)
     seeds = r.get("seeds", 1)
-    lines = [f"ufo bench ufo: {r['steps']} steps per run" + (f", mean of {seeds} seeds (+- their standard deviation;"
+    lines = [f"ufo bench ufo: {r['steps']} steps per run" + (f" (each task at its best of the evaluations every "
+             f"{r['eval_every']} steps)" if r.get("eval_every") else "") + (f", mean of {seeds} seeds (+- their standard deviation;"
              " * where the difference from the task alone exceeds both spreads)" if seeds > 1 else "")
              + "; each task by its protocol's headline metric",
              f"  {'setting':<28}" + "".join(f"{t + ' ' + r['metrics'][t]:>24}" for t in tasks) + f"{'s/step':>9}"]
