@@ -143,20 +143,7 @@ def mlflow_steps(out: Path, metric: str) -> tuple[str, list[int]]:
 
 
 @pytest.mark.dist
-def test_sbatch_trains_the_demo_config(slurm, tmp_path):
-    out, log = tmp_path / "out", tmp_path / "job.log"
-    job_id = submit(slurm, out, log, *demo_overrides(tmp_path, out)[2:])
-    state = wait_for(slurm, job_id, lambda s: s["JobState"] not in ("PENDING", "RUNNING", "CONFIGURING"),
-                     "to an end", log)
-    text = log.read_text()
-    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", text[-3000:]
-    assert f"ufo slurm job {job_id} start 1: 1 node(s), 2 ranks" in text and "2 ranks, ZeRO 0" in text
-    assert [p.name for p in complete_checkpoints(out / "checkpoints")] == ["step00000006"]
-    assert mlflow_steps(out, "loss/persons") == ("FINISHED", [1, 2, 3, 4, 5, 6])
-
-
-@pytest.mark.dist
-def test_a_preempted_job_is_requeued_and_resumes(slurm, tmp_path):
+def test_sbatch_trains_the_demo_config_and_a_preempted_job_is_requeued_and_resumes(slurm, tmp_path):
     out, log = tmp_path / "out", tmp_path / "job.log"
     args = demo_overrides(tmp_path, out)[2:] + ["--set", "train.steps=40"]
     job_id = submit(slurm, out, log, *args)
@@ -178,7 +165,8 @@ def test_a_preempted_job_is_requeued_and_resumes(slurm, tmp_path):
     state = wait_for(slurm, job_id, lambda s: s["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
                      and s["Restarts"] == "1", "to an end after its restart", log)
     text = log.read_text()
-    assert state["JobState"] == "COMPLETED", text[-3000:]
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", text[-3000:]
+    assert f"ufo slurm job {job_id} start 1: 1 node(s), 2 ranks" in text and "2 ranks, ZeRO 0" in text
     stopped = re.search(r"stopped by SIGUSR1 at step (\d+)", text)
     assert stopped, text[-3000:]
     assert "checkpointed on a signal, requeueing" in text and f"ufo slurm job {job_id} start 2" in text
