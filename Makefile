@@ -14,7 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[onnx,test]'
 	touch $@
 
-# the demo's three tasks (paths as in configs/demo.yaml): real digits, synthetic shapes and persons
+# the demo's four tasks (paths as in configs/demo.yaml): real digits, synthetic shapes, and persons and
+# shoppers: two re-identification tasks from one renderer, each with its own identities and cameras
 data: venv
 	$(BIN)/ufo data write --task digits --from sklearn:digits --out $(DATA)/digits \
 		--eval-fraction 0.2 --maxcount 500 --overwrite
@@ -22,6 +23,8 @@ data: venv
 		--out $(DATA)/shapes --eval-fraction 0.2 --maxcount 1000 --overwrite
 	$(BIN)/ufo data write --task persons --from synth:persons --classes 50 --samples 3000 --difficulty 0.5 \
 		--out $(DATA)/persons --maxcount 1000 --seed 1 --overwrite
+	$(BIN)/ufo data write --task shoppers --from synth:persons --classes 50 --samples 3000 --difficulty 0.5 \
+		--out $(DATA)/shoppers --maxcount 1000 --seed 1 --overwrite
 	$(BIN)/ufo data inspect $(DATA)/persons/query --sheet $(DATA)/persons-contact-sheet.png
 
 # train on 2 CPU ranks with DeepSpeed (a rerun resumes, or just evaluates a finished run), then

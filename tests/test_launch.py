@@ -17,18 +17,23 @@ from ufo.data import open_source, write_task_shards
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "launch" / "train.sh"
-DEMO_TASKS = {"digits": ("classification", 10), "shapes": ("classification", 8), "persons": ("retrieval", 50)}
+DEMO_TASKS = {"digits": ("classification", 10), "shapes": ("classification", 8), "persons": ("retrieval", 50),
+              "shoppers": ("retrieval", 50)}
 
 
 def sh(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(list(args), capture_output=True, text=True, check=check, **kw)
 
 
+def needs_root() -> None:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 (`ip netns`) to make two test hosts")
+
+
 @pytest.fixture
 def two_hosts():
     """Two network namespaces, 10.77.x.1 and 10.77.x.2, joined by a veth pair; removed afterwards."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2 (`ip netns`) to make two test hosts")
+    needs_root()
     tag = f"{os.getpid() % 10000}"
     a, b, net = f"ufo{tag}a", f"ufo{tag}b", f"10.77.{os.getpid() % 250}"
     made = sh("ip", "netns", "add", a, check=False)
@@ -50,7 +55,7 @@ def two_hosts():
 
 
 def demo_overrides(tmp_path: Path, out: Path) -> list[str]:
-    """configs/demo.yaml on small shards of its three tasks, a few steps."""
+    """configs/demo.yaml on small shards of its four tasks, a few steps."""
     sets = [f"train.out_dir={out}", "train.steps=6", "train.eval_every=0", "train.checkpoint_every=0",
             "train.log_every=1"]
     for task, (kind, classes) in DEMO_TASKS.items():
@@ -84,14 +89,22 @@ def test_launch_script_refuses_bad_arguments_in_one_line(tmp_path):
     assert "--launcher torchrun|deepspeed" in sh(str(SCRIPT), "--help").stdout
 
 
-@pytest.mark.dist
-@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
-def test_two_hosts_train_the_demo_config_like_one_host(tmp_path, two_hosts, launcher):
+@pytest.fixture(scope="module")
+def one_host(tmp_path_factory) -> Path:
+    """The demo config's few steps on this host (2 ranks, the script's default launcher): the run
+    both launchers' two-host runs are compared with; its data is theirs too."""
+    needs_root()  # (a module's fixtures come before a test's: skip before training for nothing)
+    root = tmp_path_factory.mktemp("one_host")
     one = subprocess.run([str(SCRIPT), "--procs-per-node", "2", "--master-port", str(29700 + os.getpid() % 100),
-                          str(REPO / "configs" / "demo.yaml"), *demo_overrides(tmp_path, tmp_path / "one")],
+                          str(REPO / "configs" / "demo.yaml"), *demo_overrides(root, root / "one")],
                          capture_output=True, text=True, env=env(), cwd=REPO, timeout=600)
     assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-2000:]
+    return root
 
+
+@pytest.mark.dist
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_two_hosts_train_the_demo_config_like_one_host(tmp_path, two_hosts, one_host, launcher):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("".join(f"{addr} slots=1\n" for _, _, addr in two_hosts))
     master = two_hosts[0][2]
@@ -101,7 +114,7 @@ def test_two_hosts_train_the_demo_config_like_one_host(tmp_path, two_hosts, laun
                 str(rank), "--master-addr", master, "--master-port", "29555", "--iface", iface]
         if launcher == "deepspeed":
             args += ["--hostfile", str(hostfile)]
-        args += [str(REPO / "configs" / "demo.yaml"), *demo_overrides(tmp_path, tmp_path / "two")]
+        args += [str(REPO / "configs" / "demo.yaml"), *demo_overrides(one_host, tmp_path / "two")]  # its shards
         procs.append(subprocess.Popen(args, stdout=open(tmp_path / f"host{rank}.log", "w"),
                                       stderr=subprocess.STDOUT, env=env(), cwd=REPO))
     for rank, proc in enumerate(procs):
@@ -111,8 +124,8 @@ def test_two_hosts_train_the_demo_config_like_one_host(tmp_path, two_hosts, laun
 
     # the same checkpoint layout as one host, and the same weights: the ranks met over the veth pair
     step = "checkpoints/step00000006"
-    assert sorted(p.name for p in (tmp_path / "one" / step).iterdir()) == \
+    assert sorted(p.name for p in (one_host / "one" / step).iterdir()) == \
         sorted(p.name for p in (tmp_path / "two" / step).iterdir())
-    want, got = read_checkpoint(tmp_path / "one").state_dict, read_checkpoint(tmp_path / "two").state_dict
+    want, got = read_checkpoint(one_host / "one").state_dict, read_checkpoint(tmp_path / "two").state_dict
     for name in want:
         assert torch.equal(want[name], got[name]), name
