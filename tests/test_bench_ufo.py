@@ -41,6 +41,13 @@ def test_bench_ufo_trains_each_setting_as_a_run_and_compares_them(tmp_path, caps
     for task, cell in result["settings"]["hard"]["tasks"].items():  # each task at its best step of 2 and 3
         assert cell["best_step"] == best[task]["step"] in (2, 3) and cell["primary"] == best[task]["value"]
         assert cell["primary"] >= cell["last"]
+    # the run's diagnostics, read every step of 3 (ten readings a run at least): shares of the shared
+    # gradient, by the step's weights; speed = the last step's loss / the first's (a tenth of 3 steps)
+    diagnosis = result["settings"]["hard"]["diagnosis"]
+    history = [json.loads(line) for line in (out / "hard" / "history.jsonl").read_text().splitlines()]
+    assert sum("shared_grad_norm" in h for h in history) == 3 and set(diagnosis["cosine"]) == {"digits-person"}
+    assert abs(sum(diagnosis["share"].values()) - 1) < 1e-9
+    assert diagnosis["speed"]["person"] == history[-1]["loss"]["person"] / history[0]["loss"]["person"]
     assert result["settings"]["learned_both"]["open_blocks"] == {"person": 4, "digits": 4}  # never decided
     assert (out / "ufo.png").stat().st_size > 1000
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
@@ -125,3 +132,37 @@ def test_a_setting_under_another_weighting_is_a_setting_of_its_own(tiny_cfg, tmp
     assert labels({"fixed+dwa": {}, "hard": {}}) == {"hard": "hard sharing (all S)", "fixed+dwa": "UFO, fixed paths, dwa"}
     with pytest.raises(ConfigError, match="alone\\+dwa: a weighting applies to"):
         ufo_settings(tiny_cfg, 3, tmp_path, ["alone+dwa"])
+
+
+def test_causes_name_what_the_diagnostics_show_for_each_gap():
+    """Each task below its alone run beyond the seeds' spread gets the causes its runs' diagnostics
+    show (slow, outweighed by whom, conflicting with whom, or none) and the knob for each; a task
+    within the spread gets none."""
+    from ufo.bench.ufo import KNOBS, _ufo_table, format_ufo_bench
+
+    def entry(base, seed, diagnosis, **primary):
+        return {"base": base, "lr": 1e-3, "seed": seed, "s_per_step": 1.0, "late_samples_per_s": 1.0, "spike": 1.0,
+                "tasks": {t: {"primary": v, "path": "SS"} for t, v in primary.items()}, "diagnosis": diagnosis}
+
+    alone_a = {"speed": {"a": 0.30}, "share": {"a": 1.0}, "cosine": {}}
+    alone_b = {"speed": {"b": 0.50}, "share": {"b": 1.0}, "cosine": {}}
+    hard = {"speed": {"a": 0.90, "b": 0.50}, "share": {"a": 0.10, "b": 0.90}, "cosine": {"a-b": -0.20}}
+    fixed = {"speed": {"a": 0.32, "b": 0.49}, "share": {"a": 0.45, "b": 0.55}, "cosine": {"a-b": 0.10}}
+    settings = {f"{b}-s{k}": entry(b, k, d, **v) for b, d, v in (
+        ("alone-a", alone_a, {"a": 0.80}), ("alone-b", alone_b, {"b": 0.50}),
+        ("hard", hard, {"a": 0.40, "b": 0.51}), ("fixed", fixed, {"a": 0.60, "b": 0.50})) for k in (0, 1)}
+    settings["fixed-s1"]["tasks"]["a"]["primary"] = 0.62  # a spread, still far below 0.80
+    settings["alone-a-s1"]["tasks"]["a"]["primary"] = 0.81
+    r = {"steps": 10, "tasks": ["a", "b"], "metrics": {"a": "top1", "b": "top1"}, "settings": settings, "seeds": 2,
+         "lrs": []}
+    r.update(_ufo_table(r))
+    hard_a = r["causes"]["hard"]["a"]["causes"]
+    assert hard_a == {"slow": {"speed": 0.90, "alone": 0.30}, "outweighed": {"share": 0.10, "even": 0.5, "by": {"b": 0.90}},
+                      "conflict": {"b": -0.20}}
+    assert r["causes"]["hard"]["a"]["knobs"] == [KNOBS["slow"], KNOBS["outweighed"], KNOBS["conflict"]]
+    assert "b" not in r["causes"]["hard"]  # 0.51 against 0.50 alone: no gap
+    assert r["causes"]["fixed"]["a"]["causes"] == {"none": True}
+    text = format_ufo_bench(r)
+    assert "hard / a (-0.405): slow (loss at 0.90 of its first, alone 0.30); outweighed (10% of the shared gradient, " \
+           "even 50%; b 90%); conflict (cosine b -0.20)" in text
+    assert "fixed / a (-0.195): none of the three" in text

@@ -126,3 +126,35 @@ def first_losses(history: Path, tasks: Sequence[str]) -> torch.Tensor | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return torch.tensor([math.nan if first.get(t) is None else first[t] for t in tasks], dtype=torch.float64)
+
+
+def summarize(records: Sequence[dict], tasks: Sequence[str]) -> dict[str, dict[str, float]]:
+    """A run's history (`history.jsonl` records) boiled down to the three causes, per task:
+    `speed`: its mean loss over the last tenth of the steps against its loss at the first step;
+    `share`: its weighted share of the tasks' gradients on the shared parameters, w_t |g_t| / sum_u
+    w_u |g_u| with the step's loss weights, the mean over the diagnostic steps (1 / T is an even
+    share); `cosine`: each pair of tasks' mean gradient cosine over the diagnostic steps. A measure
+    the run has no readings for is left out."""
+    out: dict[str, dict[str, float]] = {"speed": {}, "share": {}, "cosine": {}}
+    stepped = [r for r in records if isinstance(r.get("loss"), dict)]
+    tail = stepped[len(stepped) - max(1, len(stepped) // 10):]
+    for task in tasks:
+        first = next((r["loss"][task] for r in stepped if r["loss"].get(task) is not None), None)
+        late = [r["loss"][task] for r in tail if r["loss"].get(task) is not None]
+        if first and late:
+            out["speed"][task] = sum(late) / len(late) / first
+    measured = [r for r in records if isinstance(r.get("shared_grad_norm"), dict)]
+    shares: dict[str, list[float]] = {}
+    for r in measured:
+        weighted = {t: (r.get("weight") or {}).get(t, 1.0) * r["shared_grad_norm"][t] for t in tasks
+                    if r["shared_grad_norm"].get(t) is not None}
+        total = sum(weighted.values())
+        for t, v in weighted.items():
+            if total > 0:
+                shares.setdefault(t, []).append(v / total)
+        for pair, cos in (r.get("grad_cosine") or {}).items():
+            if cos is not None:
+                out["cosine"].setdefault(pair, []).append(cos)
+    out["share"] = {t: sum(v) / len(v) for t, v in shares.items()}
+    out["cosine"] = {p: sum(v) / len(v) for p, v in out["cosine"].items()}
+    return out

@@ -69,7 +69,10 @@ def plot_diagnostics(history: Path, png: Path, title: str = "") -> Path | None:
             ax.plot(steps, [r[key].get(name) if r[key].get(name) is not None else np.nan for r in measured],
                     marker="o", ms=3, label=name)
         ax.set_ylabel(label)
-        ax.legend(fontsize=7)
+        if measured[0][key]:
+            ax.legend(fontsize=7)
+        else:  # one task: no pair to measure
+            ax.text(0.5, 0.5, "one task: no pairs", transform=ax.transAxes, ha="center", color="gray")
     axes[0].set_yscale("log")
     axes[2].axhline(0.0, color="gray", lw=0.8)
     every = [(r["step"], r["global_grad_norm"]) for r in records if r.get("global_grad_norm") is not None]

@@ -18,6 +18,7 @@ import yaml
 from ufo.bench.harness import fresh_runs
 from ufo.best import read_best
 from ufo.config import UfoConfig, config_from_dict
+from ufo.diagnostics import summarize
 from ufo.errors import ConfigError
 from ufo.evaluate import eval_target, primary_key
 from ufo.plots import plot_ufo
@@ -54,7 +55,9 @@ def ufo_settings(cfg: UfoConfig, steps: int, out: Path, settings: Sequence[str] 
     base = cfg.to_dict()
     depth = cfg.model.depth
     base["train"].update(steps=steps, warmup_steps=min(base["train"]["warmup_steps"], steps // 2),
-                         eval_every=eval_every, keep_best=eval_every > 0, checkpoint_every=0)
+                         eval_every=eval_every, keep_best=eval_every > 0, checkpoint_every=0,
+                         # ten readings a run at least (what `causes` reads)
+                         diagnostics_every=min(base["train"]["diagnostics_every"] or steps, max(1, steps // 10)))
     runs: dict[str, dict] = {}
 
     def run(name: str, change) -> None:
@@ -179,6 +182,7 @@ def bench_ufo(cfg: UfoConfig, steps: int, out: Path, settings: Sequence[str] = U
         entry: dict[str, Any] = {"s_per_step": seconds / steps, "late_samples_per_s": statistics.mean(late)
                                  if late else None, "tasks": {}, **bench,
                                  "spike": spike(records, run_cfg.train.warmup_steps)}
+        entry["diagnosis"] = summarize(records, list(run_cfg.tasks))
         best = read_best(out / name / "checkpoints") if eval_every else {}
         for task in run_cfg.tasks:
             report = eval_target(out / name, task, log=lambda _: None)
@@ -225,7 +229,66 @@ def _ufo_table(r: dict[str, Any]) -> dict[str, Any]:
     beyond = {s: {t: abs(m - alone[t]) > spread[s][t] + spread["alone"][t] for t, m in row.items() if t in alone}
               for s, row in table.items() if s != "alone"}
     unstable = {n: e["spike"] for n, e in r["settings"].items() if e.get("spike", 0.0) >= SPIKE}
-    return {"table": table, "table_std": spread, "chosen_lr": chosen, "beyond_spread": beyond, "unstable": unstable}
+    return {"table": table, "table_std": spread, "chosen_lr": chosen, "beyond_spread": beyond, "unstable": unstable,
+            "causes": causes(r, chosen, table, beyond)}
+
+
+SLOW = 1.25  # a task whose late loss / first loss is this many times its alone run's is slow
+OUTWEIGHED = 0.5  # ... whose share of the shared gradient is under this fraction of an even share
+CONFLICT = -0.05  # ... whose mean gradient cosine with another task is below this conflicts with it
+KNOBS = {"outweighed": "a weighting that evens the tasks' gradients (initial, gradnorm_static, gradnorm, "
+                       "uncertainty: `ufo bench weighting`)",
+         "slow": "a weighting that favours the slower task (dwa, lbtw) or more steps",
+         "conflict": "fewer shared blocks on its path (FFN-task where the conflict is: learned paths)",
+         "unstable": "a lower lr or a longer warmup",
+         "none": "none of the three: capacity or steps (FFN-task blocks, a wider model, a longer schedule)"}
+
+
+def causes(r: dict[str, Any], chosen: dict[str, float], table: dict, beyond: dict) -> dict[str, dict[str, dict]]:
+    """For each setting and task below the task alone (beyond the seeds' spread with several seeds):
+    which of the three causes its runs' diagnostics (`ufo.diagnostics.summarize`, the mean over the
+    seeds at the setting's chosen lr) point to, against the task's alone runs: `slow` (late loss /
+    first loss SLOW times the alone run's), `outweighed` (weighted share of the shared gradient under
+    OUTWEIGHED of an even share, naming the tasks above an even share), `conflict` (a mean cosine
+    below CONFLICT), `unstable` (a run flagged by its gradient norm), else `none`; with the knob for
+    each (KNOBS)."""
+    def mean_of(base: str, key: str) -> dict[str, float]:
+        entries = [e for e in r["settings"].values() if e.get("base") == base and e.get("lr") == chosen.get(base)
+                   and e.get("diagnosis")]
+        values: dict[str, list[float]] = {}
+        for e in entries:
+            for k, v in e["diagnosis"][key].items():
+                values.setdefault(k, []).append(v)
+        return {k: statistics.mean(v) for k, v in values.items()}
+
+    alone = table.get("alone", {})
+    out: dict[str, dict[str, dict]] = {}
+    for setting, row in table.items():
+        if setting == "alone":
+            continue
+        speed, share, cosine = mean_of(setting, "speed"), mean_of(setting, "share"), mean_of(setting, "cosine")
+        flagged = [n for n, e in r["settings"].items() if e.get("base") == setting
+                   and e.get("lr") == chosen.get(setting) and e.get("spike", 0.0) >= SPIKE]
+        even = 1 / max(1, len(row))
+        for task, value in row.items():
+            if task not in alone or value >= alone[task] or (r.get("seeds", 1) > 1 and not beyond[setting][task]):
+                continue
+            found: dict[str, Any] = {}
+            own = mean_of(f"alone-{task}", "speed").get(task)
+            if task in speed and own and speed[task] >= SLOW * own:
+                found["slow"] = {"speed": speed[task], "alone": own}
+            if task in share and share[task] < OUTWEIGHED * even:
+                found["outweighed"] = {"share": share[task], "even": even,
+                                       "by": {t: v for t, v in share.items() if v > even}}
+            against = {p.replace(task, "").strip("-"): c for p, c in cosine.items()
+                       if task in p.split("-") and c < CONFLICT}
+            if against:
+                found["conflict"] = against
+            if flagged:
+                found["unstable"] = flagged
+            out.setdefault(setting, {})[task] = {"gap": value - alone[task], "causes": found or {"none": True},
+                                                 "knobs": [KNOBS[c] for c in (found or {"none": True})]}
+    return out
 
 
 def _log_ufo(cfg: UfoConfig, r: dict[str, Any], out: Path, uri: str) -> None:
@@ -275,6 +338,26 @@ def format_ufo_bench(r: dict[str, Any]) -> str:
     if len(r.get("lrs") or []) > 1:
         lines.append("  lr of each setting, the best of " + ", ".join(f"{lr:g}" for lr in r["lrs"])
                      + " on the eval sets: " + ", ".join(f"{b} {lr:g}" for b, lr in r["chosen_lr"].items()))
+    why = r.get("causes") or {}
+    if why:
+        lines.append("  why each task below its alone run" + (" (beyond the seeds' spread)" if seeds > 1 else "")
+                     + " falls short, by the runs' diagnostics:")
+    for s, row in why.items():
+        for t, c in row.items():
+            said = []
+            for cause, v in c["causes"].items():
+                if cause == "slow":
+                    said.append(f"slow (loss at {v['speed']:.2f} of its first, alone {v['alone']:.2f})")
+                elif cause == "outweighed":
+                    said.append(f"outweighed ({v['share']:.0%} of the shared gradient, even {v['even']:.0%}; "
+                                + ", ".join(f"{u} {x:.0%}" for u, x in v["by"].items()) + ")")
+                elif cause == "conflict":
+                    said.append("conflict (cosine " + ", ".join(f"{u} {x:+.2f}" for u, x in v.items()) + ")")
+                elif cause == "unstable":
+                    said.append("unstable runs")
+                else:
+                    said.append("none of the three")
+            lines.append(f"    {s} / {t} ({c['gap']:+.3f}): " + "; ".join(said) + " -> " + "; ".join(c["knobs"]))
     for name, ratio in (r.get("unstable") or {}).items():
         lines.append(f"  unstable: {name}'s gradient norm jumped to {ratio:.0f}x its median (a loss spike: "
                      "try a lower lr or a longer warmup)")
