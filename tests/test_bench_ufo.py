@@ -166,3 +166,23 @@ def test_causes_name_what_the_diagnostics_show_for_each_gap():
     assert "hard / a (-0.405): slow (loss at 0.90 of its first, alone 0.30); outweighed (10% of the shared gradient, " \
            "even 50%; b 90%); conflict (cosine b -0.20)" in text
     assert "fixed / a (-0.195): none of the three" in text
+
+
+def test_bench_ufo_trains_runs_at_once_each_in_a_process_of_its_own(tmp_path):
+    """--jobs 2: the runs trained two at a time as `ufo train` processes (their output in OUT/<run>.log;
+    the first alone until its first step), then measured as one after the other would be."""
+    import json
+
+    from test_train import tiny_run
+    from ufo.bench.ufo import bench_ufo
+    from ufo.config import config_from_dict
+
+    cfg = config_from_dict(tiny_run(tmp_path, ("person", "digits")), "t")
+    said = []
+    result = bench_ufo(cfg, 2, tmp_path / "bench", ["alone"], log=said.append, jobs=2)
+    assert result["table"]["alone"].keys() == {"person", "digits"}
+    assert any("(2 of 2 at once)" in line for line in said), said
+    for name in ("alone-person", "alone-digits"):
+        assert "step 2/2" in (tmp_path / "bench" / f"{name}.log").read_text()
+        marker = json.loads(next((tmp_path / "bench" / name / "checkpoints").glob("step*/ufo.json")).read_text())
+        assert marker["step"] == 2

@@ -240,6 +240,8 @@ def _parser() -> argparse.ArgumentParser:
                    "mean and standard deviation per cell (default 1)")
     b.add_argument("--lrs", default="", help="comma-separated lrs: every setting trained at each and reported at "
                    "its best on the eval sets (default: the config's)")
+    b.add_argument("--jobs", type=int, default=1, help="train this many runs at once, each a process with its "
+                   "share of the CPU threads (default 1: one after the other, in this process)")
     b.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps and report each task at its "
                    "best step (train.keep_best; default: the last step only)")
     b.set_defaults(run=_bench_ufo)
@@ -583,6 +585,9 @@ def _bench_ufo(args: argparse.Namespace) -> None:
     settings += [f"fixed+{w.strip()}" for w in args.weightings.split(",") if w.strip()]
     if args.seeds < 1:
         raise UfoError(f"--seeds {args.seeds}: give at least 1")
+    if args.jobs < 1 or (args.jobs > 1 and args.launcher):
+        raise UfoError(f"--jobs {args.jobs}: give 1 or more, and 1 under --launcher (a launched run takes the "
+                       "ranks it names)")
     if not 0 <= args.eval_every <= args.steps:
         raise UfoError(f"--eval-every {args.eval_every}: give 0 (the last step only) up to --steps {args.steps}")
     try:
@@ -591,7 +596,7 @@ def _bench_ufo(args: argparse.Namespace) -> None:
         raise UfoError(f"--lrs {args.lrs}: give comma-separated numbers, e.g. 5e-4,1e-3,2e-3") from None
     result = bench_ufo(cfg, args.steps, args.out, settings, launcher=args.launcher, overwrite=args.overwrite,
                        log=(lambda _: None) if args.json else print, seeds=args.seeds, lrs=lrs,
-                       eval_every=args.eval_every)
+                       eval_every=args.eval_every, jobs=args.jobs)
     show(result, format_ufo_bench, args.json)
     if not args.json:
         print(f"wrote {args.out / 'ufo.json'} and {args.out / 'ufo.png'}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -138,7 +139,7 @@ SPIKE = 10.0  # a run whose gradient norm jumps this far above its median is fla
 
 def bench_ufo(cfg: UfoConfig, steps: int, out: Path, settings: Sequence[str] = UFO_SETTINGS,
               launcher: str | None = None, overwrite: bool = False, log: Callable[[str], None] = print,
-              seeds: int = 1, lrs: Sequence[float] = (), eval_every: int = 0) -> dict[str, Any]:
+              seeds: int = 1, lrs: Sequence[float] = (), eval_every: int = 0, jobs: int = 1) -> dict[str, Any]:
     """UFO's headline comparison on any config: every task trained alone, with hard sharing, with
     fixed, sampled and learned paths (and learned with both FFNs always, for the cost), each a plain
     `ufo train` run (in this process, or under `launcher`, e.g. "torchrun --nproc_per_node 8"),
@@ -147,7 +148,8 @@ def bench_ufo(cfg: UfoConfig, steps: int, out: Path, settings: Sequence[str] = U
     standard deviation); with several `lrs` every run is trained at each and each setting reported
     at its best lr on the eval sets. With `eval_every` > 0 every run evaluates every so many steps and
     each task is reported at its best step (its best checkpoint's metric, the step said in the JSON).
-    Every run's gradient-norm history is checked for spikes.
+    Every run's gradient-norm history is checked for spikes. `jobs` > 1 trains that many runs at once,
+    each a `ufo train` process with its share of the CPU threads (its s/step then shares the machine).
     Writes OUT/ufo.json, OUT/ufo.png and one MLflow run per setting plus a summary run."""
     out = out.resolve()
     uri = tracking_uri(cfg, out)  # the config's store, else MLFLOW_TRACKING_URI, else OUT/mlflow.db
@@ -156,26 +158,14 @@ def bench_ufo(cfg: UfoConfig, steps: int, out: Path, settings: Sequence[str] = U
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"steps": steps, "tasks": list(cfg.tasks), "settings": {}, "launcher": launcher,
                               "metrics": {t: primary_key(cfg, t) for t in cfg.tasks}, "seeds": seeds,
-                              "lrs": list(lrs), "eval_every": eval_every}
+                              "lrs": list(lrs), "eval_every": eval_every, "jobs": jobs}
+    planned = {}
     for name, raw in runs.items():
         bench = raw.pop("_bench")
-        run_cfg = config_from_dict(raw, f"bench ufo ({name})")
-        log(f"== {name}: " + ", ".join(f"{t} {run_cfg.train.path_policy if run_cfg.train.path_policy != 'fixed' else p}"
-                                       for t, p in ((t, run_cfg.path_of(t)) for t in run_cfg.tasks)))
-        start = time.perf_counter()
-        if launcher:
-            config = out / f"{name}.yaml"
-            config.write_text(yaml.safe_dump(raw, sort_keys=False))
-            args = launcher.split() + ["-m", "ufo.cli", "train", str(config)]
-            if args[0] in ("torchrun", "deepspeed"):
-                args[0] = str(Path(sys.executable).with_name(args[0]))
-            done = subprocess.run(args, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise ConfigError(f"bench ufo: the {name} run failed ({' '.join(args)}): "
-                                  + (done.stderr.strip().splitlines() or ["no output"])[-1])
-        else:
-            train(run_cfg, log=lambda line: log("   " + line) if line.startswith(("step", "path:", "learned")) else None)
-        seconds = time.perf_counter() - start
+        planned[name] = (raw, bench, config_from_dict(raw, f"bench ufo ({name})"))
+    took = _train_runs(planned, out, launcher, jobs, log)
+    for name, (raw, bench, run_cfg) in planned.items():
+        seconds = took[name]
         records = [json.loads(line) for line in (out / name / "history.jsonl").read_text().splitlines() if line]
         rates = [r["samples_per_s"] for r in records if "samples_per_s" in r]
         late = rates[len(rates) * 3 // 4:] or rates
@@ -200,6 +190,75 @@ def bench_ufo(cfg: UfoConfig, steps: int, out: Path, settings: Sequence[str] = U
     plot_ufo(result, labels(result["table"]), out / "ufo.png")
     _log_ufo(cfg, result, out, uri)
     return result
+
+
+RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+            "GLOO_SOCKET_IFNAME")
+
+
+def _train_runs(planned: dict[str, tuple[dict, dict, UfoConfig]], out: Path, launcher: str | None, jobs: int,
+                log: Callable[[str], None]) -> dict[str, float]:
+    """Train every run: in this process one after the other, or each as a `ufo train` subprocess
+    (under `launcher`, or `jobs` at a time, each with its share of the CPU threads; its output in
+    OUT/<run>.log); run name -> seconds it took."""
+    def said(name: str, cfg: UfoConfig) -> str:
+        return f"== {name}: " + ", ".join(f"{t} {cfg.train.path_policy if cfg.train.path_policy != 'fixed' else p}"
+                                          for t, p in ((t, cfg.path_of(t)) for t in cfg.tasks))
+
+    took: dict[str, float] = {}
+    if not launcher and jobs == 1:
+        for name, (_, _, cfg) in planned.items():
+            log(said(name, cfg))
+            start = time.perf_counter()
+            train(cfg, log=lambda line: log("   " + line) if line.startswith(("step", "path:", "learned")) else None)
+            took[name] = time.perf_counter() - start
+        return took
+    # a run is a job of its own, not a member of this process's group (which an in-process run made)
+    env = {k: v for k, v in os.environ.items() if k not in RANK_ENV}
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    waiting, running = list(planned), {}
+    try:
+        while waiting or running:
+            # the first run trains alone until its first step: by then it has built (or loaded) DeepSpeed's
+            # compiled ops, which two first builds at once would deadlock on
+            first = not took and len(running) == 1 and not _read(out / next(iter(running)) / "history.jsonl")
+            while waiting and len(running) < jobs and not first:
+                name = waiting.pop(0)
+                raw, _, cfg = planned[name]
+                config = out / f"{name}.yaml"
+                config.write_text(yaml.safe_dump(raw, sort_keys=False))
+                args = (launcher.split() if launcher else [sys.executable]) + ["-m", "ufo.cli", "train", str(config)]
+                if args[0] in ("torchrun", "deepspeed"):
+                    args[0] = str(Path(sys.executable).with_name(args[0]))
+                log(said(name, cfg) + (f" ({len(running) + 1} of {jobs} at once)" if jobs > 1 else ""))
+                with open(out / f"{name}.log", "w") as output:
+                    running[name] = (subprocess.Popen(args, stdout=output, stderr=subprocess.STDOUT, env=env),
+                                     time.perf_counter(), args)
+                first = not took and len(running) == 1
+            time.sleep(0.5)
+            for name, (proc, start, args) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                if proc.returncode != 0:
+                    lines = (out / f"{name}.log").read_text().strip().splitlines() or ["no output"]
+                    raise ConfigError(f"bench ufo: the {name} run failed ({' '.join(args)}; {out / name}.log): "
+                                      + lines[-1])
+                took[name] = time.perf_counter() - start
+                log(f"   {name}: trained in {took[name]:.0f} s")
+    finally:
+        for proc, *_ in running.values():  # a failed run stops the others
+            proc.terminate()
+            proc.wait()
+    return took
+
+
+def _read(file: Path) -> str:
+    try:
+        return file.read_text()
+    except OSError:
+        return ""
 
 
 def _ufo_table(r: dict[str, Any]) -> dict[str, Any]:
