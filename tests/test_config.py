@@ -15,8 +15,11 @@ def test_shipped_configs_load(name):
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
     assert all(len(cfg.path_of(t)) == cfg.model.depth for t in cfg.tasks)
     if name == "demo":
-        assert len(cfg.tasks) == 3
+        assert list(cfg.tasks) == ["digits", "shapes", "persons", "shoppers"]
         assert {t.kind for t in cfg.tasks.values()} == {"classification", "retrieval"}
+        # the related pair: two re-identification tasks on the same recipe
+        assert cfg.tasks["persons"].model_dump(exclude={"shards", "eval_shards"}) == \
+            cfg.tasks["shoppers"].model_dump(exclude={"shards", "eval_shards"})
 
 
 def test_the_vit_h_projection_loads():
