@@ -145,6 +145,7 @@ def summarize(records: Sequence[dict], tasks: Sequence[str]) -> dict[str, dict[s
             out["speed"][task] = sum(late) / len(late) / first
     measured = [r for r in records if isinstance(r.get("shared_grad_norm"), dict)]
     shares: dict[str, list[float]] = {}
+    cosines: dict[str, list[float]] = {}
     for r in measured:
         weighted = {t: (r.get("weight") or {}).get(t, 1.0) * r["shared_grad_norm"][t] for t in tasks
                     if r["shared_grad_norm"].get(t) is not None}
@@ -154,7 +155,7 @@ def summarize(records: Sequence[dict], tasks: Sequence[str]) -> dict[str, dict[s
                 shares.setdefault(t, []).append(v / total)
         for pair, cos in (r.get("grad_cosine") or {}).items():
             if cos is not None:
-                out["cosine"].setdefault(pair, []).append(cos)
+                cosines.setdefault(pair, []).append(cos)
     out["share"] = {t: sum(v) / len(v) for t, v in shares.items()}
-    out["cosine"] = {p: sum(v) / len(v) for p, v in out["cosine"].items()}
+    out["cosine"] = {p: sum(v) / len(v) for p, v in cosines.items()}
     return out

@@ -181,7 +181,8 @@ def bench_ufo(cfg: UfoConfig, steps: int, out: Path, settings: Sequence[str] = U
                 entry["tasks"][task].update(primary=best[task]["value"], best_step=best[task]["step"],
                                             last=report["primary"])
         if run_cfg.train.path_policy == "learned":
-            marker = json.loads(next(iter(sorted((out / name / "checkpoints").glob("step*/ufo.json")))).read_text())
+            # the last checkpoint's (with --eval-every, earlier best ones lie beside it)
+            marker = json.loads(sorted((out / name / "checkpoints").glob("step*/ufo.json"))[-1].read_text())
             entry["open_blocks"] = {t: p.count("?") for t, p in marker["path_policy"]["decided"].items()}
         log("   " + "  ".join(f"{t} {v['primary']:.4f} ({v['path']})" for t, v in entry["tasks"].items()))
         result["settings"][name] = entry
