@@ -340,8 +340,8 @@ def causes(r: dict[str, Any], chosen: dict[str, float], table: dict, beyond: dic
             if task in share and share[task] < OUTWEIGHED * even:
                 found["outweighed"] = {"share": share[task], "even": even,
                                        "by": {t: v for t, v in share.items() if v > even}}
-            against = {p.replace(task, "").strip("-"): c for p, c in cosine.items()
-                       if task in p.split("-") and c < CONFLICT}
+            pairs = {tuple(p.split("-")): c for p, c in cosine.items()}  # task names hold no "-"
+            against = {(b if a == task else a): c for (a, b), c in pairs.items() if task in (a, b) and c < CONFLICT}
             if against:
                 found["conflict"] = against
             if flagged:
