@@ -204,7 +204,7 @@ def test_a_bnneck_is_folded_into_the_subnets_head_and_matches_the_supernet(tmp_p
     from tiny import TINY
     from ufo.checkpoint import init_supernet, save_supernet
     from ufo.config import config_from_dict
-    from ufo.export import load_subnet
+    from ufo.subnet import load_subnet
 
     raw = copy.deepcopy(TINY)
     raw["tasks"]["person"].update(neck="bnneck", triplet={"weight": 1.0, "margin": 0.0})
@@ -239,7 +239,7 @@ def test_a_task_of_its_own_input_size_exports_a_plain_vit_of_that_size(tmp_path)
     from tiny import TINY
     from ufo.checkpoint import init_supernet, save_supernet
     from ufo.config import config_from_dict
-    from ufo.export import load_subnet
+    from ufo.subnet import load_subnet
 
     raw = copy.deepcopy(TINY)
     raw["tasks"]["person"]["img_size"] = [16, 8]  # people: taller than wide (256 x 128 at full size)

@@ -208,7 +208,7 @@ def test_a_registered_subnet_loads_back_and_predicts_offline(tmp_path, monkeypat
     import torch
 
     from ufo.cli import main
-    from ufo.export import load_subnet
+    from ufo.subnet import load_subnet
 
     raw = tracked_run(tmp_path, steps=2)
     train(config_from_dict(raw, "test"), log=lambda _: None)

@@ -89,8 +89,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, help="elastic: keep the first DEPTH blocks (default: all)")
     p.add_argument("--mlp-ratio", type=float, help="elastic: FFN hidden width as a ratio of the embedding width "
                    "(default: the supernet's)")
-    p.add_argument("--format", dest="formats", help="comma-separated: safetensors,onnx,torchscript "
+    p.add_argument("--format", dest="formats", help="comma-separated: safetensors,onnx,torchscript,onnx-int8 "
                    "(default: the checkpoint config's export.formats)")
+    p.add_argument("--int8", choices=["static", "dynamic"], help="onnx-int8: activation ranges calibrated on the "
+                   "task's images (static) or computed per batch (dynamic) (default: export.int8, static)")
+    p.add_argument("--calibration", metavar="SHARDS", help="static INT8: the images to calibrate on (default: the "
+                   "task's train shards)")
+    p.add_argument("--calibration-samples", type=int, help="static INT8: images to calibrate on (default 256)")
+    p.add_argument("--int8-max-drop", type=float, help="onnx-int8: the largest loss of the task's primary metric "
+                   "against the fp32 graph accepted (default: export.int8_max_drop, 0.02)")
     p.add_argument("--no-verify", dest="verify", action="store_false", default=None,
                    help="skip checking the exported files against the supernet")
     p.add_argument("--atol", type=float, help="largest accepted |subnet - supernet| (default: export.atol, 1e-5)")
@@ -122,8 +129,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("eval", help="measure a checkpoint or an exported subnet on a task's eval sets, "
                                          "by the task's protocol (reid, verification, retrieval, classification)")
-    p.add_argument("target", help="a training run or step directory, or an exported subnet directory (loaded "
-                   "with timm alone)")
+    p.add_argument("target", help="a training run or step directory, an exported subnet directory (loaded "
+                   "with timm alone), or one of its ONNX graphs (model.onnx, model.int8.onnx: run by onnxruntime)")
     p.add_argument("--task", required=True, help="the task to measure")
     p.add_argument("--shards", action="append", metavar="[NAME=]SPEC",
                    help="eval shards instead of the config's: one SPEC, or NAME=SPEC per part, repeated "
@@ -345,7 +352,10 @@ def _export(args: argparse.Namespace) -> None:
         args.path = found["best_path"]
         args.depth = args.depth or found.get("best_depth")
         args.mlp_ratio = args.mlp_ratio or found.get("best_mlp_ratio")
-    common = dict(formats=formats, overwrite=args.overwrite, verify=args.verify, atol=args.atol)
+    int8 = {"mode": args.int8, "calibration": args.calibration, "samples": args.calibration_samples,
+            "max_drop": args.int8_max_drop}
+    common = dict(formats=formats, overwrite=args.overwrite, verify=args.verify, atol=args.atol,
+                  int8={k: v for k, v in int8.items() if v is not None} or None)
     if args.best:
         return _export_best(args, common)
     ckpt = read_checkpoint(args.checkpoint, tasks=None if args.all_tasks else [args.task])
@@ -358,7 +368,7 @@ def _export(args: argparse.Namespace) -> None:
     else:
         results = [export_subnet(ckpt, args.task, args.out, path=args.path, depth=args.depth,
                                  mlp_ratio=args.mlp_ratio, **common)]
-    verified = all(r.max_abs_diff for r in results)
+    verified = all(r.max_abs_diff or r.int8 for r in results)
     print(f"wrote {len(results)} subnet{'s' if len(results) > 1 else ''} to {args.out}"
           + (" (verified against the supernet)" if verified else " (not verified)"))
     if args.track:
@@ -404,7 +414,7 @@ def _export_best(args: argparse.Namespace, common: dict) -> None:
 
             log_export(ckpt.path, results[-1:], uri=args.track_uri)
     print(f"wrote {len(results)} subnet{'s' if len(results) > 1 else ''} to {args.out}, each from its task's best "
-          "checkpoint" + (" (verified against the supernet)" if all(r.max_abs_diff for r in results) else ""))
+          "checkpoint" + (" (verified against the supernet)" if all(r.max_abs_diff or r.int8 for r in results) else ""))
 
 
 def _search(args: argparse.Namespace) -> None:

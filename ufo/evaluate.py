@@ -18,7 +18,7 @@ from ufo.config import UfoConfig, config_from_dict
 from ufo.data.loader import task_loader
 from ufo.data.shards import eval_sets
 from ufo.errors import DataError
-from ufo.export import load_subnet
+from ufo.subnet import load_subnet, onnx_forward, subnet_config
 from ufo.layout import Layout, task_groups
 from ufo.metrics import (PRIMARY, EvalSet, classification, default_protocol, pairs_of, reid, reid_skipped,
                          retrieval, verification)
@@ -155,12 +155,23 @@ def parse_shards(items: Sequence[str]) -> str | dict[str, str] | None:
 def eval_target(target: str | Path, task: str, shards: str | dict[str, str] | None = None,
                 protocol: str | None = None, path: str | None = None, batch_size: int = 256, rank: int = 0,
                 world: int = 1, log=print) -> dict:
-    """`ufo eval`: a training checkpoint (the task's path through the supernet) or an exported subnet
-    directory (loaded with timm alone: what is deployed is what is measured) on the task's eval sets
+    """`ufo eval`: a training checkpoint (the task's path through the supernet), an exported subnet
+    directory (loaded with timm alone: what is deployed is what is measured) or one of its ONNX graphs
+    (`model.onnx`, `model.int8.onnx`: run by onnxruntime) on the task's eval sets
     (`shards` replaces them), by its protocol. Under a launcher each rank embeds its share and rank 0
     measures; returns the report (on rank 0; {} elsewhere)."""
     target = Path(target)
-    if (target / "config.json").is_file() and not (target / "ufo.json").is_file():
+    if target.suffix == ".onnx":  # one graph of an exported subnet (fp32 or INT8), run by onnxruntime
+        if not target.is_file():
+            raise DataError(f"{target}: no such ONNX file")
+        config = subnet_config(target.parent)
+        info = config["ufo"]
+        if info["task"] != task:
+            raise DataError(f"{target}: is a graph of task {info['task']!r}'s subnet, not {task!r}")
+        raw = _subnet_config(config, task, target.parent)
+        what, path = f"subnet {target.name} (onnxruntime)", info["path"]
+        forward = onnx_forward(target)
+    elif (target / "config.json").is_file() and not (target / "ufo.json").is_file():
         model, config = load_subnet(target)
         info = config["ufo"]
         if info["task"] != task:
@@ -235,10 +246,13 @@ def _subnet_config(config: dict, task: str, where: Path) -> dict:
 
 
 def report_path(target: str | Path, task: str) -> Path:
-    """Where `ufo eval` writes its JSON by default: in the subnet directory, the training run's
-    directory (for a run, or one of its step directories), or beside a supernet file."""
+    """Where `ufo eval` writes its JSON by default: in the subnet directory (an ONNX graph: named for
+    it), the training run's directory (for a run, or one of its step directories), or beside a
+    supernet file."""
     target = Path(target)
     name = f"eval-{task}.json"
+    if target.suffix == ".onnx":  # beside the subnet's own report: eval-TASK-model.int8.json
+        return target.parent / f"eval-{task}-{target.stem}.json"
     if target.is_file():
         return target.parent / name
     if (target / "ufo.json").is_file():  # OUT/checkpoints/stepN

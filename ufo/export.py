@@ -22,7 +22,6 @@ from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 from timm.models._hub import save_config_for_hf
 from timm.models.vision_transformer import VisionTransformer
-from torch import nn
 
 import ufo
 from ufo.atomic import atomic_dir
@@ -31,9 +30,10 @@ from ufo.config import UfoConfig
 from ufo.errors import ExportError
 from ufo.model import SupernetViT, postprocess, subnet_args, subnet_state_dict
 from ufo.pretrained import timm_name
+from ufo.quantize import Int8Check, Int8Options, int8_subnet
+from ufo.subnet import FILES, DeployedSubnet, timm_subnet
 
-FORMATS = ("safetensors", "onnx", "torchscript")
-FILES = {"safetensors": "model.safetensors", "onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+FORMATS = ("safetensors", "onnx", "torchscript", "onnx-int8")
 Log = Callable[[str], None]
 
 
@@ -48,27 +48,17 @@ class SubnetExport:
     param_count: int
     max_abs_diff: dict[str, float] = field(default_factory=dict)
     path_from: str = "config"  # the configured path, a run's "learned" one, or one "given" (--path)
-
-
-class DeployedSubnet(nn.Module):
-    """The timm subnet plus the task's postprocessing (L2 normalization for retrieval), for ONNX/TorchScript."""
-
-    def __init__(self, vit: VisionTransformer, normalize: bool):
-        super().__init__()
-        self.vit = vit
-        self.normalize = normalize
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.vit(images)
-        return nn.functional.normalize(out, dim=-1) if self.normalize else out
+    int8: Int8Check | None = None  # onnx-int8, verified: the task's metric of the fp32 and INT8 graphs
 
 
 def export_subnet(checkpoint: str | Path | Checkpoint, task: str, out: str | Path, path: str | None = None,
                   formats: Sequence[str] | None = None, overwrite: bool = False, verify: bool | None = None,
                   atol: float | None = None, log: Log = print, depth: int | None = None,
-                  mlp_ratio: float | None = None) -> SubnetExport:
+                  mlp_ratio: float | None = None, int8: dict | None = None) -> SubnetExport:
     """Export `task`'s subnet (on its configured path, or `path`) from a supernet checkpoint to `out`;
-    with `depth` and/or `mlp_ratio`, the smaller elastic subnet (first blocks, first FFN units)."""
+    with `depth` and/or `mlp_ratio`, the smaller elastic subnet (first blocks, first FFN units);
+    `int8`: the onnx-int8 format's settings over the config's `export` ones (mode, calibration,
+    samples, max_drop)."""
     if not isinstance(checkpoint, Checkpoint):
         _refuse_existing(Path(out), overwrite)
     # only the shared parts and this task are read (a task-sharded checkpoint: only their files)
@@ -80,6 +70,7 @@ def export_subnet(checkpoint: str | Path | Checkpoint, task: str, out: str | Pat
         path, path_from = trained_path(ckpt, task)
     elastic = _check_elastic(cfg, depth, mlp_ratio)
     formats, verify, atol = _resolve(cfg, formats, verify, atol)
+    quantized = Int8Options.of(cfg.export, **(int8 or {})) if "onnx-int8" in formats else None
     out = Path(out)
     _refuse_existing(out, overwrite)
     supernet = load_supernet(ckpt, held=[task]).eval()
@@ -92,17 +83,21 @@ def export_subnet(checkpoint: str | Path | Checkpoint, task: str, out: str | Pat
         written.result.path_from = path_from
         # let go of the checkpoint's tensors (memory-mapped pages) before verification loads the files
         del supernet, ckpt
-        return _finish_subnet(written, source, step, cfg, formats, atol, log)
+        return _finish_subnet(written, source, step, cfg, formats, atol, log, quantized)
 
 
 def export_all_tasks(checkpoint: str | Path | Checkpoint, out: str | Path, formats: Sequence[str] | None = None,
                      overwrite: bool = False, verify: bool | None = None, atol: float | None = None,
-                     log: Log = print) -> list[SubnetExport]:
+                     log: Log = print, int8: dict | None = None) -> list[SubnetExport]:
     """Export every task's subnet on its configured path (a learned run's: its learned path), one
-    sub-directory per task under `out`."""
+    sub-directory per task under `out` (onnx-int8: each calibrated on its own task's images)."""
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
     cfg = ckpt.config
     formats, verify, atol = _resolve(cfg, formats, verify, atol)
+    quantized = Int8Options.of(cfg.export, **(int8 or {})) if "onnx-int8" in formats else None
+    if quantized and quantized.calibration:
+        raise ExportError("--calibration applies to one --task; with --all-tasks each task calibrates on its "
+                          "own train shards")
     out = Path(out)
     _refuse_existing(out, overwrite)
     supernet = load_supernet(ckpt).eval()
@@ -112,7 +107,7 @@ def export_all_tasks(checkpoint: str | Path | Checkpoint, out: str | Path, forma
             path, path_from = trained_path(ckpt, task)
             written = _write_subnet(supernet, ckpt, task, path, tmp / task, out / task, formats, verify, log)
             written.result.path_from = path_from
-            done.append(_finish_subnet(written, ckpt.path, ckpt.step, cfg, formats, atol, log))
+            done.append(_finish_subnet(written, ckpt.path, ckpt.step, cfg, formats, atol, log, quantized))
     return done
 
 
@@ -184,7 +179,7 @@ def _write_subnet(supernet: SupernetViT, ckpt: Checkpoint, task: str, path: str,
     write_safetensors(vit.state_dict(), tmp / FILES["safetensors"])  # what timm's save_for_hf writes, streamed
     save_config_for_hf(vit, str(tmp / "config.json"), model_args=args, data_config=preprocessing)
     deployed = DeployedSubnet(vit, normalize=(kind == "retrieval")).eval()
-    if "onnx" in formats:
+    if "onnx" in formats or "onnx-int8" in formats:  # INT8 is quantised from the fp32 graph
         _write_onnx(deployed, tmp / FILES["onnx"], cfg, task)
     if "torchscript" in formats:
         with warnings.catch_warnings():
@@ -200,15 +195,28 @@ def _write_subnet(supernet: SupernetViT, ckpt: Checkpoint, task: str, path: str,
 
 
 def _finish_subnet(w: _Written, ckpt_path: Path, step: int, cfg: UfoConfig, formats: Sequence[str], atol: float,
-                   log: Log) -> SubnetExport:
-    """Verify every written format against the supernet's outputs, then complete config.json."""
+                   log: Log, int8: Int8Options | None = None) -> SubnetExport:
+    """Verify every written format against the supernet's outputs (INT8: by the task's metric against
+    the fp32 graph), then complete config.json."""
     result, e, task, kind, path = w.result, w.elastic, w.result.task, w.result.kind, w.result.path
     if w.reference is not None:
-        for fmt in formats:
-            result.max_abs_diff[fmt] = diff = _max_abs_diff(fmt, w.tmp, kind, w.images, w.reference)
+        exact = [fmt for fmt in formats if fmt != "onnx-int8"] + (["onnx"] if int8 and "onnx" not in formats else [])
+        for fmt in exact:  # the fp32 graph INT8 is made from is checked first
+            diff = _max_abs_diff(fmt, w.tmp, kind, w.images, w.reference)
             if not diff <= atol:  # also catches NaN
                 raise ExportError(f"{task}: the exported {fmt} subnet differs from the supernet by {diff:.3g} "
                                   f"(> atol {atol:g}); nothing was written to {w.final}")
+            if fmt in formats:
+                result.max_abs_diff[fmt] = diff
+    if int8:
+        result.int8 = int8_subnet(cfg, task, w.tmp / FILES["onnx"], w.tmp / FILES["onnx-int8"], int8,
+                                  verify=w.reference is not None, log=log)
+        if result.int8 and not result.int8.drop <= int8.max_drop:
+            raise ExportError(f"{task}: INT8 loses {result.int8.drop:.4f} of {result.int8.metric} against fp32 "
+                              f"(> int8_max_drop {int8.max_drop:g}); nothing was written to {w.final} (try "
+                              f"--int8 dynamic, more --calibration-samples, or a larger --int8-max-drop)")
+        if "onnx" not in formats:
+            (w.tmp / FILES["onnx"]).unlink()
 
     config = json.loads((w.tmp / "config.json").read_text())
     config["model_args"] = w.args
@@ -222,13 +230,15 @@ def _finish_subnet(w: _Written, ckpt_path: Path, step: int, cfg: UfoConfig, form
         output="l2-normalized embedding" if kind == "retrieval" else "logits",
         postprocess="l2_normalize" if kind == "retrieval" else None,
         preprocessing=w.preprocessing, files={fmt: FILES[fmt] for fmt in formats},
-        verification={"max_abs_diff": result.max_abs_diff, "atol": atol} if w.reference is not None else None,
+        verification={"max_abs_diff": result.max_abs_diff, "atol": atol,
+                      **({"int8": result.int8.as_dict()} if result.int8 else {})} if w.reference is not None else None,
         source_checkpoint=str(Path(ckpt_path).resolve()), source_step=step, ufo_version=ufo.__version__,
     )
     (w.tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if "safetensors" not in formats:
         (w.tmp / FILES["safetensors"]).unlink()
-    checks = "  ".join(f"{fmt} max|diff| {d:.2e}" for fmt, d in result.max_abs_diff.items())
+    checks = "  ".join([f"{fmt} max|diff| {d:.2e}" for fmt, d in result.max_abs_diff.items()]
+                       + ([f"int8 {result.int8.metric} drop {result.int8.drop:+.4f}"] if result.int8 else []))
     size = f" depth {e.depth or cfg.model.depth} mlp_ratio {e.mlp_ratio or cfg.model.mlp_ratio:g}" \
         if e.depth or e.mlp_ratio else ""
     learned = " (learned)" if result.path_from == "learned" else ""
@@ -280,7 +290,7 @@ def _max_abs_diff(fmt: str, directory: Path, kind: str, images: torch.Tensor, re
     """Load one written format with no ufo code and compare its output on `images`."""
     if fmt == "safetensors":
         config = json.loads((directory / "config.json").read_text())
-        vit = _timm_subnet(config)  # timm alone, holding only the file's tensors
+        vit = timm_subnet(config)  # timm alone, holding only the file's tensors
         vit.load_state_dict(load_file(directory / FILES["safetensors"]), strict=True, assign=True)
         with torch.no_grad():
             output = postprocess(vit.eval()(images), kind)
@@ -298,43 +308,6 @@ def _max_abs_diff(fmt: str, directory: Path, kind: str, images: torch.Tensor, re
     if output.shape != reference.shape:
         return float("inf")
     return (output - reference).abs().max().item()
-
-
-def _timm_subnet(config: dict) -> VisionTransformer:
-    """The subnet's timm ViT on the meta device: `timm.create_model(architecture, **model_args)` (the
-    architecture's definition holds what model_args cannot: a CLIP's LayerNorm epsilon)."""
-    with torch.device("meta"):
-        return timm.create_model(config.get("architecture", "vit_base_patch16_224"), pretrained=False,
-                                 **config["model_args"])
-
-
-def load_subnet(directory: str | Path) -> tuple[DeployedSubnet, dict]:
-    """An exported subnet as deployed, with timm alone: `timm.create_model(architecture, **model_args)`
-    from its config.json (the architecture's definition holds what model_args cannot: a CLIP's
-    LayerNorm epsilon), its model.safetensors, and the task's postprocessing; and the config."""
-    directory = Path(directory)
-    file = directory / "config.json"
-    try:
-        config = json.loads(file.read_text())
-        kind = config["ufo"]["kind"]
-        if not isinstance(config["model_args"], dict):
-            raise TypeError("model_args")
-    except FileNotFoundError:
-        raise ExportError(f"{directory}: not an exported subnet (no config.json)") from None
-    except (ValueError, KeyError, TypeError):
-        raise ExportError(f"{file}: not a ufo subnet's config (model_args and ufo.kind expected)") from None
-    weights = directory / FILES["safetensors"]
-    if not weights.is_file():
-        raise ExportError(f"{directory}: no {FILES['safetensors']} (exported without the safetensors format)")
-    try:
-        vit = _timm_subnet(config)
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise ExportError(f"{file}: timm cannot build its architecture ({str(e).splitlines()[0]})") from None
-    try:
-        vit.load_state_dict(load_file(weights), strict=True, assign=True)
-    except (RuntimeError, OSError) as e:
-        raise ExportError(f"{weights}: does not match {file}'s model_args ({str(e).splitlines()[0]})") from None
-    return DeployedSubnet(vit, normalize=(kind == "retrieval")).eval(), config
 
 
 def _architecture(cfg: UfoConfig) -> str:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 
 from ufo.config import UfoConfig
 from ufo.errors import ExportError
-from ufo.export import FILES, load_subnet
+from ufo.subnet import FILES, load_subnet
 
 Log = Callable[[str], None]
 BATCH_METRICS, BATCH_PARAMS = 1000, 100  # MLflow's limits per log_batch call
@@ -302,6 +302,9 @@ def log_export(checkpoint: Path, exports: list, say: Log = print, uri: str | Non
             metrics = [Metric(metric_name(f"export/{e.task}/max_abs_diff/{fmt}"), d, stamp, step)
                        for fmt, d in e.max_abs_diff.items()]
             metrics.append(Metric(f"export/{e.task}/params", float(e.param_count), stamp, step))
+            if e.int8:  # the task's metric of the fp32 and INT8 graphs, and what quantisation lost
+                metrics += [Metric(metric_name(f"export/{e.task}/int8/{key}"), value, stamp, step)
+                            for key, value in (("fp32", e.int8.fp32), ("int8", e.int8.int8), ("drop", e.int8.drop))]
             client.log_batch(run_id, metrics=metrics,
                              tags=[RunTag(f"ufo.export.{e.task}.path", e.path),
                                    RunTag(f"ufo.export.{e.task}.dir", str(Path(e.out_dir).resolve()))])
@@ -371,7 +374,9 @@ def _register_one(e, client, run_id: str, checkpoint: Path, registered: str, say
     signature = infer_signature(example.numpy(), output.numpy())
     tags = {"ufo.task": e.task, "ufo.kind": e.kind, "ufo.path": e.path, "ufo.params": str(e.param_count),
             "ufo.output": config["ufo"]["output"], "ufo.source_checkpoint": str(checkpoint),
-            **{f"ufo.max_abs_diff.{fmt}": f"{d:.3g}" for fmt, d in e.max_abs_diff.items()}}
+            **{f"ufo.max_abs_diff.{fmt}": f"{d:.3g}" for fmt, d in e.max_abs_diff.items()},
+            **({"ufo.int8": f"{e.int8.metric} {e.int8.fp32:.4f} fp32 -> {e.int8.int8:.4f} int8 ({e.int8.mode})"}
+               if e.int8 else {})}
     onnx_file = Path(e.out_dir) / FILES["onnx"]
     try:
         with tempfile.TemporaryDirectory() as tmp:
