@@ -265,3 +265,44 @@ def test_a_task_of_its_own_input_size_exports_a_plain_vit_of_that_size(tmp_path)
         session = onnxruntime.InferenceSession(str(tmp_path / task / "model.onnx"))
         got = session.run(None, {"images": x.numpy()})[0]
         assert np.abs(got - want.numpy()).max() <= 1e-4
+
+
+def test_a_subnet_with_fewer_heads_equals_the_supernet_on_those_heads(tmp_path, tiny_cfg):
+    """Elastic attention: the supernet's first heads (the others' outputs zeroed before the projection)
+    are the heads' own attention (a supernet whose other heads' values are zero gives the same output),
+    and the exported subnet, built by timm alone (its blocks' attention timm's `Attention` with the
+    supernet's head width), gives it too."""
+    from timm.layers import Attention
+
+    from ufo.checkpoint import init_supernet, save_supernet
+    from tiny import with_every_ffn
+
+    cfg = with_every_ffn(tiny_cfg.model_copy(update={"model": tiny_cfg.model.model_copy(update={"num_heads": 4})}))
+    ckpt = save_supernet(init_supernet(cfg), cfg, tmp_path / "s.safetensors")
+    supernet = load_supernet(read_checkpoint(ckpt)).eval()
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        two = supernet.forward_task(x, "face", "SSTT", heads=2)
+        assert (two - supernet.forward_task(x, "face", "SSTT")).abs().max() > 1e-3  # the other heads mattered
+        for block in supernet.blocks:  # v of heads 2 and 3 zero: their outputs are zero, whatever they attend
+            dim = block.attn.head_dim
+            block.attn.qkv.weight[2 * 32 + 2 * dim:] = 0
+            block.attn.qkv.bias[2 * 32 + 2 * dim:] = 0
+        assert (supernet.forward_task(x, "face", "SSTT") - two).abs().max() <= 1e-5
+
+    result = export_subnet(ckpt, "face", tmp_path / "out", num_heads=2, formats=["safetensors", "onnx"],
+                           log=lambda _: None)
+    assert result.max_abs_diff["safetensors"] <= 1e-5 and result.max_abs_diff["onnx"] <= 1e-5
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_args"]["num_heads"] == 2 and config["ufo"]["attention"] == {"num_heads": 2, "head_dim": 8}
+    assert config["ufo"]["elastic"]["num_heads"] == 2
+    vit = VisionTransformer(**config["model_args"])  # what a user does with timm alone
+    for block in vit.blocks:
+        block.attn = Attention(32, num_heads=2, attn_head_dim=8, qkv_bias=True)
+    vit.load_state_dict(load_file(tmp_path / "out" / "model.safetensors"), strict=True)
+    with torch.no_grad():
+        assert (F.normalize(vit.eval()(x), dim=-1) - two).abs().max() <= 1e-5
+    assert config["ufo"]["param_count"] < export_subnet(ckpt, "face", tmp_path / "all", log=lambda _: None).param_count
+    with pytest.raises(ExportError, match=r"^--num-heads 3: the supernet's attention has 4 heads; give 1\.\.4 "
+                                          r"dividing embed_dim 32$"):
+        export_subnet(ckpt, "face", tmp_path / "bad", num_heads=3, log=lambda _: None)

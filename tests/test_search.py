@@ -135,7 +135,7 @@ def test_a_budget_is_respected_and_the_pareto_front_exported(tmp_path, capsys):
     from ufo.cli import main
     from ufo.search import candidate_sizes, subnet_params
 
-    ckpt = planted_checkpoint(tmp_path, "TSTT", elastic={"depths": [1, 2, 3], "mlp_ratios": [0.5, 1.0]})
+    ckpt = planted_checkpoint(tmp_path, "TSTT", elastic={"depths": [1, 2, 3], "mlp_ratios": [0.5, 1.0], "num_heads": [1]})
     cfg = __import__("ufo.checkpoint", fromlist=["x"]).read_checkpoint(ckpt).config
     full = subnet_params(cfg, "digits", 4, 2.0)
     budget = subnet_params(cfg, "digits", 2, 1.0)  # excludes the full size and every deeper or wider one
@@ -146,8 +146,10 @@ def test_a_budget_is_respected_and_the_pareto_front_exported(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["best_params"] <= budget < full and "Pareto front" in text
     assert all(e["params"] <= budget for e in result["evaluated"])
-    fits = {(d, r) for d in (1, 2, 3, 4) for r in (0.5, 1.0, 2.0) if subnet_params(cfg, "digits", d, r) <= budget}
-    assert {(e["depth"], e["mlp_ratio"]) for e in result["evaluated"]} == fits and (4, 2.0) not in fits
+    fits = {(d, r, n) for d in (1, 2, 3, 4) for r in (0.5, 1.0, 2.0) for n in (1, 2)
+            if subnet_params(cfg, "digits", d, r, None if n == 2 else n) <= budget}
+    assert {(e["depth"], e["mlp_ratio"], e["num_heads"]) for e in result["evaluated"]} == fits
+    assert (4, 2.0, 2) not in fits and (2, 1.0, 1) in fits  # one head of two: fewer parameters at a size
     front = result["pareto"]
     assert front and all(not (o["value"] >= f["value"] and o["params"] <= f["params"] and o["latency_ms"] <=
                                   f["latency_ms"] and o != f and (o["value"], -o["params"], -o["latency_ms"]) !=
@@ -159,13 +161,14 @@ def test_a_budget_is_respected_and_the_pareto_front_exported(tmp_path, capsys):
     config = json.loads((tmp_path / "subnet" / "config.json").read_text())
     assert config["ufo"]["param_count"] == result["best_params"] <= budget
     assert config["model_args"]["depth"] == result["best_depth"]
+    assert config["model_args"]["num_heads"] == (result["best_num_heads"] or 2)
 
     capsys.readouterr()
     assert main(["search", str(ckpt), "--task", "digits", "--max-params", "1000"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "no size fits --max-params 1000" in error
     sizes = candidate_sizes(cfg, "digits")
-    assert len(sizes) == 4 * 3 and all(z.latency_ms > 0 for z in sizes)
+    assert len(sizes) == 4 * 3 * 2 and all(z.latency_ms > 0 for z in sizes)
     limit = sorted(z.latency_ms for z in sizes)[len(sizes) // 2]
     assert main(["search", str(ckpt), "--task", "digits", "--budget-evals", "12", "--max-latency-ms", str(limit),
                  "--out", str(tmp_path / "fast.json")]) in (0, None)

@@ -466,11 +466,17 @@ def test_elastic_policy_follows_the_sandwich_rule():
     from ufo.model.paths import ElasticPolicy
 
     policy = ElasticPolicy({"face": ((2, 3), (16,)), "digits": ((), ())}, depth=4, hidden=64, seed=1)
-    assert policy.sizes_at(0) == {"face": (None, None)}  # largest: the full size; digits is not elastic
-    assert policy.sizes_at(1) == {"face": (2, 16)}  # smallest
+    assert policy.sizes_at(0) == {"face": (None, None, None)}  # largest: the full size; digits is not elastic
+    assert policy.sizes_at(1) == {"face": (2, 16, None)}  # smallest
     drawn = [policy.sizes_at(s)["face"] for s in range(2, 60, 3)]
-    assert set(drawn) <= {(d, h) for d in (2, 3, None) for h in (16, None)} and len(set(drawn)) > 2
+    assert set(drawn) <= {(d, h, None) for d in (2, 3, None) for h in (16, None)} and len(set(drawn)) > 2
     assert drawn == [ElasticPolicy({"face": ((2, 3), (16,))}, 4, 64, 1).sizes_at(s)["face"] for s in range(2, 60, 3)]
+    # head counts: a third size, drawn after the other two (the depths and widths drawn stay as they were)
+    heads = ElasticPolicy({"face": ((2, 3), (16,), (1,))}, 4, 64, 1, heads=2)
+    assert heads.sizes_at(1) == {"face": (2, 16, 1)} and heads.sizes_at(0) == {"face": (None, None, None)}
+    assert [heads.sizes_at(s)["face"][:2] for s in range(2, 60, 3)] == [d[:2] for d in drawn]
+    assert {heads.sizes_at(s)["face"][2] for s in range(2, 60, 3)} == {1, None}
+    assert heads.record(heads.sizes_at(1))["elastic_heads"] == {"face": 1}
 
 
 def test_elastic_config_errors_name_the_key(tiny_config_file):
@@ -483,6 +489,8 @@ def test_elastic_config_errors_name_the_key(tiny_config_file):
         load_config(tiny_config_file, ["tasks.digits.elastic={mlp_ratios: [3.0]}"])
     with pytest.raises(ConfigError, match=r"did you mean tasks\.digits\.elastic\.depths"):
         load_config(tiny_config_file, ["tasks.digits.elastic={depth: [2]}"])
+    with pytest.raises(ConfigError, match=r"tasks\.digits\.elastic\.num_heads: 3 heads: give 1\.\.2 \(model\.num_heads\)"):
+        load_config(tiny_config_file, ["tasks.digits.elastic={num_heads: [3]}"])
 
 
 @pytest.mark.dist
@@ -490,7 +498,7 @@ def test_elastic_training_under_zero3_and_export_at_a_smaller_size(tmp_path):
     from ufo.export import export_subnet
 
     raw = tiny_run(tmp_path, ("face", "digits"), steps=3, layout="task_parallel")
-    raw["tasks"]["face"]["elastic"] = {"depths": [2], "mlp_ratios": [1.0]}  # only face is elastic
+    raw["tasks"]["face"]["elastic"] = {"depths": [2], "mlp_ratios": [1.0], "num_heads": [1]}  # only face is elastic
     raw["deepspeed"] = {"zero_stage": 3}
     replicas = run_ranks(raw, tmp_path)
     for name in replicas[0]:
@@ -498,7 +506,8 @@ def test_elastic_training_under_zero3_and_export_at_a_smaller_size(tmp_path):
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     assert [r["elastic_depth"]["face"] for r in history[:2]] == [4, 2]  # largest, then smallest
     assert [r["elastic_hidden"]["face"] for r in history[:2]] == [64, 32]
-    result = export_subnet(tmp_path / "run", "face", tmp_path / "face-small", depth=2, mlp_ratio=1.0,
+    assert [r["elastic_heads"]["face"] for r in history[:2]] == [2, 1]
+    result = export_subnet(tmp_path / "run", "face", tmp_path / "face-small", depth=2, mlp_ratio=1.0, num_heads=1,
                            log=lambda _: None)
     assert result.max_abs_diff["safetensors"] <= 1e-5
 
@@ -509,8 +518,8 @@ def test_the_step_slices_carry_each_tasks_elastic_size():
 
     batch = {"slices": [("face", 3), ("digits", 2)], "labels": torch.zeros(5)}
     slices = _slices(batch, ["face", "person", "digits"], {"face": "SSTT", "person": "STST", "digits": "TSSS"},
-                     {"face": (2, 16)})
-    assert slices == [TaskSlice("face", "SSTT", 3, 2, 16), TaskSlice("person", "STST", 0),
+                     {"face": (2, 16, 1), "digits": (None, None, None)})
+    assert slices == [TaskSlice("face", "SSTT", 3, 2, 16, heads=1), TaskSlice("person", "STST", 0),
                       TaskSlice("digits", "TSSS", 2)]
 
 

@@ -89,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, help="elastic: keep the first DEPTH blocks (default: all)")
     p.add_argument("--mlp-ratio", type=float, help="elastic: FFN hidden width as a ratio of the embedding width "
                    "(default: the supernet's)")
+    p.add_argument("--num-heads", type=int, help="elastic: keep the first NUM_HEADS attention heads, each of the "
+                   "supernet's width (default: all)")
     p.add_argument("--format", dest="formats", help="comma-separated: safetensors,onnx,torchscript,onnx-int8 "
                    "(default: the checkpoint config's export.formats)")
     p.add_argument("--int8", choices=["static", "dynamic"], help="onnx-int8: activation ranges calibrated on the "
@@ -343,8 +345,8 @@ def _export(args: argparse.Namespace) -> None:
                           "configured path")
     if args.path and args.path_from:
         raise ExportError("give --path or --path-from, not both")
-    if args.all_tasks and (args.depth or args.mlp_ratio):
-        raise ExportError("--depth and --mlp-ratio apply to one --task")
+    if args.all_tasks and (args.depth or args.mlp_ratio or args.num_heads):
+        raise ExportError("--depth, --mlp-ratio and --num-heads apply to one --task")
     if args.path_from:
         from ufo.search import read_result
 
@@ -352,6 +354,7 @@ def _export(args: argparse.Namespace) -> None:
         args.path = found["best_path"]
         args.depth = args.depth or found.get("best_depth")
         args.mlp_ratio = args.mlp_ratio or found.get("best_mlp_ratio")
+        args.num_heads = args.num_heads or found.get("best_num_heads")
     int8 = {"mode": args.int8, "calibration": args.calibration, "samples": args.calibration_samples,
             "max_drop": args.int8_max_drop}
     common = dict(formats=formats, overwrite=args.overwrite, verify=args.verify, atol=args.atol,
@@ -367,7 +370,7 @@ def _export(args: argparse.Namespace) -> None:
         results = export_all_tasks(ckpt, args.out, **common)
     else:
         results = [export_subnet(ckpt, args.task, args.out, path=args.path, depth=args.depth,
-                                 mlp_ratio=args.mlp_ratio, **common)]
+                                 mlp_ratio=args.mlp_ratio, num_heads=args.num_heads, **common)]
     verified = all(r.max_abs_diff or r.int8 for r in results)
     print(f"wrote {len(results)} subnet{'s' if len(results) > 1 else ''} to {args.out}"
           + (" (verified against the supernet)" if verified else " (not verified)"))

@@ -70,6 +70,7 @@ class ElasticConfig(Section):
 
     depths: tuple[int, ...] = ()  # prefixes of the blocks, e.g. [2, 4, 6]
     mlp_ratios: tuple[float, ...] = ()  # FFN hidden widths as ratios of model.embed_dim, e.g. [1.0, 2.0, 4.0]
+    num_heads: tuple[int, ...] = ()  # attention heads kept (the first ones, each as wide as the supernet's), e.g. [6, 9]
 
 
 class AugmentConfig(Section):
@@ -636,6 +637,11 @@ def _check(cfg: UfoConfig, source: str, overridden: Mapping[str, str]) -> UfoCon
             if bad_ratio:
                 raise fail(f"{key}.elastic.mlp_ratios", f"ratio {bad_ratio[0]:g} is not in (0, {m.mlp_ratio:g}] "
                                                          "(model.mlp_ratio)")
+            bad_heads = [n for n in task.elastic.num_heads if not 1 <= n <= m.num_heads or m.embed_dim % n]
+            if bad_heads:
+                raise fail(f"{key}.elastic.num_heads", f"{bad_heads[0]} heads: give 1..{m.num_heads} (model.num_heads) "
+                                                        f"dividing model.embed_dim {m.embed_dim} (timm sizes a ViT's "
+                                                        "attention by embed_dim // num_heads before ufo narrows it)")
         if task.protocol is not None and (task.protocol == "classification") != (task.kind == "classification"):
             raise fail(f"{key}.protocol", f"the {task.protocol} protocol measures "
                                           f"{'logits' if task.protocol == 'classification' else 'embeddings'}, "

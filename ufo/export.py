@@ -28,7 +28,7 @@ from ufo.atomic import atomic_dir
 from ufo.checkpoint import Checkpoint, load_supernet, read_checkpoint, trained_path, write_failure
 from ufo.config import UfoConfig
 from ufo.errors import ExportError
-from ufo.model import SupernetViT, postprocess, subnet_args, subnet_state_dict
+from ufo.model import SupernetViT, narrow_attention, postprocess, subnet_args, subnet_state_dict
 from ufo.pretrained import timm_name
 from ufo.quantize import Int8Check, Int8Options, int8_subnet
 from ufo.subnet import FILES, DeployedSubnet, timm_subnet
@@ -54,9 +54,11 @@ class SubnetExport:
 def export_subnet(checkpoint: str | Path | Checkpoint, task: str, out: str | Path, path: str | None = None,
                   formats: Sequence[str] | None = None, overwrite: bool = False, verify: bool | None = None,
                   atol: float | None = None, log: Log = print, depth: int | None = None,
-                  mlp_ratio: float | None = None, int8: dict | None = None) -> SubnetExport:
+                  mlp_ratio: float | None = None, int8: dict | None = None,
+                  num_heads: int | None = None) -> SubnetExport:
     """Export `task`'s subnet (on its configured path, or `path`) from a supernet checkpoint to `out`;
-    with `depth` and/or `mlp_ratio`, the smaller elastic subnet (first blocks, first FFN units);
+    with `depth`, `mlp_ratio` and/or `num_heads`, the smaller elastic subnet (first blocks, first FFN
+    units, first attention heads);
     `int8`: the onnx-int8 format's settings over the config's `export` ones (mode, calibration,
     samples, max_drop)."""
     if not isinstance(checkpoint, Checkpoint):
@@ -68,7 +70,7 @@ def export_subnet(checkpoint: str | Path | Checkpoint, task: str, out: str | Pat
     path, path_from = _check_path(cfg, task, path), "given"
     if path is None:  # a learned run's own path, else the configured one
         path, path_from = trained_path(ckpt, task)
-    elastic = _check_elastic(cfg, depth, mlp_ratio)
+    elastic = _check_elastic(cfg, depth, mlp_ratio, num_heads)
     formats, verify, atol = _resolve(cfg, formats, verify, atol)
     quantized = Int8Options.of(cfg.export, **(int8 or {})) if "onnx-int8" in formats else None
     out = Path(out)
@@ -132,11 +134,13 @@ def build_subnet(supernet: SupernetViT, cfg: UfoConfig, task: str, path: str,
     """The timm ViT of `task` on `path` (an elastic size, if given), created by timm's factory, with the
     supernet's weights."""
     e = elastic or Elastic()
-    args = subnet_args(cfg, task, e.depth, e.mlp_ratio)
+    args = subnet_args(cfg, task, e.depth, e.mlp_ratio, e.num_heads)
     with torch.device("meta"):  # the subnet takes the supernet's tensors, no copy
         vit = timm.create_model(_architecture(cfg), pretrained=False, weight_init="skip", **args)
+        if e.num_heads:
+            narrow_attention(vit, e.num_heads, cfg.model.embed_dim // cfg.model.num_heads)
     state = subnet_state_dict(supernet.state_dict(), task, path, supernet.heads[task].deployed, e.depth,
-                              e.hidden(cfg))
+                              e.hidden(cfg), (e.num_heads, cfg.model.num_heads) if e.num_heads else None)
     if vit.patch_embed.grid_size != supernet.patch_embed.grid_size:
         # the task's own input size: the position embedding resampled as the supernet resamples it in
         # every forward (timm's dynamic image size), once, so the subnet is a plain fixed-size ViT
@@ -171,13 +175,17 @@ def _write_subnet(supernet: SupernetViT, ckpt: Checkpoint, task: str, path: str,
     e = elastic or Elastic()
     vit = build_subnet(supernet, cfg, task, path, e)
     params = sum(p.numel() for p in vit.parameters())
-    args = subnet_args(cfg, task, e.depth, e.mlp_ratio)
+    args = subnet_args(cfg, task, e.depth, e.mlp_ratio, e.num_heads)
     preprocessing = dict(input_size=[cfg.model.in_chans, *cfg.size_of(task)],
                          mean=list(cfg.data.mean), std=list(cfg.data.std),
                          interpolation=cfg.data.interpolation, crop_pct=cfg.data.crop_pct)
     tmp.mkdir(parents=True, exist_ok=True)
     write_safetensors(vit.state_dict(), tmp / FILES["safetensors"])  # what timm's save_for_hf writes, streamed
     save_config_for_hf(vit, str(tmp / "config.json"), model_args=args, data_config=preprocessing)
+    if e.num_heads:  # what timm's arguments cannot say, there before verification rebuilds the subnet from it
+        config = json.loads((tmp / "config.json").read_text())
+        config["ufo"] = {"attention": _attention(cfg, e)}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     deployed = DeployedSubnet(vit, normalize=(kind == "retrieval")).eval()
     if "onnx" in formats or "onnx-int8" in formats:  # INT8 is quantised from the fp32 graph
         _write_onnx(deployed, tmp / FILES["onnx"], cfg, task)
@@ -190,7 +198,8 @@ def _write_subnet(supernet: SupernetViT, ckpt: Checkpoint, task: str, path: str,
         written.images = torch.randn(4, cfg.model.in_chans, *cfg.size_of(task),
                                      generator=torch.Generator().manual_seed(cfg.train.seed))
         with torch.no_grad():
-            written.reference = supernet.forward_task(written.images, task, path, e.depth, e.hidden(cfg))
+            written.reference = supernet.forward_task(written.images, task, path, e.depth, e.hidden(cfg),
+                                                      e.num_heads)
     return written
 
 
@@ -225,8 +234,9 @@ def _finish_subnet(w: _Written, ckpt_path: Path, step: int, cfg: UfoConfig, form
     config["ufo"] = dict(
         task=task, kind=kind, path=path[:e.depth] if e.depth else path, path_from=result.path_from,
         param_count=result.param_count,
-        elastic={"depth": e.depth, "mlp_ratio": e.mlp_ratio, "supernet_path": path} if e.depth or e.mlp_ratio
-        else None,
+        elastic={"depth": e.depth, "mlp_ratio": e.mlp_ratio, "num_heads": e.num_heads, "supernet_path": path}
+        if e else None,
+        attention=_attention(cfg, e),
         output="l2-normalized embedding" if kind == "retrieval" else "logits",
         postprocess="l2_normalize" if kind == "retrieval" else None,
         preprocessing=w.preprocessing, files={fmt: FILES[fmt] for fmt in formats},
@@ -240,7 +250,7 @@ def _finish_subnet(w: _Written, ckpt_path: Path, step: int, cfg: UfoConfig, form
     checks = "  ".join([f"{fmt} max|diff| {d:.2e}" for fmt, d in result.max_abs_diff.items()]
                        + ([f"int8 {result.int8.metric} drop {result.int8.drop:+.4f}"] if result.int8 else []))
     size = f" depth {e.depth or cfg.model.depth} mlp_ratio {e.mlp_ratio or cfg.model.mlp_ratio:g}" \
-        if e.depth or e.mlp_ratio else ""
+        f" heads {e.num_heads or cfg.model.num_heads}" if e else ""
     learned = " (learned)" if result.path_from == "learned" else ""
     log(f"  {task:<12} {kind:<14} path {path}{learned}{size}  {result.param_count / 1e6:8.3f} M params  "
         f"{checks or 'not verified'}")
@@ -322,23 +332,39 @@ def _architecture(cfg: UfoConfig) -> str:
 
 @dataclass(frozen=True)
 class Elastic:
-    """An elastic subnet size: the first `depth` blocks, FFNs of `mlp_ratio` (None: the supernet's)."""
+    """An elastic subnet size: the first `depth` blocks, FFNs of `mlp_ratio`, the first `num_heads`
+    attention heads (None: the supernet's)."""
 
     depth: int | None = None
     mlp_ratio: float | None = None
+    num_heads: int | None = None
+
+    def __bool__(self) -> bool:
+        return any(v is not None for v in (self.depth, self.mlp_ratio, self.num_heads))
 
     def hidden(self, cfg: UfoConfig) -> int | None:
         return None if self.mlp_ratio is None else int(cfg.model.embed_dim * self.mlp_ratio)
 
 
-def _check_elastic(cfg: UfoConfig, depth: int | None, mlp_ratio: float | None) -> Elastic:
+def _attention(cfg: UfoConfig, e: Elastic) -> dict | None:
+    """config.json's `ufo.attention` of a subnet with fewer heads: each keeps the supernet's head width
+    (`narrow_attention`); None where timm's arguments alone build the attention."""
+    return {"num_heads": e.num_heads, "head_dim": cfg.model.embed_dim // cfg.model.num_heads} if e.num_heads \
+        else None
+
+
+def _check_elastic(cfg: UfoConfig, depth: int | None, mlp_ratio: float | None,
+                   num_heads: int | None = None) -> Elastic:
     m = cfg.model
     if depth is not None and not 1 <= depth <= m.depth:
         raise ExportError(f"--depth {depth}: the supernet has {m.depth} blocks; give 1..{m.depth}")
     if mlp_ratio is not None and not (0 < mlp_ratio <= m.mlp_ratio and int(m.embed_dim * mlp_ratio) >= 1):
         raise ExportError(f"--mlp-ratio {mlp_ratio:g}: the supernet's FFNs have mlp_ratio {m.mlp_ratio:g}; "
                           f"give a ratio in (0, {m.mlp_ratio:g}]")
-    return Elastic(depth, mlp_ratio)
+    if num_heads is not None and not (1 <= num_heads <= m.num_heads and m.embed_dim % num_heads == 0):
+        raise ExportError(f"--num-heads {num_heads}: the supernet's attention has {m.num_heads} heads; give "
+                          f"1..{m.num_heads} dividing embed_dim {m.embed_dim}")
+    return Elastic(depth, mlp_ratio, None if num_heads == m.num_heads else num_heads)
 
 
 def _check_task(cfg: UfoConfig, task: str) -> None:

@@ -24,7 +24,7 @@ from ufo.config import ffns_on_path
 from ufo.data import task_loader
 from ufo.errors import UfoError
 from ufo.evaluate import PRIMARY, eval_sets, measure, primary
-from ufo.model import SupernetViT, subnet_args
+from ufo.model import SupernetViT, narrow_attention, subnet_args
 
 Log = Callable[[str], None]
 FORMAT = "ufo-path-search/1"
@@ -38,6 +38,7 @@ class Size:
     mlp_ratio: float
     params: int
     latency_ms: float | None = None
+    num_heads: int | None = None  # None: the supernet's
 
 
 @dataclass
@@ -50,6 +51,7 @@ class SearchResult:
     evaluated: list[dict] = field(default_factory=list)  # every candidate tried, in order
     best_depth: int | None = None  # None: the supernet's own size
     best_mlp_ratio: float | None = None
+    best_num_heads: int | None = None
     best_params: int = 0
     best_latency_ms: float | None = None
     budget: dict = field(default_factory=dict)  # max_params, max_latency_ms
@@ -95,10 +97,11 @@ class PathEvaluator:
         self.flip = cfg.tasks[task].flip_test
 
     @torch.no_grad()
-    def __call__(self, path: str, depth: int | None = None, hidden: int | None = None) -> float:
+    def __call__(self, path: str, depth: int | None = None, hidden: int | None = None,
+                 heads: int | None = None) -> float:
         def forward(x: torch.Tensor) -> torch.Tensor:
-            out = self.model.forward_task(x, self.task, path, depth, hidden)
-            return out + self.model.forward_task(torch.flip(x, dims=[3]), self.task, path, depth, hidden) \
+            out = self.model.forward_task(x, self.task, path, depth, hidden, heads)
+            return out + self.model.forward_task(torch.flip(x, dims=[3]), self.task, path, depth, hidden, heads) \
                 if self.flip else out
 
         result: dict[str, float] = {}
@@ -185,7 +188,7 @@ def search_path(checkpoint: str | Path | Checkpoint, task: str, budget_evals: in
     if not feasible:
         small = min(sizes, key=lambda z: z.params)
         raise UfoError(f"task {task}: no size fits --max-params {max_params} / --max-latency-ms {max_latency_ms}; "
-                       f"the smallest, depth {small.depth} mlp_ratio {small.mlp_ratio:g}, has {small.params} "
+                       f"the smallest, {_size(small, m)}, has {small.params} "
                        f"parameters and {small.latency_ms or 0:.2f} ms (tasks.{task}.elastic sets the sizes)")
     evaluate = PathEvaluator(load_supernet(ckpt), cfg, task)
     full_hidden = int(m.embed_dim * m.mlp_ratio)
@@ -194,7 +197,7 @@ def search_path(checkpoint: str | Path | Checkpoint, task: str, budget_evals: in
         def one(path: str, size: Size) -> float:
             hidden = int(m.embed_dim * size.mlp_ratio)
             return evaluate(path, None if size.depth == m.depth else size.depth,
-                            None if hidden == full_hidden else hidden)
+                            None if hidden == full_hidden else hidden, size.num_heads)
 
         mine = {i: one(*k) for i, k in enumerate(keys) if i % world == rank}
         if world > 1:
@@ -215,17 +218,18 @@ def search_path(checkpoint: str | Path | Checkpoint, task: str, budget_evals: in
     for size in feasible:
         d = size.depth
         if budgeted:
-            log(f" size depth {d} mlp_ratio {size.mlp_ratio:g}: {size.params / 1e6:.3f} M params, "
-                f"{size.latency_ms:.2f} ms")
+            log(f" size {_size(size, m)}: {size.params / 1e6:.3f} M params, {size.latency_ms:.2f} ms")
         # letters past the depth are unused: they keep the trained path's
         tried = evolve(lambda prefixes: evaluate_many([(p + trained[d:], size) for p in prefixes]), d,
                        [trained[:d], "S" * d, "T" * d], share if budgeted else budget_evals, seed, population, log)
         evaluated += [{"path": p + trained[d:], "value": v, "depth": d, "mlp_ratio": size.mlp_ratio,
-                       "params": size.params, "latency_ms": size.latency_ms} for p, v in tried]
+                       "num_heads": size.num_heads or m.num_heads, "params": size.params,
+                       "latency_ms": size.latency_ms} for p, v in tried]
     full = Size(m.depth, m.mlp_ratio, subnet_params(cfg, task, m.depth, m.mlp_ratio))
     reference = {name: p for name, p in (("trained", trained), ("all_shared", "S" * m.depth),
                                          ("all_task", "T" * m.depth))}
-    known = {e["path"]: e["value"] for e in evaluated if e["depth"] == m.depth and e["mlp_ratio"] == m.mlp_ratio}
+    known = {e["path"]: e["value"] for e in evaluated if e["depth"] == m.depth and e["mlp_ratio"] == m.mlp_ratio
+             and e["num_heads"] == m.num_heads}
     missing = [p for p in reference.values() if p not in known]
     known.update(zip(missing, evaluate_many([(p, full) for p in missing])))
     best = max(evaluated, key=lambda e: (e["value"], e["path"] == trained, -e["params"]))
@@ -236,27 +240,37 @@ def search_path(checkpoint: str | Path | Checkpoint, task: str, budget_evals: in
         evaluated=evaluated,
         best_depth=None if best["depth"] == m.depth else best["depth"],
         best_mlp_ratio=None if best["mlp_ratio"] == m.mlp_ratio else best["mlp_ratio"],
+        best_num_heads=None if best["num_heads"] == m.num_heads else best["num_heads"],
         best_params=best["params"], best_latency_ms=best["latency_ms"],
         budget={"max_params": max_params, "max_latency_ms": max_latency_ms}, pareto=front,
         budget_evals=budget_evals, seed=seed, checkpoint=str(ckpt.path), step=ckpt.step,
         seconds=time.perf_counter() - started)
 
 
-def subnet_params(cfg, task: str, depth: int, mlp_ratio: float) -> int:
-    """Parameters of the exported timm subnet of that size (counted on the meta device)."""
+def _size(size: Size, m) -> str:
+    return f"depth {size.depth} mlp_ratio {size.mlp_ratio:g} heads {size.num_heads or m.num_heads}"
+
+
+def _subnet_vit(cfg, task: str, depth: int, mlp_ratio: float, num_heads: int | None):
+    """The exported timm subnet of that size (fewer heads: each of the supernet's width)."""
     from timm.models.vision_transformer import VisionTransformer
 
+    vit = VisionTransformer(**subnet_args(cfg, task, depth, mlp_ratio, num_heads))
+    return narrow_attention(vit, num_heads, cfg.model.embed_dim // cfg.model.num_heads) if num_heads else vit
+
+
+def subnet_params(cfg, task: str, depth: int, mlp_ratio: float, num_heads: int | None = None) -> int:
+    """Parameters of the exported timm subnet of that size (counted on the meta device)."""
     with torch.device("meta"):
-        vit = VisionTransformer(**subnet_args(cfg, task, depth, mlp_ratio))
+        vit = _subnet_vit(cfg, task, depth, mlp_ratio, num_heads)
     return sum(p.numel() for p in vit.parameters())
 
 
-def subnet_latency_ms(cfg, task: str, depth: int, mlp_ratio: float, runs: int = 20) -> float:
+def subnet_latency_ms(cfg, task: str, depth: int, mlp_ratio: float, runs: int = 20,
+                      num_heads: int | None = None) -> float:
     """Milliseconds of one image through the exported timm subnet of that size, on this machine: the
     fastest of `runs` (other load on the machine only ever adds time)."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    vit = VisionTransformer(**subnet_args(cfg, task, depth, mlp_ratio)).eval()
+    vit = _subnet_vit(cfg, task, depth, mlp_ratio, num_heads).eval()
     x = torch.randn(1, cfg.model.in_chans, *cfg.size_of(task))
     times = []
     with torch.no_grad():
@@ -269,12 +283,14 @@ def subnet_latency_ms(cfg, task: str, depth: int, mlp_ratio: float, runs: int = 
 
 
 def candidate_sizes(cfg, task: str, measure_latency: bool = True) -> list[Size]:
-    """Every size the task trained (its elastic depths and widths, and the full one)."""
+    """Every size the task trained (its elastic depths, widths and head counts, and the full one)."""
     m, e = cfg.model, cfg.tasks[task].elastic
     depths = sorted(set(e.depths if e else ()) | {m.depth})
     ratios = sorted(set(e.mlp_ratios if e else ()) | {m.mlp_ratio})
-    return [Size(d, r, subnet_params(cfg, task, d, r), subnet_latency_ms(cfg, task, d, r) if measure_latency else None)
-            for d in depths for r in ratios]
+    heads = [None if n == m.num_heads else n for n in sorted(set(e.num_heads if e else ()) | {m.num_heads})]
+    return [Size(d, r, subnet_params(cfg, task, d, r, n),
+                 subnet_latency_ms(cfg, task, d, r, num_heads=n) if measure_latency else None, n)
+            for d in depths for r in ratios for n in heads]
 
 
 def pareto(candidates: list[dict]) -> list[dict]:
@@ -286,7 +302,7 @@ def pareto(candidates: list[dict]) -> list[dict]:
         return all(x >= y for x, y in keys) and any(x > y for x, y in keys)
 
     front = [c for c in candidates if not any(beats(o, c) for o in candidates)]
-    unique = {(c["path"], c["depth"], c["mlp_ratio"]): c for c in front}
+    unique = {(c["path"], c["depth"], c["mlp_ratio"], c.get("num_heads")): c for c in front}
     return sorted(unique.values(), key=lambda c: c["params"])
 
 
@@ -318,8 +334,9 @@ def read_path(file: str | Path, task: str) -> str:
 
 
 def format_result(r: SearchResult) -> str:
-    size = "" if r.best_depth is None and r.best_mlp_ratio is None else \
-        f" at depth {r.best_depth or '(full)'} mlp_ratio {r.best_mlp_ratio or '(full)'}"
+    size = "" if r.best_depth is None and r.best_mlp_ratio is None and r.best_num_heads is None else \
+        f" at depth {r.best_depth or '(full)'} mlp_ratio {r.best_mlp_ratio or '(full)'} heads " \
+        f"{r.best_num_heads or '(full)'}"
     lines = [f"best path for {r.task}: {r.best_path}{size}  {r.metric} {r.best:.4f}  "
              f"{r.best_params / 1e6:.3f} M params" + (f", {r.best_latency_ms:.2f} ms" if r.best_latency_ms else "")]
     for name, b in r.baselines.items():
@@ -327,10 +344,10 @@ def format_result(r: SearchResult) -> str:
                      f"({r.best - b['value']:+.4f} for the best)")
     if r.budget.get("max_params") is not None or r.budget.get("max_latency_ms") is not None:
         lines.append(f"  Pareto front ({r.metric} against parameters and latency):")
-        lines.append(f"    {'path':<14} {'depth':>5} {'mlp_ratio':>9} {'params (M)':>10} {'latency (ms)':>12} "
-                     f"{r.metric:>9}")
+        lines.append(f"    {'path':<14} {'depth':>5} {'mlp_ratio':>9} {'heads':>5} {'params (M)':>10} "
+                     f"{'latency (ms)':>12} {r.metric:>9}")
         for e in r.pareto:
-            lines.append(f"    {e['path']:<14} {e['depth']:>5} {e['mlp_ratio']:>9g} {e['params'] / 1e6:>10.3f} "
-                         f"{e['latency_ms'] or 0:>12.2f} {e['value']:>9.4f}")
+            lines.append(f"    {e['path']:<14} {e['depth']:>5} {e['mlp_ratio']:>9g} {e.get('num_heads', ''):>5} "
+                         f"{e['params'] / 1e6:>10.3f} {e['latency_ms'] or 0:>12.2f} {e['value']:>9.4f}")
     lines.append(f"  {len(r.evaluated)} candidates evaluated in {r.seconds:.1f} s")
     return "\n".join(lines)

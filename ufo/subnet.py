@@ -16,6 +16,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ufo.errors import ExportError
+from ufo.model import narrow_attention
 
 FILES = {"safetensors": "model.safetensors", "onnx": "model.onnx", "torchscript": "model.torchscript.pt",
          "onnx-int8": "model.int8.onnx"}
@@ -36,10 +37,15 @@ class DeployedSubnet(nn.Module):
 
 def timm_subnet(config: dict) -> VisionTransformer:
     """The subnet's timm ViT on the meta device: `timm.create_model(architecture, **model_args)` (the
-    architecture's definition holds what model_args cannot: a CLIP's LayerNorm epsilon)."""
+    architecture's definition holds what model_args cannot: a CLIP's LayerNorm epsilon), its blocks'
+    attention narrowed where config.json's `ufo.attention` says so (`narrow_attention`)."""
     with torch.device("meta"):
-        return timm.create_model(config.get("architecture", "vit_base_patch16_224"), pretrained=False,
-                                 **config["model_args"])
+        vit = timm.create_model(config.get("architecture", "vit_base_patch16_224"), pretrained=False,
+                                **config["model_args"])
+        attention = config.get("ufo", {}).get("attention")
+        if attention:  # fewer heads, each of the supernet's width: timm's Attention with attn_head_dim
+            narrow_attention(vit, attention["num_heads"], attention["head_dim"])
+        return vit
 
 
 def subnet_config(directory: str | Path) -> dict:

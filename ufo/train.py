@@ -777,7 +777,7 @@ def _next_batch(batches, held: list[str], paths: dict, sizes: dict, tasks: list[
 
 
 def _slices(batch: dict, tasks: list[str], paths: dict[str, str],
-            elastic: dict[str, tuple[int | None, int | None]], gates: dict | None = None) -> list[TaskSlice]:
+            elastic: dict[str, tuple[int | None, int | None, int | None]], gates: dict | None = None) -> list[TaskSlice]:
     """A slice of every task, in config order; empty for the tasks this batch does not hold."""
     rows = dict(batch["slices"]) if "slices" in batch else {batch["task"]: len(batch["labels"])}
     gates = gates or {}
@@ -785,8 +785,12 @@ def _slices(batch: dict, tasks: list[str], paths: dict[str, str],
     if isinstance(targets, torch.Tensor):
         targets = {batch["task"]: targets}
     targets = targets or {}
-    return [TaskSlice(task, paths[task], rows.get(task, 0), *elastic.get(task, (None, None)), gates.get(task),
-                      targets.get(task)) for task in tasks]
+    slices = []
+    for task in tasks:
+        depth, hidden, heads = elastic.get(task, (None, None, None))
+        slices.append(TaskSlice(task, paths[task], rows.get(task, 0), depth, hidden, gates.get(task),
+                                targets.get(task), heads))
+    return slices
 
 
 @torch.no_grad()
@@ -815,6 +819,7 @@ def path_probs(module: SupernetViT, layout: Layout, rank: int, tasks: list[str],
 
 def _elastic_policy(cfg: UfoConfig) -> ElasticPolicy:
     m = cfg.model
-    widths = {task: (tc.elastic.depths, tuple(int(m.embed_dim * r) for r in tc.elastic.mlp_ratios))
-              for task, tc in cfg.tasks.items() if tc.elastic is not None}
-    return ElasticPolicy(widths, m.depth, int(m.embed_dim * m.mlp_ratio), cfg.train.seed)
+    sizes = {task: (tc.elastic.depths, tuple(int(m.embed_dim * r) for r in tc.elastic.mlp_ratios),
+                    tc.elastic.num_heads)
+             for task, tc in cfg.tasks.items() if tc.elastic is not None}
+    return ElasticPolicy(sizes, m.depth, int(m.embed_dim * m.mlp_ratio), cfg.train.seed, m.num_heads)

@@ -6,6 +6,7 @@ from ufo.model.params import ParamCounts, count_params, format_params
 from ufo.model.supernet import (
     SupernetViT,
     TaskSlice,
+    narrow_attention,
     subnet_args,
     subnet_state_dict,
     supernet_state_from_vit,
@@ -14,6 +15,6 @@ from ufo.model.supernet import (
 
 __all__ = [
     "SHARED", "MultiPathFFN", "ClassificationHead", "MarginSoftmax", "RetrievalHead", "postprocess",
-    "ParamCounts", "count_params", "format_params", "SupernetViT", "TaskSlice", "subnet_args",
+    "ParamCounts", "count_params", "format_params", "SupernetViT", "TaskSlice", "narrow_attention", "subnet_args",
     "subnet_state_dict", "supernet_state_from_vit", "vit_args",
 ]

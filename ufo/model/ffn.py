@@ -20,13 +20,15 @@ SHARED = None
 
 
 class Route(NamedTuple):
-    """Rows [start, end) of the batch in one block: which FFN they take, at what width, gated or not."""
+    """Rows [start, end) of the batch in one block: which FFN they take, at what width, gated or not,
+    and how many of the block's attention heads they see."""
 
     key: str | None  # a task name for its FFN-task, SHARED for FFN-shared
     start: int
     end: int
     hidden: int | None = None  # how many of the FFN's hidden units (None: all)
     gate: torch.Tensor | None = None  # a learned path's open block: the weights (2,) of [FFN-shared, FFN-task]
+    heads: int | None = None  # how many of the attention's heads, the first ones (None: all)
 
 
 def run_mlp(mlp: Mlp, x: torch.Tensor, hidden: int | None = None) -> torch.Tensor:

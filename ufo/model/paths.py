@@ -146,37 +146,42 @@ class PathPolicy:
 
 
 class ElasticPolicy:
-    """Each task's elastic size at a step: (depth, FFN hidden units), None meaning the full one.
+    """Each task's elastic size at a step: (depth, FFN hidden units, attention heads), None meaning
+    the full one.
 
     The sandwich rule, in turn: the largest size, the smallest, and one drawn at random from a
     generator seeded by (seed, step, task), so every rank and a resumed run agree.
     """
 
-    def __init__(self, sizes: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]], depth: int, hidden: int,
-                 seed: int = 0):
-        # sizes: task -> (depths, hidden widths) it trains besides the full size
-        self.full = (depth, hidden)
-        self.sizes = {task: (sorted(set(ds) | {depth}), sorted(set(hs) | {hidden}))
-                      for task, (ds, hs) in sizes.items() if ds or hs}
+    def __init__(self, sizes: Mapping[str, tuple[tuple[int, ...], ...]], depth: int, hidden: int,
+                 seed: int = 0, heads: int | None = None):
+        # sizes: task -> (depths, hidden widths[, head counts]) it trains besides the full size
+        self.full = (depth, hidden, heads)
+        self.sizes = {task: tuple(sorted(set(choices) | {whole}) for choices, whole in zip(size, self.full))
+                      for task, size in sizes.items() if any(size)}
         self.seed = seed
 
-    def sizes_at(self, step: int) -> dict[str, tuple[int | None, int | None]]:
+    def sizes_at(self, step: int) -> dict[str, tuple[int | None, int | None, int | None]]:
         out = {}
-        for task, (depths, widths) in self.sizes.items():
+        for task, choices in self.sizes.items():
             turn = step % 3
             if turn == 0:
-                d, h = depths[-1], widths[-1]
+                size = [c[-1] for c in choices]
             elif turn == 1:
-                d, h = depths[0], widths[0]
+                size = [c[0] for c in choices]
             else:
                 rng = random.Random(f"elastic:{self.seed}:{step}:{zlib.crc32(task.encode())}")
-                d, h = rng.choice(depths), rng.choice(widths)
-            out[task] = (None if d == self.full[0] else d, None if h == self.full[1] else h)
+                size = [rng.choice(c) for c in choices]
+            size += [None] * (3 - len(size))
+            out[task] = tuple(None if s == whole else s for s, whole in zip(size, self.full))
         return out
 
-    def record(self, sizes: Mapping[str, tuple[int | None, int | None]]) -> dict:
+    def record(self, sizes: Mapping[str, tuple[int | None, ...]]) -> dict:
         """What a step's history record says of the elastic size each task trained at."""
         if not sizes:
             return {}
-        return {"elastic_depth": {task: d or self.full[0] for task, (d, _) in sizes.items()},
-                "elastic_hidden": {task: h or self.full[1] for task, (_, h) in sizes.items()}}
+        record = {"elastic_depth": {task: s[0] or self.full[0] for task, s in sizes.items()},
+                  "elastic_hidden": {task: s[1] or self.full[1] for task, s in sizes.items()}}
+        if self.full[2] is not None and any(len(c) > 2 and len(c[2]) > 1 for c in self.sizes.values()):
+            record["elastic_heads"] = {task: s[2] or self.full[2] for task, s in sizes.items()}
+        return record

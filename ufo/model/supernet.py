@@ -13,8 +13,9 @@ from functools import partial
 from typing import Any, Callable, ContextManager, Mapping, NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.layers import trunc_normal_
+from timm.layers import Attention, trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer, get_init_weights_vit
 from torch import nn
 
@@ -31,7 +32,8 @@ Gather = Callable[[list[nn.Parameter]], ContextManager]
 
 class TaskSlice(NamedTuple):
     """`size` consecutive rows of a micro-batch that belong to `task` and run on `path`, through the
-    first `depth` blocks (None: all) with `hidden` FFN units (None: all): an elastic subnet."""
+    first `depth` blocks (None: all) with `hidden` FFN units and the first `heads` attention heads
+    (None: all): an elastic subnet."""
 
     task: str
     path: str
@@ -42,6 +44,7 @@ class TaskSlice(NamedTuple):
     gate: tuple[torch.Tensor, float] | None = None
     # a classification slice mixed by mixup/cutmix: its soft targets (size, classes), in place of labels
     targets: torch.Tensor | None = None
+    heads: int | None = None
 
 
 def vit_args(model: ModelConfig) -> dict[str, Any]:
@@ -73,10 +76,12 @@ def norm_layer(model: ModelConfig) -> dict[str, Any]:
     return {} if model.norm_eps == 1e-6 else {"norm_layer": partial(nn.LayerNorm, eps=model.norm_eps)}
 
 
-def subnet_args(cfg: UfoConfig, task: str, depth: int | None = None, mlp_ratio: float | None = None) -> dict[str, Any]:
+def subnet_args(cfg: UfoConfig, task: str, depth: int | None = None, mlp_ratio: float | None = None,
+                num_heads: int | None = None) -> dict[str, Any]:
     """Arguments that rebuild `task`'s subnet: `timm.create_model(architecture, **subnet_args(cfg, task))`
     (`VisionTransformer(**...)` for a ViT with timm's LayerNorm epsilon); an elastic subnet keeps the
-    first `depth` blocks with FFNs of `mlp_ratio`; the task's input size is its own."""
+    first `depth` blocks with FFNs of `mlp_ratio` and the first `num_heads` attention heads (their
+    head width stays the supernet's: `narrow_attention`); the task's input size is its own."""
     h, w = cfg.size_of(task)
     args = dict(vit_args(cfg.model), num_classes=head_out_dim(cfg.tasks[task], cfg.model.embed_dim),
                 img_size=h if h == w else [h, w])
@@ -84,16 +89,48 @@ def subnet_args(cfg: UfoConfig, task: str, depth: int | None = None, mlp_ratio: 
         args["depth"] = depth
     if mlp_ratio is not None:
         args["mlp_ratio"] = mlp_ratio
+    if num_heads is not None:
+        args["num_heads"] = num_heads
     return args
 
 
+def narrow_attention(vit: nn.Module, num_heads: int, head_dim: int) -> nn.Module:
+    """`vit` (a timm ViT) with every block's attention made timm's `Attention` of `num_heads` heads of
+    `head_dim` each (timm's ViT arguments size a head as embed_dim // num_heads; a subnet with fewer
+    heads keeps the supernet's head width). Built on `vit`'s device; returns `vit`."""
+    for block in vit.blocks:
+        old = block.attn
+        block.attn = Attention(old.qkv.in_features, num_heads=num_heads, attn_head_dim=head_dim,
+                               qkv_bias=old.qkv.bias is not None, proj_bias=old.proj.bias is not None,
+                               device=old.qkv.weight.device)
+    return vit
+
+
 class SupernetBlock(Block):
-    """timm's pre-norm block; its FFN takes the routes of this block."""
+    """timm's pre-norm block; its FFN takes the routes of this block, its attention their head counts."""
 
     def forward(self, x: torch.Tensor, routes: Sequence[Route]) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        x = x + self.drop_path1(self.ls1(self._attention(self.norm1(x), routes)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x), routes)))
         return x
+
+    def _attention(self, x: torch.Tensor, routes: Sequence[Route]) -> torch.Tensor:
+        """timm's attention; the rows of a route with fewer heads see only the first ones: the other
+        heads' outputs are zeroed before the projection, which is exactly the attention of the kept
+        heads (their q/k/v rows, the projection's columns of them: what a narrower subnet holds)."""
+        attn = self.attn
+        if all(r.heads is None for r in routes):
+            return attn(x)
+        B, N, _ = x.shape
+        keep = torch.ones(B, attn.num_heads, 1, 1, dtype=x.dtype, device=x.device)
+        for r in routes:
+            if r.heads is not None:
+                keep[r.start:r.end, r.heads:] = 0
+        q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if self.training else 0.0)
+        out = (out * keep).transpose(1, 2).reshape(B, N, attn.attn_dim)
+        return attn.proj_drop(attn.proj(attn.norm(out)))
 
 
 def ffn_plan(tasks: Sequence[str], held: Sequence[str], paths: Mapping[str, str] | None,
@@ -255,7 +292,7 @@ class SupernetViT(VisionTransformer):
             start += s.size
         gates = self._gates(slices) if gates is None else gates
         return [[Route(SHARED if s.path[i] == "S" else s.task, a, b, s.hidden,
-                       gates[s.task][i] if s.path[i] == OPEN else None) for s, (a, b) in zip(slices, bounds)]
+                       gates[s.task][i] if s.path[i] == OPEN else None, s.heads) for s, (a, b) in zip(slices, bounds)]
                 for i in range(depth)]
 
     def _check(self, s: TaskSlice) -> None:
@@ -276,6 +313,9 @@ class SupernetViT(VisionTransformer):
         width = self.blocks[0].mlp.hidden_features
         if s.hidden is not None and not 1 <= s.hidden <= width:
             raise ValueError(f"elastic FFN width {s.hidden} for task {s.task!r} is not in 1..{width}")
+        heads = self.blocks[0].attn.num_heads
+        if s.heads is not None and not 1 <= s.heads <= heads:
+            raise ValueError(f"elastic head count {s.heads} for task {s.task!r} is not in 1..{heads}")
         if self.paths is not None and s.path != self.paths[s.task] and OPEN not in s.path:
             missing = self.lacks(s.task, s.path)
             if missing:
@@ -383,9 +423,9 @@ class SupernetViT(VisionTransformer):
         return apply_heads(self.heads, self.forward_features(images, slices), slices, labels, reduction, hits)
 
     def forward_task(self, images: torch.Tensor, task: str, path: str, depth: int | None = None,
-                     hidden: int | None = None) -> torch.Tensor:
-        """The whole batch as one task on one path (of an elastic depth and FFN width, if given)."""
-        return self(images, [TaskSlice(task, path, images.shape[0], depth, hidden)])[0]
+                     hidden: int | None = None, heads: int | None = None) -> torch.Tensor:
+        """The whole batch as one task on one path (of an elastic depth, FFN width and head count, if given)."""
+        return self(images, [TaskSlice(task, path, images.shape[0], depth, hidden, heads=heads)])[0]
 
 
 def _called(block: nn.Module, x: torch.Tensor, routes: Sequence[Route]) -> torch.Tensor:
@@ -416,12 +456,14 @@ def apply_heads(heads: nn.ModuleDict, features: torch.Tensor, slices: Sequence[T
 
 
 def subnet_state_dict(state: Mapping[str, torch.Tensor], task: str, path: str, deployed_head: str,
-                      depth: int | None = None, hidden: int | None = None) -> dict[str, torch.Tensor]:
+                      depth: int | None = None, hidden: int | None = None,
+                      heads: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
     """Rename a supernet state dict into the timm ViT state dict of `task` on `path`.
 
     Keeps the shared parts, each block's FFN on the path, and the task head's deployed layer
     (as timm's `head`, a BNNeck after it folded in); drops every other FFN and head. An elastic subnet keeps only the first
-    `depth` blocks and the first `hidden` units of each FFN (rows of fc1, columns of fc2).
+    `depth` blocks, the first `hidden` units of each FFN (rows of fc1, columns of fc2) and, `heads`
+    (kept, of all), the first attention heads (their rows of q, k and v, the projection's columns).
     """
     out = {}
     head_prefix = f"heads.{task}.{deployed_head}."
@@ -434,6 +476,9 @@ def subnet_state_dict(state: Mapping[str, torch.Tensor], task: str, path: str, d
             continue
         parts = name.split(".")
         if parts[0] == "blocks" and depth is not None and int(parts[1]) >= depth:
+            continue
+        if heads is not None and parts[0] == "blocks" and parts[2] == "attn":
+            out[name] = _kept_heads(name, tensor, *heads)
             continue
         if len(parts) > 3 and parts[0] == "blocks" and parts[2] == "mlp":
             block, rest = int(parts[1]), parts[3:]
@@ -454,6 +499,17 @@ def subnet_state_dict(state: Mapping[str, torch.Tensor], task: str, path: str, d
     if "running_var" in neck:  # a BNNeck after the deployed layer: folded into it, so the subnet stays a plain ViT
         out["head.weight"], out["head.bias"] = fold_bnneck(out["head.weight"], out["head.bias"], neck)
     return out
+
+
+def _kept_heads(name: str, tensor: torch.Tensor, kept: int, heads: int) -> torch.Tensor:
+    """An attention tensor of the first `kept` of `heads` heads: q/k/v rows (qkv.weight and .bias are
+    [q; k; v], each head after head), the projection's input columns; the rest as it is."""
+    if name.endswith(("qkv.weight", "qkv.bias")):
+        per_head = tensor.reshape(3, heads, -1, *tensor.shape[1:])
+        return per_head[:, :kept].reshape(-1, *tensor.shape[1:]).contiguous()
+    if name.endswith("proj.weight"):
+        return tensor[:, :tensor.shape[1] // heads * kept].contiguous()
+    return tensor
 
 
 def supernet_state_from_vit(vit_state: Mapping[str, torch.Tensor],
