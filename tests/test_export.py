@@ -170,7 +170,7 @@ def test_elastic_subnet_equals_the_supernets_elastic_forward(tmp_path, tiny_chec
     assert result.max_abs_diff["safetensors"] <= 1e-5 and result.max_abs_diff["onnx"] <= 1e-5
     full = export_subnet(ckpt, task, tmp_path / "full", formats=["safetensors"], verify=False, log=lambda _: None)
     assert result.param_count < full.param_count
-    assert config["ufo"]["elastic"] == {"depth": depth, "mlp_ratio": ratio, "supernet_path": path}
+    assert config["ufo"]["elastic"] == {"depth": depth, "mlp_ratio": ratio, "num_heads": None, "supernet_path": path}
     assert config["ufo"]["path"] == path[:depth]
 
 

@@ -69,6 +69,23 @@ def _parser() -> argparse.ArgumentParser:
     config_args(p)
     p.set_defaults(run=_train)
 
+    p = commands.add_parser("distill", help="train a student (any timm model) on one task from its subnet or "
+                                            "the supernet's path (one process, or under deepspeed or torchrun); "
+                                            "reruns resume")
+    p.add_argument("teacher", type=Path, help="the task's exported subnet directory, or a supernet checkpoint "
+                   "(run, step directory or file: the task on its trained path)")
+    p.add_argument("--task", required=True, help="the task to distil")
+    p.add_argument("--student", required=True, help="a timm model name (vit_tiny_patch16_224, resnet18, "
+                   "mobilenetv3_large_100, ...)")
+    p.add_argument("--out", type=Path, help="the run's directory (default: runs/distill-TASK-STUDENT)")
+    p.add_argument("--steps", type=int, help="training steps (default: the teacher run's train.steps)")
+    p.add_argument("--config", type=Path, help="the run config to take the task's data and training from "
+                   "(default: the teacher's own: a checkpoint's, or an exported subnet's source run's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value by its dotted key, e.g. --set distill.temperature=2 "
+                        "--set distill.student_args.depth=4 (repeatable)")
+    p.set_defaults(run=_distill)
+
     p = commands.add_parser("info", help="print the parameter table of a config's supernet and subnets")
     config_args(p)
     p.add_argument("--show-config", action="store_true", help="also print the resolved config")
@@ -254,6 +271,22 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps and report each task at its "
                    "best step (train.keep_best; default: the last step only)")
     b.set_defaults(run=_bench_ufo)
+    b = benches.add_parser("deploy", help="a trained run's task deployed small: supernet, subnet, smaller sizes, "
+                                          "distilled and alone-trained students, INT8; metric, params, CPU latency")
+    b.add_argument("checkpoint", type=Path, help="the trained supernet: a run directory or checkpoint")
+    b.add_argument("--task", required=True, help="the task to deploy")
+    b.add_argument("--student", action="append", metavar="NAME[:key=value,...]",
+                   help="a student (timm name and arguments), repeatable (default: two ViTs of half and a quarter "
+                        "of the supernet's width)")
+    b.add_argument("--steps", type=int, help="each student's training steps (default: the run's train.steps)")
+    b.add_argument("--out", type=Path, help="where the students' runs and the table go (default: "
+                   "runs/bench-deploy-TASK)")
+    b.add_argument("--launcher", help='train each student under a launcher, e.g. "deepspeed --num_gpus 2" '
+                   "(default: in this process)")
+    b.add_argument("--jobs", type=int, default=1, help="train this many students at once (default 1)")
+    b.add_argument("--track", metavar="URI", dest="track_uri", help="also log the table as an MLflow run in this store")
+    b.add_argument("--json", action="store_true", help="print the result as JSON")
+    b.set_defaults(run=_bench_deploy)
     b = benches.add_parser("elastic", help="metric at 25/50/100%% of the subnet's parameters: elastic vs from scratch")
     training_bench_args(b, steps=150, out="runs/bench-elastic")
     b.set_defaults(run=_bench_elastic)
@@ -275,7 +308,14 @@ def _init(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: supernet of {len(cfg.tasks)} tasks, {n / 1e6:.2f} M parameters ({source})")
 
 
-def _train(args: argparse.Namespace) -> int:
+def _distill(args: argparse.Namespace) -> int:
+    from ufo.distill import distill_config
+
+    overrides = args.overrides + ([f"train.steps={args.steps}"] if args.steps is not None else [])
+    return _train(args, distill_config(args.teacher, args.task, args.student, args.out, args.config, overrides))
+
+
+def _train(args: argparse.Namespace, cfg=None) -> int:
     from ufo.config import load_config
     from ufo.train import train
 
@@ -283,7 +323,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from ufo.supervise import peer_lost
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = cfg or load_config(args.config, args.overrides)
     try:
         result = train(cfg)
     except RuntimeError as e:
@@ -373,7 +413,8 @@ def _export(args: argparse.Namespace) -> None:
                                  mlp_ratio=args.mlp_ratio, num_heads=args.num_heads, **common)]
     verified = all(r.max_abs_diff or r.int8 for r in results)
     print(f"wrote {len(results)} subnet{'s' if len(results) > 1 else ''} to {args.out}"
-          + (" (verified against the supernet)" if verified else " (not verified)"))
+          + (f" (verified against the {'trained student' if ckpt.config.distill else 'supernet'})" if verified
+             else " (not verified)"))
     if args.track:
         from ufo.tracking import log_export
 
@@ -569,6 +610,17 @@ def _bench_export(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     result = bench_export(cfg, task=args.task, world=args.ranks, zero=args.zero)
     show(result, format_export_bench, args.json)
+
+
+def _bench_deploy(args: argparse.Namespace) -> None:
+    from ufo.bench.deploy import bench_deploy, format_deploy_bench
+    from ufo.bench.harness import show
+
+    out = args.out or Path(f"runs/bench-deploy-{args.task}")
+    result = bench_deploy(args.checkpoint, args.task, out, args.student, args.steps, args.launcher, args.jobs,
+                          track_uri=args.track_uri)
+    show(result, format_deploy_bench, args.json)
+    print(f"wrote {out / 'deploy.json'} and {out / 'deploy.png'}")
 
 
 def _bench_weighting(args: argparse.Namespace) -> None:

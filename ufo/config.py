@@ -10,7 +10,7 @@ import difflib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -363,8 +363,28 @@ class ExportConfig(Section):
     int8_max_drop: float = Field(0.02, ge=0)  # largest loss of the primary metric, INT8 against fp32
 
 
+class DistillConfig(Section):
+    """A distillation run: a student, any timm model, trained on the run's one task from a teacher (the
+    task's exported subnet, or a supernet checkpoint on the task's path), by the losses its kind's
+    literature uses (ufo/model/losses.py), beside the task's own loss on labels."""
+
+    teacher: str  # an exported subnet directory, or a supernet checkpoint (a run, step directory or file)
+    student: str  # a timm model name: vit_tiny_patch16_224, resnet50, mobilenetv3_large_100, ...
+    student_args: dict[str, Any] = {}  # timm.create_model arguments (depth=, embed_dim=, ...)
+    # the student's start: False (timm's initialisation), True (timm's released weights by name, through
+    # its hub cache), or a weights file (.safetensors / .pth)
+    pretrained: bool | str = False
+    path: str | None = None  # a checkpoint teacher's path (default: the task's trained path)
+    task_weight: float = Field(1.0, ge=0)  # the task's own loss on labels
+    temperature: float = Field(4.0, gt=0)  # classification: of both softmaxes (timm/DeiT soft distillation)
+    logits_weight: float = Field(1.0, ge=0)  # classification: KL(teacher || student) at the temperature, x T^2
+    embedding_weight: float = Field(1.0, ge=0)  # retrieval: |student - teacher|^2 of the L2-normalized embeddings
+    relation_weight: float = Field(1.0, ge=0)  # retrieval: PKT, the rows of the batch's similarity matrices (fast-reid)
+
+
 class UfoConfig(Section):
-    """A whole run: model, tasks, data, train, deepspeed, tracking, export."""
+    """A whole run: model, tasks, data, train, deepspeed, tracking, export; `distill` makes it a
+    distillation run."""
 
     model: ModelConfig = ModelConfig()
     tasks: dict[str, TaskConfig]
@@ -373,6 +393,7 @@ class UfoConfig(Section):
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     tracking: TrackingConfig = TrackingConfig()
     export: ExportConfig = ExportConfig()
+    distill: DistillConfig | None = None
 
     def path_of(self, task: str) -> str:
         """The task's configured path (always set once loaded)."""
@@ -400,9 +421,33 @@ class UfoConfig(Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def _check_distill(cfg: UfoConfig, fail: Callable[..., ConfigError]) -> None:
+    """A distillation run: one task, trained the plain way (a fixed path, its own loss, full size)."""
+    d, t = cfg.distill, cfg.train
+    if len(cfg.tasks) != 1:
+        raise fail("tasks", f"a distillation run trains one task's student; this config has {len(cfg.tasks)} "
+                            f"({', '.join(cfg.tasks)})", related="distill")
+    (name, task), = cfg.tasks.items()
+    if t.path_policy != "fixed" or t.init:
+        raise fail("train.path_policy" if t.path_policy != "fixed" else "train.init",
+                   "a student has no paths and starts from distill.pretrained", related="distill")
+    if task.elastic is not None:
+        raise fail(f"tasks.{name}.elastic", "a student trains at its own size only", related="distill")
+    if t.weighting.name != "static":
+        raise fail("train.weighting.name", "one task: its losses are weighted by distill.*_weight",
+                   related="distill")
+    if task.partial_fc is not None:
+        raise fail(f"tasks.{name}.partial_fc", "a student's head is dense (its centres are not sharded)",
+                   related="distill")
+    if d.path is not None and (len(d.path) != cfg.model.depth or set(d.path.upper()) - {"S", "T"}):
+        raise fail("distill.path", f"{d.path!r} is not {cfg.model.depth} letters of S/T (the teacher's model.depth)")
+
+
 def sharding_unsupported(cfg: UfoConfig) -> str:
     """Why the engine cannot shard this config's tasks, or ''."""
     d = cfg.deepspeed
+    if cfg.distill is not None:
+        return "a distillation run trains one student on one task: there is nothing to shard"
     if d.zero_stage == 3:
         return ("DeepSpeed refuses expert parameters under ZeRO-3, so every rank holds every task's FFN-task MLPs "
                 "and heads (partitioned over the world)")
@@ -533,6 +578,8 @@ def _known_keys(parent: list[str]) -> list[str]:
         return list(TaskConfig.model_fields) if len(parent) == 2 else []
     field = UfoConfig.model_fields.get(parent[0])
     section = field.annotation if field else None
+    if section is not None and not isinstance(section, type):  # an optional section (distill): its model
+        section = next((a for a in get_args(section) if isinstance(a, type) and issubclass(a, BaseModel)), None)
     if len(parent) == 1 and isinstance(section, type) and issubclass(section, BaseModel):
         return list(section.model_fields)
     if parent == ["train", "weighting"]:
@@ -590,6 +637,8 @@ def _check(cfg: UfoConfig, source: str, overridden: Mapping[str, str]) -> UfoCon
     if cfg.train.compile and cfg.deepspeed.zero_stage == 3:
         raise fail("train.compile", "not under ZeRO-3: its parameter hooks would run inside the compiled modules; "
                                     "use ZeRO 0-2 or leave train.compile off", related="deepspeed.zero_stage")
+    if cfg.distill is not None:
+        _check_distill(cfg, fail)
     if cfg.train.keep_best:
         unmeasured = [name for name, task in cfg.tasks.items() if not task.eval_shards]
         if unmeasured:

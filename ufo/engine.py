@@ -11,9 +11,11 @@ import torch
 
 from ufo.checkpoint import canonical_name, init_supernet, load_pretrained, load_supernet, read_checkpoint
 from ufo.config import UfoConfig
+from ufo.distill import build_student
 from ufo.errors import ConfigError
 from ufo.layout import Layout, centres_of, import_deepspeed, own_group
 from ufo.model import SupernetViT
+from ufo.model.student import Student
 
 Log = Callable[[str], None]
 
@@ -70,10 +72,13 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def param_groups(model: SupernetViT, cfg: UfoConfig) -> list[dict]:
+def param_groups(model: SupernetViT | Student, cfg: UfoConfig) -> list[dict]:
     """Optimizer groups: no weight decay on norms, biases and embeddings; optional layer-wise lr decay;
     FFN-shared at `train.shared_ffn_lr_scale` and each task's FFN-task at its `ffn_lr_scale` of the
-    lr; learned path logits at `train.path.lr` and `train.path.weight_decay`."""
+    lr; learned path logits at `train.path.lr` and `train.path.weight_decay`. A student: weight decay
+    but on norms, biases and what its timm model names (`no_weight_decay`), at the run's lr."""
+    if isinstance(model, Student):
+        return _student_groups(model, cfg)
     t, depth = cfg.train, len(model.blocks)
     groups: dict[tuple, dict] = {}
     for raw_name, param in model.named_parameters():
@@ -107,6 +112,17 @@ def param_groups(model: SupernetViT, cfg: UfoConfig) -> list[dict]:
     return list(groups.values())
 
 
+def _student_groups(model: Student, cfg: UfoConfig) -> list[dict]:
+    t = cfg.train
+    skip = {f"backbone.{n}" for n in getattr(model.backbone, "no_weight_decay", set)()}
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+    return [g for g in ({"params": decay, "lr": t.lr, "weight_decay": t.weight_decay},
+                        {"params": no_decay, "lr": t.lr, "weight_decay": 0.0}) if g["params"]]
+
+
 def build_engine(cfg: UfoConfig, layout: Layout, rank: int, say: Log = print,
                  pretrained: bool = True) -> tuple[Any, Any, Any, list]:
     """This rank's supernet (the tasks it holds), optimizer, lr schedule and DeepSpeed engine.
@@ -123,7 +139,10 @@ def build_engine(cfg: UfoConfig, layout: Layout, rank: int, say: Log = print,
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     held = layout.held(rank)
     ds_config = deepspeed_config(cfg)
-    if t.init:
+    if cfg.distill is not None:  # built whole on every rank (ZeRO-3 partitions it at initialize); its
+        # teacher is no part of it, so is never partitioned, trained or saved
+        model = build_student(cfg, say, pretrained=pretrained)
+    elif t.init:
         model = load_supernet(read_checkpoint(t.init, tasks=held), held, config=cfg)
     elif cfg.deepspeed.zero_stage == 3:  # each module partitioned as it is built: no rank ever holds it all
         def gather(params):

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ufo.checkpoint import load_supernet, read_checkpoint, trained_path
+from ufo.distill import load_student
 from ufo.config import UfoConfig, config_from_dict
 from ufo.data.loader import task_loader
 from ufo.data.shards import eval_sets
@@ -187,8 +188,12 @@ def eval_target(target: str | Path, task: str, shards: str | dict[str, str] | No
         if task not in cfg.tasks:
             raise DataError(f"{ckpt.path}: has no task {task!r} (tasks: {', '.join(cfg.tasks)})")
         raw, what = cfg.to_dict(), f"checkpoint step {ckpt.step}"
-        path = (path or trained_path(ckpt, task)[0]).upper()
-        supernet = load_supernet(ckpt, held=[task]).eval()
+        if cfg.distill is not None:  # a student's run: the student, no path
+            path, what = None, f"student {cfg.distill.student}, checkpoint step {ckpt.step}"
+            supernet = load_student(ckpt)
+        else:
+            path = (path or trained_path(ckpt, task)[0]).upper()
+            supernet = load_supernet(ckpt, held=[task]).eval()
 
         def forward(images: torch.Tensor) -> torch.Tensor:
             return supernet.forward_task(images, task, path)
@@ -233,8 +238,14 @@ def _subnet_config(config: dict, task: str, where: Path) -> dict:
             eval_shards = None  # an unreadable source only means: give --shards
     kind = info["kind"]
     classes = args.get("num_classes", 2) if kind == "classification" else 2
-    depth = args["depth"]
+    depth = args.get("depth", 1)
     size = args.get("img_size", 224)  # an int, or [height, width]
+    if "embed_dim" not in args:  # a student of another architecture: only its input matters here
+        h, w = pre.get("input_size", [3, 224, 224])[1:]
+        size = h if h == w else [h, w]
+        args = {"img_size": size, "patch_size": 1, "in_chans": args.get("in_chans", 3), "embed_dim": 8, "depth": 1,
+                "num_heads": 1}
+        depth = 1
     return {
         "model": {"img_size": size if isinstance(size, int) else size[0], "patch_size": args.get("patch_size", 16),
                   "in_chans": args.get("in_chans", 3), "embed_dim": args["embed_dim"], "depth": depth,

@@ -22,11 +22,13 @@ from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 from timm.models._hub import save_config_for_hf
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 import ufo
 from ufo.atomic import atomic_dir
 from ufo.checkpoint import Checkpoint, load_supernet, read_checkpoint, trained_path, write_failure
 from ufo.config import UfoConfig
+from ufo.distill import deployed_student, load_student
 from ufo.errors import ExportError
 from ufo.model import SupernetViT, narrow_attention, postprocess, subnet_args, subnet_state_dict
 from ufo.pretrained import timm_name
@@ -67,6 +69,13 @@ def export_subnet(checkpoint: str | Path | Checkpoint, task: str, out: str | Pat
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint, tasks=[task])
     cfg = ckpt.config
     _check_task(cfg, task)
+    if cfg.distill is not None:
+        if path or depth or mlp_ratio or num_heads:
+            raise ExportError(f"{ckpt.path}: a student has no paths or elastic sizes: export it whole")
+        formats, verify, atol = _resolve(cfg, formats, verify, atol)
+        _refuse_existing(Path(out), overwrite)
+        return export_student(ckpt, task, Path(out), formats, verify, atol, log,
+                              Int8Options.of(cfg.export, **(int8 or {})) if "onnx-int8" in formats else None)
     path, path_from = _check_path(cfg, task, path), "given"
     if path is None:  # a learned run's own path, else the configured one
         path, path_from = trained_path(ckpt, task)
@@ -171,20 +180,31 @@ def _write_subnet(supernet: SupernetViT, ckpt: Checkpoint, task: str, path: str,
     """Write the subnet's files and take the supernet's outputs its verification compares with; the
     supernet is not needed after this (a single-task export lets go of the checkpoint before verifying)."""
     cfg = ckpt.config
-    kind = cfg.tasks[task].kind
     e = elastic or Elastic()
     vit = build_subnet(supernet, cfg, task, path, e)
-    params = sum(p.numel() for p in vit.parameters())
     args = subnet_args(cfg, task, e.depth, e.mlp_ratio, e.num_heads)
+    # what timm's arguments cannot say, in config.json before verification rebuilds the subnet from it
+    attention = {"attention": _attention(cfg, e)} if e.num_heads else {}
+    return _write_model(vit, args, attention, cfg, task, path, tmp, final, formats, verify, e,
+                        lambda x: supernet.forward_task(x, task, path, e.depth, e.hidden(cfg), e.num_heads))
+
+
+def _write_model(vit: nn.Module, args: dict, ufo_early: dict, cfg: UfoConfig, task: str, path: str, tmp: Path,
+                 final: Path, formats: Sequence[str], verify: bool, e: "Elastic",
+                 reference: Callable[[torch.Tensor], torch.Tensor]) -> _Written:
+    """Write a deployable timm model's files (safetensors, config.json, ONNX, TorchScript) and take the
+    outputs of what it came from (`reference`) that its verification compares with."""
+    kind = cfg.tasks[task].kind
+    params = sum(p.numel() for p in vit.parameters())
     preprocessing = dict(input_size=[cfg.model.in_chans, *cfg.size_of(task)],
                          mean=list(cfg.data.mean), std=list(cfg.data.std),
                          interpolation=cfg.data.interpolation, crop_pct=cfg.data.crop_pct)
     tmp.mkdir(parents=True, exist_ok=True)
     write_safetensors(vit.state_dict(), tmp / FILES["safetensors"])  # what timm's save_for_hf writes, streamed
     save_config_for_hf(vit, str(tmp / "config.json"), model_args=args, data_config=preprocessing)
-    if e.num_heads:  # what timm's arguments cannot say, there before verification rebuilds the subnet from it
+    if ufo_early:
         config = json.loads((tmp / "config.json").read_text())
-        config["ufo"] = {"attention": _attention(cfg, e)}
+        config["ufo"] = ufo_early
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     deployed = DeployedSubnet(vit, normalize=(kind == "retrieval")).eval()
     if "onnx" in formats or "onnx-int8" in formats:  # INT8 is quantised from the fp32 graph
@@ -198,13 +218,28 @@ def _write_subnet(supernet: SupernetViT, ckpt: Checkpoint, task: str, path: str,
         written.images = torch.randn(4, cfg.model.in_chans, *cfg.size_of(task),
                                      generator=torch.Generator().manual_seed(cfg.train.seed))
         with torch.no_grad():
-            written.reference = supernet.forward_task(written.images, task, path, e.depth, e.hidden(cfg),
-                                                      e.num_heads)
+            written.reference = reference(written.images)
     return written
 
 
-def _finish_subnet(w: _Written, ckpt_path: Path, step: int, cfg: UfoConfig, formats: Sequence[str], atol: float,
+def export_student(ckpt: Checkpoint, task: str, out: Path, formats: Sequence[str], verify: bool, atol: float,
                    log: Log, int8: Int8Options | None = None) -> SubnetExport:
+    """A distillation run's student as a deployable timm model (`distill.student` with the task head's
+    deployed layer as its classifier), verified like a subnet against the trained student."""
+    cfg = ckpt.config
+    student = load_student(ckpt)
+    model, args = deployed_student(student, cfg)
+    source, step = ckpt.path, ckpt.step
+    early = {"student": {"architecture": cfg.distill.student, "teacher": cfg.distill.teacher}}
+    with _writing(out) as tmp:
+        written = _write_model(model, args, early, cfg, task, "", tmp, out, formats, verify, Elastic(),
+                               lambda x: student.forward_task(x, task))
+        written.result.path_from = "student"
+        return _finish_subnet(written, source, step, cfg, formats, atol, log, int8, early)
+
+
+def _finish_subnet(w: _Written, ckpt_path: Path, step: int, cfg: UfoConfig, formats: Sequence[str], atol: float,
+                   log: Log, int8: Int8Options | None = None, extra: dict | None = None) -> SubnetExport:
     """Verify every written format against the supernet's outputs (INT8: by the task's metric against
     the fp32 graph), then complete config.json."""
     result, e, task, kind, path = w.result, w.elastic, w.result.task, w.result.kind, w.result.path
@@ -232,7 +267,7 @@ def _finish_subnet(w: _Written, ckpt_path: Path, step: int, cfg: UfoConfig, form
     config["pretrained_cfg"]["tag"] = f"ufo_{task}"
     config["pretrained_cfg"].pop("license", None)
     config["ufo"] = dict(
-        task=task, kind=kind, path=path[:e.depth] if e.depth else path, path_from=result.path_from,
+        task=task, kind=kind, path=(path[:e.depth] if e.depth else path) or None, path_from=result.path_from,
         param_count=result.param_count,
         elastic={"depth": e.depth, "mlp_ratio": e.mlp_ratio, "num_heads": e.num_heads, "supernet_path": path}
         if e else None,
@@ -243,6 +278,7 @@ def _finish_subnet(w: _Written, ckpt_path: Path, step: int, cfg: UfoConfig, form
         verification={"max_abs_diff": result.max_abs_diff, "atol": atol,
                       **({"int8": result.int8.as_dict()} if result.int8 else {})} if w.reference is not None else None,
         source_checkpoint=str(Path(ckpt_path).resolve()), source_step=step, ufo_version=ufo.__version__,
+        **(extra or {}),
     )
     (w.tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if "safetensors" not in formats:
@@ -252,7 +288,8 @@ def _finish_subnet(w: _Written, ckpt_path: Path, step: int, cfg: UfoConfig, form
     size = f" depth {e.depth or cfg.model.depth} mlp_ratio {e.mlp_ratio or cfg.model.mlp_ratio:g}" \
         f" heads {e.num_heads or cfg.model.num_heads}" if e else ""
     learned = " (learned)" if result.path_from == "learned" else ""
-    log(f"  {task:<12} {kind:<14} path {path}{learned}{size}  {result.param_count / 1e6:8.3f} M params  "
+    what = f"student {cfg.distill.student}" if cfg.distill is not None else f"path {path}{learned}{size}"
+    log(f"  {task:<12} {kind:<14} {what}  {result.param_count / 1e6:8.3f} M params  "
         f"{checks or 'not verified'}")
     return result
 

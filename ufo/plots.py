@@ -129,6 +129,30 @@ def plot_pareto(result, png: Path) -> Path:
     return png
 
 
+def plot_deploy(result: dict, png: Path) -> Path:
+    """`ufo bench deploy`: each deployable model's metric against its batch-1 latency, the Pareto front drawn."""
+    plt = _pyplot()
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, row in rows.items():
+        marker = {"torch": "s", "onnx-int8": "^"}.get(row["kind"], "o")
+        ax.scatter(row["ms_b1"], row["metric"], marker=marker, s=30)
+        ax.annotate(name, (row["ms_b1"], row["metric"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    front, best = [], -1.0
+    for name, row in sorted(rows.items(), key=lambda item: (item[1]["ms_b1"], -item[1]["metric"])):
+        if row["metric"] > best:
+            front.append(row)
+            best = row["metric"]
+    ax.plot([r["ms_b1"] for r in front], [r["metric"] for r in front], "r--", linewidth=1, label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency, batch 1 (ms, this CPU)")
+    ax.set_ylabel(result["metric"])
+    ax.set_title(f"ufo bench deploy: {result['task']}")
+    ax.legend(fontsize="small")
+    _save(fig, png, 100)
+    return png
+
+
 def plot_strategies(out: Path, strategies: list[str], png: Path) -> None:
     """`ufo bench weighting`: each strategy's losses and weights per task over the steps (one row each)."""
     plt = _pyplot()

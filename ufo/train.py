@@ -281,18 +281,19 @@ def _decide_paths(run: _Run, step: int) -> None:
 
 
 def _sync_running_stats(run: _Run) -> None:
-    """Each task's BNNeck running statistics made the mean over the ranks that serve the task (each
-    rank's BatchNorm normalizes its own slice, as fast-reid's per-GPU BN does, and so tracks its own
-    statistics): what is evaluated and checkpointed is the same on every rank."""
-    if all(tc.neck == "none" for tc in run.cfg.tasks.values()):
-        return
+    """Each task's BNNeck running statistics made the mean over the ranks that serve the task, a
+    student's BatchNorms' over every rank (each rank's BatchNorm normalizes its own slice, as
+    fast-reid's per-GPU BN does, and so tracks its own statistics): what is evaluated and
+    checkpointed is the same on every rank."""
     layout, sharded = run.layout, run.layout.placement == "task_sharded"
-    groups = task_groups(layout) if sharded else {}
     buffers = sorted((canonical_name(name), b) for name, b in run.engine.module.named_buffers()
                      if name.endswith(("running_mean", "running_var")))
+    if not buffers:
+        return
+    groups = task_groups(layout) if sharded else {}
     for key, buffer in buffers:
-        task = task_of(key)
-        serving = layout.groups[task]
+        task = task_of(key)  # None: a shared part's (a student's BatchNorms), every rank's
+        serving = layout.groups[task] if task is not None else range(layout.world_size)
         if sharded:  # only the task's ranks hold it
             dist.all_reduce(buffer, group=groups[task])
         else:  # every rank holds it: the others add nothing
