@@ -145,6 +145,7 @@ def plot_deploy(result: dict, png: Path) -> Path:
             best = row["metric"]
     ax.plot([r["ms_b1"] for r in front], [r["metric"] for r in front], "r--", linewidth=1, label="Pareto front")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())  # log-scale minor labels overprint each other
     ax.set_xlabel("latency, batch 1 (ms, this CPU)")
     ax.set_ylabel(result["metric"])
     ax.set_title(f"ufo bench deploy: {result['task']}")

@@ -52,9 +52,11 @@ def default_students(cfg: UfoConfig) -> list[str]:
             f"num_heads={half},patch_size={m.patch_size},mlp_ratio={m.mlp_ratio:g}"]
 
 
-def onnx_latency_ms(file: Path, shape: Sequence[int], batch: int, runs: int = 20) -> float:
+def onnx_latency_ms(file: Path, shape: Sequence[int], batch: int, runs: int | None = None) -> float:
     """Milliseconds per batch of `batch` images through an ONNX graph on this CPU (onnxruntime, all
-    cores): the fastest of `runs` after 3 warm-up runs (other load only ever adds time)."""
+    cores): the fastest of `runs` (default 100 for one image, 20 for more) after 3 warm-up runs (other
+    load only ever adds time)."""
+    runs = runs or (100 if batch == 1 else 20)
     session = onnx_session(file)
     x = np.random.default_rng(0).standard_normal((batch, *shape), dtype=np.float32)
     times = []
