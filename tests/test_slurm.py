@@ -145,7 +145,7 @@ def mlflow_steps(out: Path, metric: str) -> tuple[str, list[int]]:
 @pytest.mark.dist
 def test_sbatch_trains_the_demo_config_and_a_preempted_job_is_requeued_and_resumes(slurm, tmp_path):
     out, log = tmp_path / "out", tmp_path / "job.log"
-    args = demo_overrides(tmp_path, out)[2:] + ["--set", "train.steps=40"]
+    args = demo_overrides(tmp_path, out)[2:] + ["--set", "train.steps=16"]
     job_id = submit(slurm, out, log, *args)
     deadline = time.time() + 300
     while not (log.exists() and "step 3/" in log.read_text()) and time.time() < deadline:
@@ -173,5 +173,5 @@ def test_sbatch_trains_the_demo_config_and_a_preempted_job_is_requeued_and_resum
     assert f"resumed from {out}/checkpoints/step{int(stopped.group(1)):08d} at step {stopped.group(1)}" in text
     run_ids = re.findall(r"mlflow: (?:started|continues) run (\w+)", text)
     assert len(run_ids) == 2 and run_ids[0] == run_ids[1] and "continues run" in text
-    assert complete_checkpoints(out / "checkpoints")[-1].name == "step00000040"
-    assert mlflow_steps(out, "loss/digits") == ("FINISHED", list(range(1, 41)))  # continued, not restarted
+    assert complete_checkpoints(out / "checkpoints")[-1].name == "step00000016"
+    assert mlflow_steps(out, "loss/digits") == ("FINISHED", list(range(1, 17)))  # continued, not restarted

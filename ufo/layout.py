@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Mapping
@@ -137,7 +138,17 @@ def import_deepspeed():
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
+    if "mlflow" in sys.modules:
+        import deepspeed
+    else:
+        # DeepSpeed's autotuner (which ufo does not use) imports MLflow, and pandas with it, when
+        # DeepSpeed is imported: 1.3 s of every rank's start. Hidden while DeepSpeed loads (its
+        # autotuner then logs nowhere), importable again for ufo's own tracking right after.
+        sys.modules["mlflow"] = None  # type: ignore[assignment]
+        try:
+            import deepspeed
+        finally:
+            del sys.modules["mlflow"]
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.utils.logger.setLevel(logging.WARNING)
