@@ -315,9 +315,40 @@ def spawn(raw: dict, where, world: int) -> list[dict]:
     return [(torch.load(where / f"params{r}.pt"), torch.load(where / f"centre_states{r}.pt")) for r in range(world)]
 
 
+def partial_fc_run(root, stage: int, precision: str) -> dict:
+    raw = sharded_run(root, stage, (3, 1), steps=4, checkpoint_every=2, keep_checkpoints=5, optimizer="adamw",
+                      lr=0.01, weight_decay=0.05, ema={"decay": 0.9})  # a constant lr: halves resume the same
+    raw["deepspeed"]["precision"] = precision
+    raw["tasks"]["face"]["partial_fc"] = {"sample_rate": 0.5}
+    return raw
+
+
+@pytest.fixture(scope="module")
+def partial_fc_runs(tmp_path_factory):
+    """One set of 4 ranks trains, in turn: ZeRO-0 fp32 straight, the same in two halves (the second
+    resumes the first's step-2 checkpoint), ZeRO-2 bf16 straight; every rank's parameters and centre
+    optimizer state of each."""
+    import os
+
+    import torch.multiprocessing as mp
+
+    from test_train import _rank_main
+
+    root = tmp_path_factory.mktemp("partial-fc")
+    zero0, zero2 = partial_fc_run(root / "zero0", 0, "fp32"), partial_fc_run(root / "zero2", 2, "bf16")
+    cut = {**zero0, "train": {**zero0["train"], "out_dir": str(root / "zero0" / "cut"), "steps": 2}}
+    resumed = {**cut, "train": {**cut["train"], "steps": 4}}
+    raws = [zero0, cut, resumed, zero2]
+    port = 29000 + (os.getpid() + 53) % 1000
+    mp.start_processes(_rank_main, args=(4, port, raws, str(root / "ranks")), nprocs=4, start_method="spawn")
+    trained = [[(torch.load(root / "ranks" / str(i) / f"params{r}.pt"),
+                 torch.load(root / "ranks" / str(i) / f"centre_states{r}.pt")) for r in range(4)] for i in range(4)]
+    return root, {"zero0": (zero0, trained[0]), "resumed": (resumed, trained[2]), "zero2": (zero2, trained[3])}
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize("stage,precision", [(0, "fp32"), (2, "bf16")])
-def test_partial_fc_resumes_exactly_and_on_other_ranks_and_exports(tmp_path, stage, precision):
+def test_partial_fc_resumes_exactly_and_on_other_ranks_and_exports(partial_fc_runs, stage, precision):
     """Face on 3 ranks with sampled negatives and an EMA, Adam. ZeRO-0 (where DeepSpeed writes one
     optimizer file per task and ufo's centre files carry each shard's moments): resumed from its
     step-2 checkpoint on the same ranks it ends bit for bit where the straight run does (centres,
@@ -329,21 +360,17 @@ def test_partial_fc_resumes_exactly_and_on_other_ranks_and_exports(tmp_path, sta
     from ufo.checkpoint import read_centres
     from ufo.export import export_all_tasks
 
-    raw = sharded_run(tmp_path, stage, (3, 1), steps=4, checkpoint_every=2, keep_checkpoints=5, optimizer="adamw",
-                      lr=0.01, weight_decay=0.05, ema={"decay": 0.9})
-    raw["deepspeed"]["precision"] = precision
-    raw["tasks"]["face"]["partial_fc"] = {"sample_rate": 0.5}
-    straight = spawn(raw, tmp_path / "straight", 4)
+    root, runs = partial_fc_runs
+    raw, straight = runs[f"zero{stage}"]
     out = raw["train"]["out_dir"]
-    step2 = tmp_path / "run" / "checkpoints" / "step00000002"
+    step2 = Path(out) / "checkpoints" / "step00000002"
     assert sorted(p.name for p in step2.glob("centres_rank*")) == [f"centres_rank0000{r}.safetensors" for r in range(3)]
     saved = read_centres(step2, config_from_dict(raw, "test"), ["face"])["heads.face.margin.weight"]
     assert set(saved) == {"param", "exp_avg", "exp_avg_sq"} and saved["param"].shape == (20, 24)
 
     if stage == 0:
-        shutil.copytree(out, tmp_path / "cut")
-        shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step00000004")
-        resumed = spawn({**raw, "train": {**raw["train"], "out_dir": str(tmp_path / "cut")}}, tmp_path / "resumed", 4)
+        resumed_raw, resumed = runs["resumed"]
+        assert (Path(resumed_raw["train"]["out_dir"]) / "checkpoints" / "step00000002").is_dir()
         for rank, ((want, want_states), (got, got_states)) in enumerate(zip(straight, resumed)):
             assert set(want) == set(got)
             for name in want:
@@ -353,12 +380,12 @@ def test_partial_fc_resumes_exactly_and_on_other_ranks_and_exports(tmp_path, sta
                     assert torch.equal(states[key], got_states[name][key]), f"{name} {key} on rank {rank}"
         return
 
-    shutil.copytree(out, tmp_path / "moved")
-    shutil.rmtree(tmp_path / "moved" / "checkpoints" / "step00000004")
+    shutil.copytree(out, root / "moved")
+    shutil.rmtree(root / "moved" / "checkpoints" / "step00000004")
     moved = copy.deepcopy(raw)
-    moved["train"].update(out_dir=str(tmp_path / "moved"), steps=2)  # already trained: the state as resumed
+    moved["train"].update(out_dir=str(root / "moved"), steps=2)  # already trained: the state as resumed
     moved["tasks"]["face"]["ranks"] = 2
-    ranks = spawn(moved, tmp_path / "moved-ranks", 3)
+    ranks = spawn(moved, root / "moved-ranks", 3)
     name = "heads.face.margin.weight"
     for rank, (start, count) in ((0, (0, 10)), (1, (10, 10))):
         params, states = ranks[rank]
@@ -366,5 +393,5 @@ def test_partial_fc_resumes_exactly_and_on_other_ranks_and_exports(tmp_path, sta
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(states[name][key], saved[key][start:start + count]), key
 
-    export_all_tasks(out, tmp_path / "subnets", log=lambda _: None)  # the head stays behind, the embedding goes
-    assert (tmp_path / "subnets" / "face" / "model.safetensors").is_file()
+    export_all_tasks(out, root / "subnets", log=lambda _: None)  # the head stays behind, the embedding goes
+    assert (root / "subnets" / "face" / "model.safetensors").is_file()
