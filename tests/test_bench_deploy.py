@@ -28,7 +28,7 @@ def test_bench_deploy_tabulates_every_way_to_deploy_a_task(tmp_path):
                           log=lambda _: None, track_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     rows = result["rows"]
     assert list(rows)[:4] == ["supernet (task path)", "subnet", "subnet depth 2 (untrained)", "subnet heads 1"]
-    assert {"student1-distilled", "student1-alone"} <= set(rows) and list(rows)[-1] == f"{result['best']} INT8"
+    assert {"student1-distilled", "student1-alone"} <= set(rows) and list(rows)[-1] == f"{result['best']} INT8 (dynamic)"
     assert rows["subnet"]["metric"] == pytest.approx(rows["supernet (task path)"]["metric"])  # the same model
     assert rows["subnet heads 1"]["params"] < rows["subnet"]["params"]
     assert rows["student1-alone"]["params"] == rows["student1-distilled"]["params"] < rows["subnet"]["params"]

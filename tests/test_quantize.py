@@ -64,7 +64,7 @@ def quantized_ops(file: Path) -> set[str]:
 def test_static_int8_is_calibrated_on_the_tasks_images_and_measured_by_its_protocol(trained, tmp_path, capsys):
     out = tmp_path / "subnet"
     assert main(["export", str(trained), "--task", "digits", "--out", str(out), "--format",
-                 "safetensors,onnx-int8", "--calibration-samples", "100"]) == 0
+                 "safetensors,onnx-int8", "--int8", "static", "--calibration-samples", "100"]) == 0
     assert "int8 top1 drop" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.int8.onnx", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
@@ -88,8 +88,9 @@ def test_static_int8_is_calibrated_on_the_tasks_images_and_measured_by_its_proto
 
 
 def test_dynamic_int8_needs_no_calibration_and_bad_calibration_is_refused_leaving_nothing(trained, tmp_path):
+    # auto (the default): a transformer's graph (it has a Softmax) is quantised dynamically
     result = export_subnet(trained, "digits", tmp_path / "dynamic", formats=["onnx", "onnx-int8"],
-                           int8={"mode": "dynamic", "calibration": "/nowhere"}, log=lambda _: None)
+                           int8={"calibration": "/nowhere"}, log=lambda _: None)
     assert result.int8.mode == "dynamic" and result.int8.calibration is None and result.int8.drop <= 0.02
     assert "DynamicQuantizeLinear" in quantized_ops(tmp_path / "dynamic" / "model.int8.onnx")
     assert set(result.max_abs_diff) == {"onnx"}  # the fp32 graph, kept as asked, checked to 1e-5 first
@@ -101,7 +102,7 @@ def test_dynamic_int8_needs_no_calibration_and_bad_calibration_is_refused_leavin
     with pytest.raises(ExportError, match=r"^digits: INT8 loses 0\.\d+ of top1 against fp32 \(> int8_max_drop "
                                           r"0\.02\); nothing was written to .*bad"):
         export_subnet(trained, "digits", tmp_path / "bad", formats=["onnx-int8"],
-                      int8={"calibration": str(blank), "samples": 8}, log=lambda _: None)
+                      int8={"mode": "static", "calibration": str(blank), "samples": 8}, log=lambda _: None)
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
 
 
@@ -128,7 +129,9 @@ def test_int8_without_an_eval_set_is_refused_unless_not_verified(trained, tmp_pa
     ckpt = save_supernet(init_supernet(cfg), cfg, tmp_path / "ckpt" / "s.safetensors")
     with pytest.raises(ExportError, match=r"^task digits: INT8 is verified by the task's protocol on its eval sets "
                                           r"and tasks\.digits\.eval_shards is not set; give --no-verify to write it unmeasured$"):
-        export_subnet(ckpt, "digits", tmp_path / "o", formats=["onnx-int8"], log=lambda _: None)
-    result = export_subnet(ckpt, "digits", tmp_path / "o", formats=["onnx-int8"], verify=False, log=lambda _: None)
+        export_subnet(ckpt, "digits", tmp_path / "o", formats=["onnx-int8"], int8={"mode": "static"},
+                      log=lambda _: None)
+    result = export_subnet(ckpt, "digits", tmp_path / "o", formats=["onnx-int8"], int8={"mode": "static"},
+                           verify=False, log=lambda _: None)
     assert result.int8 is None and (tmp_path / "o" / "model.int8.onnx").is_file()
     assert not (tmp_path / "o" / "model.onnx").exists()  # the fp32 graph was only the quantiser's input

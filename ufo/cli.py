@@ -110,8 +110,9 @@ def _parser() -> argparse.ArgumentParser:
                    "supernet's width (default: all)")
     p.add_argument("--format", dest="formats", help="comma-separated: safetensors,onnx,torchscript,onnx-int8 "
                    "(default: the checkpoint config's export.formats)")
-    p.add_argument("--int8", choices=["static", "dynamic"], help="onnx-int8: activation ranges calibrated on the "
-                   "task's images (static) or computed per batch (dynamic) (default: export.int8, static)")
+    p.add_argument("--int8", choices=["auto", "static", "dynamic"], help="onnx-int8: activation ranges calibrated "
+                   "on the task's images (static) or computed per batch (dynamic); auto: dynamic for transformers, "
+                   "static for CNNs (default: export.int8, auto)")
     p.add_argument("--calibration", metavar="SHARDS", help="static INT8: the images to calibrate on (default: the "
                    "task's train shards)")
     p.add_argument("--calibration-samples", type=int, help="static INT8: images to calibrate on (default 256)")

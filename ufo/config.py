@@ -356,8 +356,9 @@ class ExportConfig(Section):
     formats: tuple[Literal["safetensors", "onnx", "torchscript", "onnx-int8"], ...] = ("safetensors",)
     verify: bool = True
     atol: float = Field(1e-5, gt=0)  # largest |subnet - supernet| accepted by verification
-    # onnx-int8: static (activation ranges calibrated on the task's images) or dynamic (ranges per batch)
-    int8: Literal["static", "dynamic"] = "static"
+    # onnx-int8: static (activation ranges calibrated on the task's images), dynamic (ranges per batch), or
+    # auto: dynamic for transformers, static for the others (onnxruntime's advice; docs/export.md)
+    int8: Literal["auto", "static", "dynamic"] = "auto"
     calibration: str | None = None  # static INT8's images: shards (default: the task's train shards)
     calibration_samples: int = Field(256, gt=0)
     int8_max_drop: float = Field(0.02, ge=0)  # largest loss of the primary metric, INT8 against fp32

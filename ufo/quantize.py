@@ -28,7 +28,7 @@ from ufo.evaluate import evaluate_task, primary
 from ufo.metrics import PRIMARY
 from ufo.subnet import onnx_forward
 
-MODES = ("static", "dynamic")
+MODES = ("auto", "static", "dynamic")
 OPS = ["Conv", "MatMul", "Gemm"]  # the products that hold the model's weights and time; norms, softmax stay fp32
 Log = Callable[[str], None]
 
@@ -37,7 +37,7 @@ Log = Callable[[str], None]
 class Int8Options:
     """How a subnet is quantised and how much of its metric it may lose (the config's `export` keys)."""
 
-    mode: str = "static"
+    mode: str = "auto"
     calibration: str | None = None  # shards; None: the task's train shards
     samples: int = 256
     max_drop: float = 0.02
@@ -113,6 +113,18 @@ def _rest(loader) -> Iterator[dict]:
     yield from it
 
 
+def resolved_mode(mode: str, fp32: Path) -> str:
+    """`auto`: dynamic for a transformer (the graph has a Softmax: attention), static for the others,
+    as onnxruntime's documentation recommends; measured so in docs/benchmarks.md (static QDQ ran a
+    ViT subnet slower than fp32 on the development CPU, dynamic faster, with the same metric)."""
+    if mode != "auto":
+        return mode
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(fp32), load_external_data=False).graph.node}
+    return "dynamic" if "Softmax" in ops else "static"
+
+
 def quantize_onnx(fp32: Path, out: Path, mode: str, calibration: Iterator[np.ndarray] | None = None) -> None:
     """`fp32`'s graph quantised to INT8 at `out`: static (QDQ, calibrated on `calibration`) or dynamic."""
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
@@ -164,7 +176,7 @@ def int8_subnet(cfg: UfoConfig, task: str, fp32: Path, out: Path, options: Int8O
                 verify: bool = True, log: Log = print) -> Int8Check | None:
     """Quantise the fp32 graph `fp32` of `task`'s subnet to `out`, and (`verify`) measure both on the
     task's eval sets (from `cfg`) by its protocol. Returns the check (None without `verify`)."""
-    mode = options.mode
+    mode = resolved_mode(options.mode, fp32)
     sets = eval_sets(cfg, task) if verify else []
     if verify and not sets:
         raise ExportError(f"task {task}: INT8 is verified by the task's protocol on its eval sets and "
