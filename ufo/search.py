@@ -271,12 +271,19 @@ def subnet_latency_ms(cfg, task: str, depth: int, mlp_ratio: float, runs: int = 
     """Milliseconds of one image through the exported timm subnet of that size, on this machine: the
     fastest of `runs` (other load on the machine only ever adds time)."""
     vit = _subnet_vit(cfg, task, depth, mlp_ratio, num_heads).eval()
-    x = torch.randn(1, cfg.model.in_chans, *cfg.size_of(task))
+    return torch_latency_ms(vit, (cfg.model.in_chans, *cfg.size_of(task)), 1, runs)
+
+
+def torch_latency_ms(forward: Callable[[torch.Tensor], torch.Tensor], shape: Sequence[int], batch: int,
+                     runs: int = 20) -> float:
+    """Milliseconds of a batch of `batch` random images of `shape` through `forward` (eager torch, no
+    gradients): the fastest of `runs` after 3 warm-up runs (other load only ever adds time)."""
+    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
     times = []
     with torch.no_grad():
         for i in range(runs + 3):
             start = time.perf_counter()
-            vit(x)
+            forward(x)
             if i >= 3:
                 times.append(time.perf_counter() - start)
     return 1000 * min(times)

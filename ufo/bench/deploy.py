@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import torch
 import yaml
 
 from ufo.bench.ufo import _train_runs
@@ -23,6 +22,7 @@ from ufo.distill import distill_config
 from ufo.errors import UfoError
 from ufo.evaluate import eval_target, primary_key
 from ufo.export import export_subnet
+from ufo.search import torch_latency_ms
 from ufo.subnet import FILES, onnx_session
 
 Log = Callable[[str], None]
@@ -87,20 +87,6 @@ def _onnx_latencies(files: Sequence[str], shape: Sequence[int]) -> dict[str, dic
     if run.returncode:
         raise UfoError(f"timing the ONNX graphs failed: {run.stderr.strip().splitlines()[-1] if run.stderr else ''}")
     return json.loads(run.stdout.strip().splitlines()[-1])
-
-
-def torch_latency_ms(forward: Callable[[torch.Tensor], torch.Tensor], shape: Sequence[int], batch: int,
-                     runs: int = 20) -> float:
-    """The same for a torch module in eager mode."""
-    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
-    times = []
-    with torch.no_grad():
-        for i in range(runs + 3):
-            start = time.perf_counter()
-            forward(x)
-            if i >= 3:
-                times.append(time.perf_counter() - start)
-    return 1000 * min(times)
 
 
 def bench_deploy(run: Path, task: str, out: Path, students: Sequence[str] | None = None, steps: int | None = None,
