@@ -57,7 +57,7 @@ def two_hosts():
 def demo_overrides(tmp_path: Path, out: Path) -> list[str]:
     """configs/demo.yaml on small shards of its four tasks, a few steps."""
     sets = [f"train.out_dir={out}", "train.steps=6", "train.eval_every=0", "train.checkpoint_every=0",
-            "train.log_every=1"]
+            "train.log_every=1", "train.plots=false"]
     for task, (kind, classes) in DEMO_TASKS.items():
         root = tmp_path / "data" / task
         if not root.exists():

@@ -15,7 +15,7 @@ from ufo.train import train
 
 
 def tracked_run(tmp_path, **train_keys) -> dict:
-    raw = tiny_run(tmp_path, ("face", "digits"), layout="mixed", **train_keys)
+    raw = tiny_run(tmp_path, ("face", "digits"), layout="mixed", **{"plots": True, **train_keys})
     raw["tracking"] = {"experiment": "tests", "run_name": "tiny", "tags": {"owner": "ci"}}
     return raw
 

@@ -47,8 +47,10 @@ def tiny_run(tmp_path: Path, tasks: tuple[str, ...], **train) -> dict:
     raw["tasks"] = write_data(tmp_path / "data", {t: raw["tasks"][t] for t in tasks})
     raw["data"] = {"num_workers": 0, "hflip": 0.0, "scale": [1.0, 1.0], "shuffle_buffer": 8}
     raw["tracking"] = {"enabled": False}  # tests/test_tracking.py turns it on
+    # no PNGs at each run's end (matplotlib's import and two plots, a second of every test run's rank 0);
+    # the tests of the plots turn them on
     raw["train"] = {"seed": 3, "out_dir": str(tmp_path / "run"), "micro_batch_size": 6, "log_every": 1,
-                    **train}
+                    "plots": False, **train}
     return raw
 
 
@@ -549,7 +551,7 @@ def test_learned_paths_resume_exactly_are_tracked_and_exported(tmp_path):
     from ufo.train import train
 
     raw = tiny_run(tmp_path, ("face", "digits"), steps=8, checkpoint_every=4, eval_every=0, layout="mixed",
-                   keep_checkpoints=5, path_policy="learned", shared_ffn_lr_scale=0.0, log_every=2,
+                   keep_checkpoints=5, path_policy="learned", shared_ffn_lr_scale=0.0, log_every=2, plots=True,
                    path={"lr": 0.5, "decide_after": 3, "confidence": 0.6, "task_block_cost": 0.02})
     raw["tasks"]["face"]["ffn_lr_scale"] = 0.0
     raw["tracking"] = {"experiment": "tests", "system_metrics_every": 0}

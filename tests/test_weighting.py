@@ -254,7 +254,7 @@ def test_weights_agree_across_ranks_and_resume_restores_learned_state(tmp_path):
         runs.append({"key": name, "raw": raw})
     # gradnorm cut at step 2 and resumed to 4: Adam state, L0 and weights must come back
     cut = copy.deepcopy(runs[1]["raw"])
-    cut["train"]["out_dir"] = str(tmp_path / "cut")
+    cut["train"].update(out_dir=str(tmp_path / "cut"), plots=True)  # its end draws weighting.png
     runs.append({"key": "cut", "raw": {**cut, "train": {**cut["train"], "steps": 2}}})
     runs.append({"key": "resumed", "raw": cut})
     port = 29000 + os.getpid() % 1000 + 7

@@ -326,6 +326,8 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(3, gt=0)
     # keep each task's best checkpoint (its headline eval metric's peak; ufo/best.py) besides the newest
     keep_best: bool = False
+    # the run's PNGs at its end (losses and weights, diagnostics, learned paths): off for sweeps of short runs
+    plots: bool = True
     # seconds a collective (and so every rank) waits for a rank that is hung, stopped or cut off
     # before the job fails: long enough for the slowest checkpoint save or evaluation of rank 0
     collective_timeout: float = Field(600, gt=0)

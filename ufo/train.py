@@ -398,16 +398,16 @@ def _stopped(run: _Run, step: int, signum: int, signals: Stop) -> str:
 
 
 def _finish(run: _Run, step: int) -> dict[str, dict[str, float]]:
-    """The end of a run: history plot, learned paths, the bad-data summary, the final evaluation
+    """The end of a run: history plots (`train.plots`), learned paths, the bad-data summary, the final evaluation
     (`metrics.json`) and their MLflow records. Returns the final metrics ({} for a run of no steps)."""
     out, policy, tracker, say = run.out, run.policy, run.tracker, run.say
     run.history.close()
-    if run.rank == 0 and run.history.path.is_file():
+    if run.rank == 0 and run.history.path.is_file() and run.cfg.train.plots:
         plot_history(run.history.path, out / "weighting.png", title=f"{out.name}: {run.weighting.name} weighting")
         plot_diagnostics(run.history.path, out / "diagnostics.png", title=f"{out.name}: negative-transfer diagnostics")
     if policy.name == "learned":
         say("learned paths: " + " ".join(f"{task}={path}" for task, path in policy.best_paths().items()))
-        if run.rank == 0:
+        if run.rank == 0 and run.cfg.train.plots:
             plot_paths(policy, out / "paths.png", title=f"{out.name}: learned paths at step {step}")
         if tracker:
             tracker.set_tags({f"ufo.learned_path.{task}": p for task, p in policy.best_paths().items()})
