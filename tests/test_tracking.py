@@ -158,7 +158,7 @@ def test_a_real_server_going_down_mid_run_loses_nothing(tmp_path, mlflow_server)
     from test_train import launch
 
     uri, start, stop = mlflow_server
-    raw = tracked_run(tmp_path, steps=150, log_every=1, warmup_steps=0)
+    raw = tracked_run(tmp_path, steps=30, log_every=1, warmup_steps=0)
     raw["tracking"].update(uri=uri, system_metrics_every=0)
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(raw))
@@ -170,14 +170,14 @@ def test_a_real_server_going_down_mid_run_loses_nothing(tmp_path, mlflow_server)
     stop()  # the server dies mid-run; training must not notice beyond a warning
     while "step 20/" not in log.read_text() and time.time() < deadline:
         time.sleep(0.1)
-    start()  # back before the end: what was refused meanwhile is retried
+    start()  # back (before the end, or while the run's end retries): what was refused meanwhile is logged
     assert run.wait(timeout=300) == 0, log.read_text()[-3000:]
     text = log.read_text()
     assert "mlflow: warning" in text and "could not log" not in text, text[-3000:]
     client = MlflowClient(uri)
     (found,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     assert found.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(found.info.run_id, "loss/face")] == list(range(1, 151))
+    assert [m.step for m in client.get_metric_history(found.info.run_id, "loss/face")] == list(range(1, 31))
     assert "config.yaml" in {a.path for a in client.list_artifacts(found.info.run_id)}
 
 

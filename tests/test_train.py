@@ -372,7 +372,7 @@ def kill_9_at(args: list[str], log: Path, marker: Path) -> None:
 def test_kill_9_and_resume_equals_the_straight_run(tmp_path):
     import yaml
 
-    raw = tiny_run(tmp_path, ("face", "person", "digits"), steps=40, checkpoint_every=4, eval_every=0,
+    raw = tiny_run(tmp_path, ("face", "person", "digits"), steps=16, checkpoint_every=4, eval_every=0,
                    layout="mixed", keep_checkpoints=20)
     raw["model"]["drop_path_rate"] = 0.1  # RNG state must be restored too
     raw["data"]["num_workers"] = 1
@@ -384,12 +384,12 @@ def test_kill_9_and_resume_equals_the_straight_run(tmp_path):
 
     kill_9_at(torchrun(config, tmp_path / "cut"), tmp_path / "cut.log",
               tmp_path / "cut" / "checkpoints" / "step00000004" / "ufo.json")
-    assert not (tmp_path / "cut" / "checkpoints" / "step00000040" / "ufo.json").exists()
+    assert not (tmp_path / "cut" / "checkpoints" / "step00000016" / "ufo.json").exists()
 
     second = launch(torchrun(config, tmp_path / "cut"), tmp_path / "resume.log")
     assert second.wait(timeout=600) == 0, (tmp_path / "resume.log").read_text()[-3000:]
     resumed = re.search(r"resumed from \S+ at step (\d+)", (tmp_path / "resume.log").read_text())
-    assert resumed and 4 <= int(resumed.group(1)) < 40
+    assert resumed and 4 <= int(resumed.group(1)) < 16
     want, got = final_weights(tmp_path / "straight"), final_weights(tmp_path / "cut")
     for name in want:
         assert torch.equal(want[name], got[name]), name
