@@ -21,6 +21,7 @@ from ufo.checkpoint import init_supernet, read_checkpoint, save_supernet
 from ufo.cli import main
 from ufo.config import config_from_dict
 from ufo.distill import build_student, load_student
+from ufo.errors import UfoError
 from ufo.layout import make_layout
 from ufo.model import TaskSlice
 from ufo.model.losses import kd_embedding, kd_logits, kd_relation
@@ -170,6 +171,13 @@ def test_a_cnn_student_with_batchnorm_trains_resumes_and_exports(tmp_path):
     config = json.loads((tmp_path / "cnn-out" / "config.json").read_text())
     assert config["model_args"]["num_classes"] == 24  # the teacher's embedding width: face's embedding_dim
     assert "classifier.weight" in load_file(tmp_path / "cnn-out" / "model.safetensors")
+    from ufo.export import export_all_tasks
+    from ufo.search import search_path
+
+    (every,) = export_all_tasks(ckpt, tmp_path / "all", log=lambda _: None)  # its one task
+    assert every.out_dir == tmp_path / "all" / "face" and every.max_abs_diff["safetensors"] <= 1e-5
+    with pytest.raises(UfoError, match=r"is a distilled student \(test_efficientnet\): it has no paths"):
+        search_path(ckpt, "face")
 
 
 def test_the_distillation_losses_by_hand():
@@ -209,3 +217,37 @@ def test_distill_refusals_are_one_line(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(message, err), err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_student_starts_from_timms_released_weights_by_name_offline(tmp_path):
+    """`distill.pretrained: true`: timm's own loader finds the student's released weights in the Hugging
+    Face cache (offline, as on a cluster node), resampled to the task's input size; not in the cache:
+    one line naming the key."""
+    import subprocess
+    import sys
+
+    from test_pretrained import offline_hub
+    from test_train import REPO
+
+    name = "test_vit.r160_in1k"
+    env = offline_hub(tmp_path / "hf", name)
+    teacher, raw = teacher_and_data(tmp_path)
+    run = distill_run(raw, teacher, "digits", tmp_path / "run", {"student": name, "pretrained": True})
+    (tmp_path / "c.json").write_text(json.dumps(run))
+    run["distill"]["student"] = "test_vit2.r160_in1k"  # a student whose weights are not in the cache
+    (tmp_path / "missing.json").write_text(json.dumps(run))
+    probe = ("import json, sys; from ufo.config import config_from_dict; from ufo.distill import student_backbone\n"
+             "from ufo.errors import ConfigError\n"
+             "b = student_backbone(config_from_dict(json.load(open(sys.argv[1])), 't'))\n"
+             "print(json.dumps([float(b.blocks[0].attn.qkv.weight[0, 0]), list(b.pos_embed.shape)]))\n"
+             "try:\n    student_backbone(config_from_dict(json.load(open(sys.argv[2])), 't'))\n"
+             "except ConfigError as e:\n    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "c.json"), str(tmp_path / "missing.json")],
+                          capture_output=True, text=True, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    blob = tmp_path / "hf" / "hub" / f"models--timm--{name}" / "snapshots" / ("0" * 40) / "model.safetensors"
+    found, missing = done.stdout.strip().splitlines()[-2:]
+    value, shape = json.loads(found)
+    assert value == pytest.approx(load_file(blob)["blocks.0.attn.qkv.weight"][0, 0].item(), abs=1e-7)
+    assert shape == [1, 2, 64]  # 10 x 10 patches of 160 px resampled to the task's 16 px: one, and the class token
+    assert missing.startswith("distill.pretrained: timm could not load test_vit2.r160_in1k's weights (")

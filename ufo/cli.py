@@ -350,6 +350,14 @@ def _info(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     if args.show_config:
         print(cfg.to_yaml())
+    if cfg.distill is not None:
+        from ufo.distill import student_backbone
+
+        backbone = student_backbone(cfg, meta=True)
+        print(f"{args.config}: a distillation run of task {next(iter(cfg.tasks))}: student {cfg.distill.student} "
+              f"({sum(p.numel() for p in backbone.parameters()) / 1e6:.3f} M parameters before its head) from "
+              f"teacher {cfg.distill.teacher}")
+        return
     with torch.device("meta"):  # counts need shapes only, not memory
         model = SupernetViT.from_config(cfg)
     m = cfg.model

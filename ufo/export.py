@@ -104,6 +104,10 @@ def export_all_tasks(checkpoint: str | Path | Checkpoint, out: str | Path, forma
     sub-directory per task under `out` (onnx-int8: each calibrated on its own task's images)."""
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
     cfg = ckpt.config
+    if cfg.distill is not None:  # a student's run: its one task
+        (task,) = cfg.tasks
+        return [export_subnet(ckpt, task, Path(out) / task, formats=formats, overwrite=overwrite, verify=verify,
+                              atol=atol, log=log, int8=int8)]
     formats, verify, atol = _resolve(cfg, formats, verify, atol)
     quantized = Int8Options.of(cfg.export, **(int8 or {})) if "onnx-int8" in formats else None
     if quantized and quantized.calibration:

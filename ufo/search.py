@@ -172,6 +172,8 @@ def search_path(checkpoint: str | Path | Checkpoint, task: str, budget_evals: in
     cfg = ckpt.config
     if task not in cfg.tasks:
         raise UfoError(f"{ckpt.path}: has no task {task!r} (tasks: {', '.join(cfg.tasks)})")
+    if cfg.distill is not None:
+        raise UfoError(f"{ckpt.path}: is a distilled student ({cfg.distill.student}): it has no paths or sizes to search")
     if ffns_on_path(cfg):
         raise UfoError(f"{ckpt.path}: holds only the FFNs on its configured paths (model.ffns: on_path, the "
                        "default under train.path_policy fixed); a path search needs every FFN trained: train "
