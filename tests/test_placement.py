@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train import SharedRuns, init_params, reference_step, run_ranks, tiny_run
+from test_train import SharedRuns, init_params, reference_step, tiny_run
 from ufo.checkpoint import read_checkpoint, task_of
 from ufo.config import config_from_dict
 from ufo.errors import ConfigError
@@ -43,17 +43,53 @@ STEP_CASES = [
 
 @pytest.fixture(scope="module")
 def step_runs(tmp_path_factory):
-    # the three stages of a layout are trained by one set of 4 processes
+    # the cases of 2 + 2 ranks are trained by one set of 4 processes
     return SharedRuns(tmp_path_factory.mktemp("sharded"), lambda where, case: sharded_run(where, *case),
                       lambda case: [c for c in STEP_CASES if c[1] == case[1]], world=4)
+
+
+@pytest.fixture(scope="module")
+def three_one(tmp_path_factory):
+    """Every run of 3 + 1 ranks in this module, trained in turn by one set of 4 processes (the imports
+    and the process group paid once): the sharded step cases, the Partial FC step cases, the bf16
+    gradnorm run, and the Partial FC resume runs (a straight run, its two halves, a ZeRO-2 one)."""
+    cases = ([("step", *c) for c in STEP_CASES if c[1] == (3, 1)] + [("pfc", *c) for c in PFC_CASES]
+             + [("gradnorm",)] + [("resume", name) for name in ("zero0", "cut", "resumed", "zero2")])
+    return SharedRuns(tmp_path_factory.mktemp("three-one"), _three_one_run, lambda case: cases, world=4)
+
+
+def _three_one_run(where, case: tuple) -> dict:
+    kind, *rest = case
+    if kind == "step":
+        return sharded_run(where, *rest)
+    if kind == "pfc":
+        return pfc_run(where, *rest)
+    if kind == "gradnorm":
+        return gradnorm_run(where)
+    return _resume_runs(where.parent / "resume")[rest[0]]
+
+
+_RESUME_RUNS: dict = {}
+
+
+def _resume_runs(root) -> dict[str, dict]:
+    """The Partial FC resume runs, made once: ZeRO-0 fp32 straight, the same in two halves (the second
+    resumes the first's step-2 checkpoint; a constant lr, so the halves' schedule is the straight run's),
+    ZeRO-2 bf16 straight."""
+    if root not in _RESUME_RUNS:
+        zero0, zero2 = partial_fc_run(root / "zero0", 0, "fp32"), partial_fc_run(root / "zero2", 2, "bf16")
+        cut = {**zero0, "train": {**zero0["train"], "out_dir": str(root / "zero0" / "cut"), "steps": 2}}
+        _RESUME_RUNS[root] = {"zero0": zero0, "cut": cut, "resumed": {**cut, "train": {**cut["train"], "steps": 4}},
+                              "zero2": zero2}
+    return _RESUME_RUNS[root]
 
 
 @pytest.mark.dist
 @pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: f"zero{c[0]}-ranks{c[1][0]}+{c[1][1]}-accum{c[2]}"
                          + ("-learned" if len(c) > 4 else ""))
-def test_a_sharded_step_equals_one_big_process(step_runs, case):
+def test_a_sharded_step_equals_one_big_process(step_runs, three_one, case):
     stage, ranks, accumulation, clipping = case[:4]
-    raw, replicas = step_runs.get(case)
+    raw, replicas = three_one.get(("step", *case)) if ranks == (3, 1) else step_runs.get(case)
     expected = reference_step(raw, 4, accumulation)
     layout = make_layout(config_from_dict(raw, "test"), 4)
     assert layout.placement == "task_sharded" and [len(r) for r in layout.groups.values()] == list(ranks)
@@ -174,19 +210,23 @@ def test_a_sharded_run_resumed_under_the_replicated_placement_ends_alike_and_exp
             assert (a[key] - b[key]).abs().max().item() < 1e-5, f"{task}: {key}"
 
 
+def gradnorm_run(where) -> dict:
+    raw = sharded_run(where, 2, (3, 1), steps=3, weighting={"name": "gradnorm"})
+    raw["train"].update(optimizer="adamw", lr=1e-3)
+    raw["deepspeed"]["precision"] = "bf16"
+    raw["tasks"]["face"]["elastic"] = {"depths": [2], "mlp_ratios": [1.0]}
+    return raw
+
+
 @pytest.mark.dist
-def test_bf16_gradnorm_and_elastic_under_task_sharding(tmp_path):
+def test_bf16_gradnorm_and_elastic_under_task_sharding(three_one):
     """3 + 1 ranks, ZeRO 2, bf16: learned gradnorm weights (from every task's gradient norm) agree on
     every rank, an elastic task trains at its sizes, and the consolidated checkpoint holds exactly
     the ranks' fp32 master weights."""
     import json
 
-    raw = sharded_run(tmp_path, 2, (3, 1), steps=3, weighting={"name": "gradnorm"})
-    raw["train"].update(optimizer="adamw", lr=1e-3)
-    raw["deepspeed"]["precision"] = "bf16"
-    raw["tasks"]["face"]["elastic"] = {"depths": [2], "mlp_ratios": [1.0]}
-    replicas = run_ranks(raw, tmp_path, world=4)
-    states = [torch.load(tmp_path / f"weighting{r}.pt") for r in range(4)]
+    raw, replicas = three_one.get(("gradnorm",))
+    states = [torch.load(three_one.dirs[("gradnorm",)] / f"weighting{r}.pt") for r in range(4)]
     def same(a, b) -> bool:
         if isinstance(a, dict):
             return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
@@ -195,15 +235,16 @@ def test_bf16_gradnorm_and_elastic_under_task_sharding(tmp_path):
         return torch.equal(a, b) if torch.is_tensor(a) else a == b
 
     assert states[0] and all(same(state, states[0]) for state in states[1:])
-    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    run = Path(raw["train"]["out_dir"])
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert all(r["grad_norm"]["face"] > 0 and r["grad_norm"]["digits"] > 0 for r in history)
     assert len({tuple(r["weight"].values()) for r in history}) > 1  # the learned weights moved
     assert [r["elastic_depth"]["face"] for r in history[:2]] == [4, 2]
-    ckpt = read_checkpoint(tmp_path / "run")
+    ckpt = read_checkpoint(run)
     for rank, params in enumerate(replicas):
         for name, master in params.items():
             assert torch.equal(ckpt.state_dict[name], master.float()), f"{name} (rank {rank})"
-    only_face = read_checkpoint(tmp_path / "run", tasks=["face"]).state_dict
+    only_face = read_checkpoint(run, tasks=["face"]).state_dict
     assert {task_of(k) for k in only_face} == {None, "face"}
 
 
@@ -252,12 +293,6 @@ def pfc_run(tmp_path, stage: int, sample_rate: float, weighting: str = "static")
     return raw
 
 
-@pytest.fixture(scope="module")
-def pfc_runs(tmp_path_factory):
-    return SharedRuns(tmp_path_factory.mktemp("pfc"), lambda where, case: pfc_run(where, *case),
-                      lambda case: PFC_CASES, world=4)
-
-
 def dense(raw: dict) -> dict:
     """The same run with the dense margin softmax head."""
     out = copy.deepcopy(raw)
@@ -267,16 +302,15 @@ def dense(raw: dict) -> dict:
 
 @pytest.mark.dist
 @pytest.mark.parametrize("case", PFC_CASES, ids=lambda c: f"zero{c[0]}-rate{c[1]:g}-{c[2]}")
-def test_partial_fc_step_equals_the_dense_head(pfc_runs, case):
+def test_partial_fc_step_equals_the_dense_head(three_one, case):
     """Each face rank holds its rows of the centres (and nothing of the others'): at sample_rate 1 the
     step (two micro-steps, a clipping norm that bites) equals one process with the whole dense head;
     at 0.5 a shard's rows outside the step's sample keep their values (plain SGD, no decay); the
     accuracies DTP weighs by agree on every rank."""
     stage, rate, weighting = case
-    raw, replicas = pfc_runs.get(case)
+    raw, replicas = three_one.get(("pfc", *case))
     if weighting == "dtp":
-        where = Path(raw["train"]["out_dir"]).parent.parent / str(PFC_CASES.index(case))
-        kpis = [torch.load(where / f"weighting{r}.pt")["kpi"] for r in range(4)]
+        kpis = [torch.load(three_one.dirs[("pfc", *case)] / f"weighting{r}.pt")["kpi"] for r in range(4)]
         assert all(torch.equal(k, kpis[0]) for k in kpis) and ((kpis[0] >= 0) & (kpis[0] <= 1)).all()
     cfg = config_from_dict(raw, "test")
     layout = make_layout(cfg, 4)
@@ -323,32 +357,9 @@ def partial_fc_run(root, stage: int, precision: str) -> dict:
     return raw
 
 
-@pytest.fixture(scope="module")
-def partial_fc_runs(tmp_path_factory):
-    """One set of 4 ranks trains, in turn: ZeRO-0 fp32 straight, the same in two halves (the second
-    resumes the first's step-2 checkpoint), ZeRO-2 bf16 straight; every rank's parameters and centre
-    optimizer state of each."""
-    import os
-
-    import torch.multiprocessing as mp
-
-    from test_train import _rank_main
-
-    root = tmp_path_factory.mktemp("partial-fc")
-    zero0, zero2 = partial_fc_run(root / "zero0", 0, "fp32"), partial_fc_run(root / "zero2", 2, "bf16")
-    cut = {**zero0, "train": {**zero0["train"], "out_dir": str(root / "zero0" / "cut"), "steps": 2}}
-    resumed = {**cut, "train": {**cut["train"], "steps": 4}}
-    raws = [zero0, cut, resumed, zero2]
-    port = 29000 + (os.getpid() + 53) % 1000
-    mp.start_processes(_rank_main, args=(4, port, raws, str(root / "ranks")), nprocs=4, start_method="spawn")
-    trained = [[(torch.load(root / "ranks" / str(i) / f"params{r}.pt"),
-                 torch.load(root / "ranks" / str(i) / f"centre_states{r}.pt")) for r in range(4)] for i in range(4)]
-    return root, {"zero0": (zero0, trained[0]), "resumed": (resumed, trained[2]), "zero2": (zero2, trained[3])}
-
-
 @pytest.mark.dist
 @pytest.mark.parametrize("stage,precision", [(0, "fp32"), (2, "bf16")])
-def test_partial_fc_resumes_exactly_and_on_other_ranks_and_exports(partial_fc_runs, stage, precision):
+def test_partial_fc_resumes_exactly_and_on_other_ranks_and_exports(three_one, tmp_path, stage, precision):
     """Face on 3 ranks with sampled negatives and an EMA, Adam. ZeRO-0 (where DeepSpeed writes one
     optimizer file per task and ufo's centre files carry each shard's moments): resumed from its
     step-2 checkpoint on the same ranks it ends bit for bit where the straight run does (centres,
@@ -360,8 +371,13 @@ def test_partial_fc_resumes_exactly_and_on_other_ranks_and_exports(partial_fc_ru
     from ufo.checkpoint import read_centres
     from ufo.export import export_all_tasks
 
-    root, runs = partial_fc_runs
-    raw, straight = runs[f"zero{stage}"]
+    def trained(name: str) -> tuple[dict, list]:  # the run, and every rank's parameters and centre state
+        raw, params = three_one.get(("resume", name))
+        where = three_one.dirs[("resume", name)]
+        return raw, [(p, torch.load(where / f"centre_states{r}.pt")) for r, p in enumerate(params)]
+
+    root = tmp_path
+    raw, straight = trained(f"zero{stage}")
     out = raw["train"]["out_dir"]
     step2 = Path(out) / "checkpoints" / "step00000002"
     assert sorted(p.name for p in step2.glob("centres_rank*")) == [f"centres_rank0000{r}.safetensors" for r in range(3)]
@@ -369,7 +385,7 @@ def test_partial_fc_resumes_exactly_and_on_other_ranks_and_exports(partial_fc_ru
     assert set(saved) == {"param", "exp_avg", "exp_avg_sq"} and saved["param"].shape == (20, 24)
 
     if stage == 0:
-        resumed_raw, resumed = runs["resumed"]
+        resumed_raw, resumed = trained("resumed")
         assert (Path(resumed_raw["train"]["out_dir"]) / "checkpoints" / "step00000002").is_dir()
         for rank, ((want, want_states), (got, got_states)) in enumerate(zip(straight, resumed)):
             assert set(want) == set(got)

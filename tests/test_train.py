@@ -104,6 +104,7 @@ class SharedRuns:
     def __init__(self, root: Path, make: Callable[[Path, tuple], dict], group: Callable[[tuple], list[tuple]],
                  world: int):
         self.root, self.make, self.group, self.world, self.done = root, make, group, world, {}
+        self.dirs: dict[tuple, Path] = {}  # where each case's ranks left their files (weighting, centre states)
 
     def get(self, case: tuple) -> tuple[dict, list[dict]]:
         if case not in self.done:
@@ -115,6 +116,7 @@ class SharedRuns:
                                start_method="spawn")
             for i, (c, raw) in enumerate(zip(cases, raws)):
                 self.done[c] = raw, [torch.load(base / str(i) / f"params{r}.pt") for r in range(self.world)]
+                self.dirs[c] = base / str(i)
         return self.done[case]
 
 
