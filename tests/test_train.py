@@ -91,12 +91,6 @@ def leave() -> None:
     leave_distributed()
 
 
-def run_ranks(raw: dict, tmp_path: Path, world: int = 2) -> list[dict]:
-    port = 29000 + os.getpid() % 1000
-    mp.start_processes(_rank_main, args=(world, port, raw, str(tmp_path)), nprocs=world, start_method="spawn")
-    return [torch.load(tmp_path / f"params{r}.pt") for r in range(world)]
-
-
 class SharedRuns:
     """Runs of several parametrized cases trained by one set of `world` processes, on the first case
     that asks for one of them: `get(case)` -> (raw, every rank's parameters)."""
@@ -275,11 +269,23 @@ def step_run(tmp_path: Path, case: tuple) -> dict:
     return raw
 
 
+ELASTIC = ("elastic",)  # the ZeRO-3 elastic run below, trained with the step cases
+
+
+def elastic_run(tmp_path: Path) -> dict:
+    raw = tiny_run(tmp_path, ("face", "digits"), steps=3, layout="task_parallel")
+    raw["tasks"]["face"]["elastic"] = {"depths": [2], "mlp_ratios": [1.0], "num_heads": [1]}  # only face is elastic
+    raw["deepspeed"] = {"zero_stage": 3}
+    return raw
+
+
 @pytest.fixture(scope="module")
 def step_runs(tmp_path_factory):
-    # the cases of one layout are trained by one pair of processes
-    return SharedRuns(tmp_path_factory.mktemp("steps"), step_run,
-                      lambda case: [c for c in STEP_CASES if c[1] == case[1]], world=2)
+    # every 2-rank run of this module's step cases (both layouts) and the elastic run, trained in turn by
+    # one pair of processes
+    return SharedRuns(tmp_path_factory.mktemp("steps"),
+                      lambda where, case: elastic_run(where) if case == ELASTIC else step_run(where, case),
+                      lambda case: STEP_CASES + [ELASTIC], world=2)
 
 
 @pytest.mark.dist
@@ -498,20 +504,18 @@ def test_elastic_config_errors_name_the_key(tiny_config_file):
 
 
 @pytest.mark.dist
-def test_elastic_training_under_zero3_and_export_at_a_smaller_size(tmp_path):
+def test_elastic_training_under_zero3_and_export_at_a_smaller_size(step_runs, tmp_path):
     from ufo.export import export_subnet
 
-    raw = tiny_run(tmp_path, ("face", "digits"), steps=3, layout="task_parallel")
-    raw["tasks"]["face"]["elastic"] = {"depths": [2], "mlp_ratios": [1.0], "num_heads": [1]}  # only face is elastic
-    raw["deepspeed"] = {"zero_stage": 3}
-    replicas = run_ranks(raw, tmp_path)
+    raw, replicas = step_runs.get(ELASTIC)
+    run = Path(raw["train"]["out_dir"])
     for name in replicas[0]:
         assert torch.equal(replicas[0][name], replicas[1][name]), name
-    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert [r["elastic_depth"]["face"] for r in history[:2]] == [4, 2]  # largest, then smallest
     assert [r["elastic_hidden"]["face"] for r in history[:2]] == [64, 32]
     assert [r["elastic_heads"]["face"] for r in history[:2]] == [2, 1]
-    result = export_subnet(tmp_path / "run", "face", tmp_path / "face-small", depth=2, mlp_ratio=1.0, num_heads=1,
+    result = export_subnet(run, "face", tmp_path / "face-small", depth=2, mlp_ratio=1.0, num_heads=1,
                            log=lambda _: None)
     assert result.max_abs_diff["safetensors"] <= 1e-5
 
