@@ -22,6 +22,7 @@ from ufo.distill import distill_config
 from ufo.errors import UfoError
 from ufo.evaluate import eval_target, primary_key
 from ufo.export import export_subnet
+from ufo.plots import plot_deploy
 from ufo.search import torch_latency_ms
 from ufo.subnet import FILES, onnx_session
 
@@ -170,8 +171,6 @@ def bench_deploy(run: Path, task: str, out: Path, students: Sequence[str] | None
               "distillation_beats_alone": {spec: rows[f"student{i}-distilled"]["metric"] - rows[f"student{i}-alone"]["metric"]
                                            for i, spec in enumerate(specs, 1)}}
     (out / "deploy.json").write_text(json.dumps(result, indent=2) + "\n")
-    from ufo.plots import plot_deploy
-
     plot_deploy(result, out / "deploy.png")
     if track_uri is not None:
         _log_deploy(cfg, result, out, track_uri)
