@@ -134,10 +134,23 @@ def plot_deploy(result: dict, png: Path) -> Path:
     plt = _pyplot()
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    import math
+
+    logs, values = [math.log10(r["ms_b1"]) for r in rows.values()], [r["metric"] for r in rows.values()]
+    width, height = (max(logs) - min(logs)) or 1.0, (max(values) - min(values)) or 1.0
+
+    def near(a: dict, b: dict) -> float:  # distance on the plot, in axis fractions: log latency, metric
+        return (abs(math.log10(a["ms_b1"]) - math.log10(b["ms_b1"])) / width
+                + abs(a["metric"] - b["metric"]) / height)
+
     for name, row in rows.items():
         marker = {"torch": "s", "onnx-int8": "^"}.get(row["kind"], "o")
         ax.scatter(row["ms_b1"], row["metric"], marker=marker, s=30)
-        ax.annotate(name, (row["ms_b1"], row["metric"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        # the label above the point, below it where its nearest neighbour lies higher (or as high and slower):
+        # pairs do not overprint
+        other = min((r for r in rows.values() if r is not row), key=lambda r: near(r, row), default=row)
+        ax.annotate(name, (row["ms_b1"], row["metric"]), fontsize=7, textcoords="offset points",
+                    xytext=(3, 3 if (row["metric"], row["ms_b1"]) >= (other["metric"], other["ms_b1"]) else -10))
     front, best = [], -1.0
     for name, row in sorted(rows.items(), key=lambda item: (item[1]["ms_b1"], -item[1]["metric"])):
         if row["metric"] > best:
@@ -145,7 +158,11 @@ def plot_deploy(result: dict, png: Path) -> Path:
             best = row["metric"]
     ax.plot([r["ms_b1"] for r in front], [r["metric"] for r in front], "r--", linewidth=1, label="Pareto front")
     ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(plt.NullFormatter())  # log-scale minor labels overprint each other
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 0.1 0.2 0.5 1 2 5 ...: plain numbers
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("latency, batch 1 (ms, this CPU)")
     ax.set_ylabel(result["metric"])
     ax.set_title(f"ufo bench deploy: {result['task']}")
