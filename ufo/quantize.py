@@ -88,29 +88,23 @@ def calibration_batches(cfg: UfoConfig, task: str, spec: str | None, samples: in
     try:
         loader = task_loader(cfg, task, train=False, spec=spec, protocol=protocol, batch_size=batch_size,
                              num_workers=0, log=lambda _: None)
-        first = next(iter(loader))
+        stream = iter(loader)
+        first = next(stream)  # read now: data that is not there is refused before anything is written
     except (DataError, FileNotFoundError, StopIteration, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else "no images"
         raise ExportError(f"task {task}: static INT8 needs calibration images and {spec} gives none here "
                           f"({reason}); give --calibration SHARDS, or --int8 dynamic") from None
 
     def batches() -> Iterator[np.ndarray]:
-        seen = 0
-        for batch in (first, *_rest(loader)):
+        seen, batch = 0, first
+        while batch is not None and seen < samples:  # only the batches the samples need are read
             images = batch["images"][:samples - seen].float().numpy()
             if len(images):
                 yield images
             seen += len(images)
-            if seen >= samples:
-                return
+            batch = next(stream, None)
 
     return str(spec), batches()
-
-
-def _rest(loader) -> Iterator[dict]:
-    it = iter(loader)
-    next(it, None)  # the first batch was read to check the data is there
-    yield from it
 
 
 def resolved_mode(mode: str, fp32: Path) -> str:

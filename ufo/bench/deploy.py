@@ -135,6 +135,7 @@ def bench_deploy(run: Path, task: str, out: Path, students: Sequence[str] | None
 
     specs = list(students or default_students(cfg))
     planned: dict[str, tuple[dict, dict, UfoConfig]] = {}
+    spec_of: dict[str, str] = {}
     for i, spec in enumerate(specs, 1):
         name, args = parse_student(spec)
         sets = [f"distill.student_args={json.dumps(args)}", "train.eval_every=0", "train.keep_best=false",
@@ -144,15 +145,14 @@ def bench_deploy(run: Path, task: str, out: Path, students: Sequence[str] | None
             label = f"student{i}-{how}"
             teacher = f"distill.teacher={(out / 'subnet').resolve()}"  # the subnet: the supernet's outputs, leaner
             student = distill_config(ckpt.path, task, name, out / label, overrides=sets + weights + [teacher])
-            planned[label] = (student.to_dict(), {}, student)
+            planned[label], spec_of[label] = (student.to_dict(), {}, student), spec
     fresh = {k: v for k, v in planned.items() if not (Path(v[2].train.out_dir) / "metrics.json").is_file()}
     log(f"training {len(fresh)} student runs ({len(planned) - len(fresh)} found done in {out})")
     took = _train_runs(fresh, out, launcher, jobs, log) if fresh else {}
     for label, (_, _, student) in planned.items():
         directory = out / f"{label}-export"
         export_subnet(student.train.out_dir, task, directory, formats=["safetensors", "onnx"], overwrite=True, log=quiet)
-        i = int(label[len("student"):].split("-")[0])
-        deployed(label, directory, student.train.out_dir, student=specs[i - 1], seconds=took.get(label))
+        deployed(label, directory, student.train.out_dir, student=spec_of[label], seconds=took.get(label))
 
     best = max((n for n, r in rows.items() if r["kind"] == "onnx"), key=lambda n: rows[n]["metric"])
     source = rows[best]["source"]
